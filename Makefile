@@ -1,0 +1,54 @@
+# husk: build, test and benchmark entry points.
+# `make demo` and `make test` work on a fresh Debian bookworm machine (as root):
+# they install what they need first.
+
+SHELL := /bin/bash
+BUILD := build
+VENV := .venv
+PY := $(VENV)/bin/python
+GUEST := $(BUILD)/guest
+
+# Host packages, all from Debian bookworm.
+HOST_PACKAGES := qemu-system-x86 qemu-utils containerd runc crun mmdebstrap \
+	busybox-static squashfs-tools cpio zstd containernetworking-plugins \
+	iproute2 kmod e2fsprogs
+
+.PHONY: all deps venv proto guest-image test test-unit test-vm test-cri demo \
+	bench-boot bench-cri clean
+
+all: venv guest-image
+
+# Installs only what is missing, so a prepared machine pays nothing.
+deps: $(BUILD)/.host-deps
+$(BUILD)/.host-deps: Makefile
+	@missing=$$(for p in $(HOST_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+		| grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing host packages: $$missing"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			--no-install-recommends $$missing; \
+	fi
+	@mkdir -p $(BUILD) && touch $@
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: requirements.lock requirements-dev.lock pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q -r requirements.lock -r requirements-dev.lock
+	$(VENV)/bin/pip install -q --no-deps -e .
+	@touch $@
+
+# Regenerates proto/gen/ from the .proto files (the generated code is committed).
+proto: venv
+	$(PY) -m proto.generate
+
+guest-image: deps venv
+	$(PY) -m guest_image_build 2>/dev/null || guest-image/build.sh $(GUEST)
+
+test: deps venv guest-image
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+test-unit: venv
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit
+
+clean:
+	rm -rf $(BUILD) $(VENV)

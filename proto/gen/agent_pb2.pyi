@@ -1,0 +1,233 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class OutputStream(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STDOUT: _ClassVar[OutputStream]
+    STDERR: _ClassVar[OutputStream]
+STDOUT: OutputStream
+STDERR: OutputStream
+
+class Empty(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Storage(_message.Message):
+    __slots__ = ("driver", "source", "fstype", "options", "mount_point")
+    DRIVER_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    FSTYPE_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    MOUNT_POINT_FIELD_NUMBER: _ClassVar[int]
+    driver: str
+    source: str
+    fstype: str
+    options: _containers.RepeatedScalarFieldContainer[str]
+    mount_point: str
+    def __init__(self, driver: _Optional[str] = ..., source: _Optional[str] = ..., fstype: _Optional[str] = ..., options: _Optional[_Iterable[str]] = ..., mount_point: _Optional[str] = ...) -> None: ...
+
+class CreateSandboxRequest(_message.Message):
+    __slots__ = ("sandbox_id", "hostname", "dns", "storages")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    DNS_FIELD_NUMBER: _ClassVar[int]
+    STORAGES_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    hostname: str
+    dns: _containers.RepeatedScalarFieldContainer[str]
+    storages: _containers.RepeatedCompositeFieldContainer[Storage]
+    def __init__(self, sandbox_id: _Optional[str] = ..., hostname: _Optional[str] = ..., dns: _Optional[_Iterable[str]] = ..., storages: _Optional[_Iterable[_Union[Storage, _Mapping]]] = ...) -> None: ...
+
+class DestroySandboxRequest(_message.Message):
+    __slots__ = ("sandbox_id",)
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    def __init__(self, sandbox_id: _Optional[str] = ...) -> None: ...
+
+class CreateContainerRequest(_message.Message):
+    __slots__ = ("container_id", "oci_spec_json", "storages")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    OCI_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    STORAGES_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    oci_spec_json: str
+    storages: _containers.RepeatedCompositeFieldContainer[Storage]
+    def __init__(self, container_id: _Optional[str] = ..., oci_spec_json: _Optional[str] = ..., storages: _Optional[_Iterable[_Union[Storage, _Mapping]]] = ...) -> None: ...
+
+class ContainerRequest(_message.Message):
+    __slots__ = ("container_id",)
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    def __init__(self, container_id: _Optional[str] = ...) -> None: ...
+
+class RemoveContainerRequest(_message.Message):
+    __slots__ = ("container_id", "timeout_s")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    timeout_s: int
+    def __init__(self, container_id: _Optional[str] = ..., timeout_s: _Optional[int] = ...) -> None: ...
+
+class UpdateContainerRequest(_message.Message):
+    __slots__ = ("container_id", "resources_json")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_JSON_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    resources_json: str
+    def __init__(self, container_id: _Optional[str] = ..., resources_json: _Optional[str] = ...) -> None: ...
+
+class ExecProcessRequest(_message.Message):
+    __slots__ = ("container_id", "exec_id", "process_json")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_JSON_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    exec_id: str
+    process_json: str
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., process_json: _Optional[str] = ...) -> None: ...
+
+class ProcessRequest(_message.Message):
+    __slots__ = ("container_id", "exec_id")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    exec_id: str
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ...) -> None: ...
+
+class ProcessResponse(_message.Message):
+    __slots__ = ("pid",)
+    PID_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    def __init__(self, pid: _Optional[int] = ...) -> None: ...
+
+class SignalProcessRequest(_message.Message):
+    __slots__ = ("container_id", "exec_id", "signal", "all")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    ALL_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    exec_id: str
+    signal: int
+    all: bool
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., signal: _Optional[int] = ..., all: _Optional[bool] = ...) -> None: ...
+
+class WaitProcessResponse(_message.Message):
+    __slots__ = ("exit_status",)
+    EXIT_STATUS_FIELD_NUMBER: _ClassVar[int]
+    exit_status: int
+    def __init__(self, exit_status: _Optional[int] = ...) -> None: ...
+
+class WriteStdinRequest(_message.Message):
+    __slots__ = ("container_id", "exec_id", "data")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    exec_id: str
+    data: bytes
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class WriteStdinResponse(_message.Message):
+    __slots__ = ("written",)
+    WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    written: int
+    def __init__(self, written: _Optional[int] = ...) -> None: ...
+
+class ReadOutputRequest(_message.Message):
+    __slots__ = ("container_id", "exec_id", "stream")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    exec_id: str
+    stream: OutputStream
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., stream: _Optional[_Union[OutputStream, str]] = ...) -> None: ...
+
+class OutputChunk(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class TtyWinResizeRequest(_message.Message):
+    __slots__ = ("container_id", "exec_id", "rows", "columns")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    exec_id: str
+    rows: int
+    columns: int
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., rows: _Optional[int] = ..., columns: _Optional[int] = ...) -> None: ...
+
+class StatsContainerResponse(_message.Message):
+    __slots__ = ("cpu_usage_ns", "cpu_user_ns", "cpu_system_ns", "memory_usage_bytes", "memory_limit_bytes", "memory_max_usage_bytes", "pids_current", "pids_limit", "memory_cache_bytes", "memory_rss_bytes")
+    CPU_USAGE_NS_FIELD_NUMBER: _ClassVar[int]
+    CPU_USER_NS_FIELD_NUMBER: _ClassVar[int]
+    CPU_SYSTEM_NS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_MAX_USAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PIDS_CURRENT_FIELD_NUMBER: _ClassVar[int]
+    PIDS_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    cpu_usage_ns: int
+    cpu_user_ns: int
+    cpu_system_ns: int
+    memory_usage_bytes: int
+    memory_limit_bytes: int
+    memory_max_usage_bytes: int
+    pids_current: int
+    pids_limit: int
+    memory_cache_bytes: int
+    memory_rss_bytes: int
+    def __init__(self, cpu_usage_ns: _Optional[int] = ..., cpu_user_ns: _Optional[int] = ..., cpu_system_ns: _Optional[int] = ..., memory_usage_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., memory_max_usage_bytes: _Optional[int] = ..., pids_current: _Optional[int] = ..., pids_limit: _Optional[int] = ..., memory_cache_bytes: _Optional[int] = ..., memory_rss_bytes: _Optional[int] = ...) -> None: ...
+
+class ListProcessesResponse(_message.Message):
+    __slots__ = ("pids",)
+    PIDS_FIELD_NUMBER: _ClassVar[int]
+    pids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, pids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class CheckRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CheckResponse(_message.Message):
+    __slots__ = ("status",)
+    class ServingStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        UNKNOWN: _ClassVar[CheckResponse.ServingStatus]
+        SERVING: _ClassVar[CheckResponse.ServingStatus]
+        NOT_SERVING: _ClassVar[CheckResponse.ServingStatus]
+    UNKNOWN: CheckResponse.ServingStatus
+    SERVING: CheckResponse.ServingStatus
+    NOT_SERVING: CheckResponse.ServingStatus
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    status: CheckResponse.ServingStatus
+    def __init__(self, status: _Optional[_Union[CheckResponse.ServingStatus, str]] = ...) -> None: ...
+
+class GuestDetails(_message.Message):
+    __slots__ = ("agent_version", "kernel_release", "python_version", "oci_runtime_version", "cpus", "memory_bytes")
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_RELEASE_FIELD_NUMBER: _ClassVar[int]
+    PYTHON_VERSION_FIELD_NUMBER: _ClassVar[int]
+    OCI_RUNTIME_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CPUS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    agent_version: str
+    kernel_release: str
+    python_version: str
+    oci_runtime_version: str
+    cpus: int
+    memory_bytes: int
+    def __init__(self, agent_version: _Optional[str] = ..., kernel_release: _Optional[str] = ..., python_version: _Optional[str] = ..., oci_runtime_version: _Optional[str] = ..., cpus: _Optional[int] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
