@@ -1,0 +1,244 @@
+"""AgentClient: typed async calls to husk-agent in the guest.
+
+Every call has a deadline. gRPC status codes from the agent become the shim's
+domain errors here. Replies come from inside the guest and are untrusted:
+sizes are capped by the channel options and values are range-checked before
+the rest of the shim sees them.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+
+from proto.gen import agent_pb2 as pb
+from proto.gen import agent_pb2_grpc as pb_grpc
+from shim import errors
+
+log = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT_S = 30.0
+READY_POLL_S = 0.05
+CHECK_TIMEOUT_S = 2.0
+# A reply larger than this is a misbehaving guest, not data we want.
+MAX_MESSAGE_BYTES = 8 << 20
+MAX_PID = 1 << 22
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.enable_http_proxy", 0),
+    # The guest may take seconds to boot: retry the connection quickly.
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 500),
+]
+
+_CODE_TO_ERROR: dict[grpc.StatusCode, type[errors.HuskError]] = {
+    grpc.StatusCode.NOT_FOUND: errors.NotFoundError,
+    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExistsError,
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgumentError,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPreconditionError,
+    grpc.StatusCode.UNAVAILABLE: errors.UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceededError,
+    grpc.StatusCode.UNIMPLEMENTED: errors.UnimplementedError,
+}
+
+T = TypeVar("T")
+
+
+def _translate(method: str, exc: grpc.aio.AioRpcError) -> errors.HuskError:
+    kind = _CODE_TO_ERROR.get(exc.code(), errors.InternalError)
+    detail = (exc.details() or "")[:2000]
+    return kind(f"agent {method}: {detail or exc.code().name}")
+
+
+def _pid(value: int) -> int:
+    if not 0 < value < MAX_PID:
+        raise errors.InternalError(f"agent returned an invalid pid {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Storage:
+    driver: str
+    source: str
+    fstype: str
+    mount_point: str
+    options: tuple[str, ...] = ()
+
+    def to_proto(self) -> pb.Storage:
+        return pb.Storage(driver=self.driver, source=self.source, fstype=self.fstype,
+                          options=list(self.options), mount_point=self.mount_point)
+
+
+@dataclass(frozen=True)
+class ContainerStats:
+    cpu_usage_ns: int
+    cpu_user_ns: int
+    cpu_system_ns: int
+    memory_usage_bytes: int
+    memory_limit_bytes: int
+    memory_max_usage_bytes: int
+    memory_cache_bytes: int
+    memory_rss_bytes: int
+    pids_current: int
+    pids_limit: int
+
+
+class AgentClient:
+    """One gRPC channel to the agent of one VM."""
+
+    def __init__(self, target: str, timeout_s: float = REQUEST_TIMEOUT_S) -> None:
+        self.target = target
+        self.timeout_s = timeout_s
+        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.AgentServiceStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close(grace=None)
+
+    async def _call(self, method: str, request: Any, timeout_s: float | None = None) -> Any:
+        rpc: Callable[..., Awaitable[Any]] = getattr(self._stub, method)
+        try:
+            return await rpc(request, timeout=timeout_s or self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise _translate(method, exc) from None
+
+    async def wait_ready(self, timeout_s: float, alive: Callable[[], str | None]) -> None:
+        """Poll Check until the agent serves.
+
+        ``alive`` returns None while the VM runs, or why it stopped; a dead VM
+        fails at once instead of waiting for the timeout.
+
+        :raise errors.UnavailableError: the VM died or the agent never answered.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        last = "no answer"
+        while loop.time() < deadline:
+            dead = alive()
+            if dead:
+                raise errors.UnavailableError(f"the VM stopped before its agent answered: {dead}")
+            try:
+                reply = await self._stub.Check(pb.CheckRequest(), timeout=CHECK_TIMEOUT_S,
+                                               wait_for_ready=True)
+                if reply.status == pb.CheckResponse.SERVING:
+                    return
+                last = f"agent status {reply.status}"
+            except grpc.aio.AioRpcError as exc:
+                last = f"{exc.code().name}: {exc.details()}"
+            await asyncio.sleep(READY_POLL_S)
+        raise errors.UnavailableError(f"the agent did not answer within {timeout_s:.0f}s ({last})")
+
+    async def guest_details(self) -> dict[str, Any]:
+        reply = await self._call("GetGuestDetails", pb.Empty())
+        # Values from the guest go to logs only; clip them.
+        return {"agent_version": reply.agent_version[:64],
+                "kernel_release": reply.kernel_release[:128],
+                "python_version": reply.python_version[:64],
+                "oci_runtime_version": reply.oci_runtime_version[:128],
+                "cpus": reply.cpus, "memory_bytes": reply.memory_bytes}
+
+    async def create_sandbox(self, sandbox_id: str, hostname: str, dns: list[str],
+                             storages: list[Storage]) -> None:
+        await self._call("CreateSandbox", pb.CreateSandboxRequest(
+            sandbox_id=sandbox_id, hostname=hostname, dns=dns,
+            storages=[s.to_proto() for s in storages]))
+
+    async def destroy_sandbox(self, sandbox_id: str, timeout_s: float | None = None) -> None:
+        await self._call("DestroySandbox", pb.DestroySandboxRequest(sandbox_id=sandbox_id),
+                         timeout_s)
+
+    async def create_container(self, container_id: str, spec: dict[str, Any],
+                               storages: list[Storage] = ()) -> int:  # type: ignore[assignment]
+        reply = await self._call("CreateContainer", pb.CreateContainerRequest(
+            container_id=container_id, oci_spec_json=json.dumps(spec),
+            storages=[s.to_proto() for s in storages]))
+        return _pid(reply.pid)
+
+    async def start_container(self, container_id: str) -> int:
+        reply = await self._call("StartContainer", pb.ContainerRequest(container_id=container_id))
+        return _pid(reply.pid)
+
+    async def remove_container(self, container_id: str, timeout_s: int = 10) -> None:
+        await self._call("RemoveContainer", pb.RemoveContainerRequest(
+            container_id=container_id, timeout_s=timeout_s), timeout_s + self.timeout_s)
+
+    async def exec_process(self, container_id: str, exec_id: str,
+                           process: dict[str, Any]) -> int:
+        reply = await self._call("ExecProcess", pb.ExecProcessRequest(
+            container_id=container_id, exec_id=exec_id, process_json=json.dumps(process)))
+        return _pid(reply.pid)
+
+    async def signal_process(self, container_id: str, exec_id: str, signal: int,
+                             all_processes: bool = False) -> None:
+        await self._call("SignalProcess", pb.SignalProcessRequest(
+            container_id=container_id, exec_id=exec_id, signal=signal, all=all_processes))
+
+    async def wait_process(self, container_id: str, exec_id: str) -> int:
+        """The exit status (128+N for signal N); waits without a deadline."""
+        try:
+            reply = await self._stub.WaitProcess(
+                pb.ProcessRequest(container_id=container_id, exec_id=exec_id))
+        except grpc.aio.AioRpcError as exc:
+            raise _translate("WaitProcess", exc) from None
+        status = reply.exit_status
+        if not 0 <= status <= 255:
+            raise errors.InternalError(f"agent returned an invalid exit status {status}")
+        return status
+
+    async def write_stdin(self, container_id: str, exec_id: str, data: bytes) -> int:
+        reply = await self._call("WriteStdin", pb.WriteStdinRequest(
+            container_id=container_id, exec_id=exec_id, data=data))
+        return min(reply.written, len(data))
+
+    async def close_stdin(self, container_id: str, exec_id: str) -> None:
+        await self._call("CloseStdin", pb.ProcessRequest(container_id=container_id,
+                                                          exec_id=exec_id))
+
+    async def read_output(self, container_id: str, exec_id: str,
+                          stderr: bool = False) -> AsyncIterator[bytes]:
+        """Yield the process's stdout (or stderr) until it closes the stream."""
+        stream = pb.STDERR if stderr else pb.STDOUT
+        call = self._stub.ReadOutput(pb.ReadOutputRequest(
+            container_id=container_id, exec_id=exec_id, stream=stream))
+        try:
+            async for chunk in call:
+                yield chunk.data
+        except grpc.aio.AioRpcError as exc:
+            raise _translate("ReadOutput", exc) from None
+        finally:
+            call.cancel()
+
+    async def tty_resize(self, container_id: str, exec_id: str, rows: int, columns: int) -> None:
+        await self._call("TtyWinResize", pb.TtyWinResizeRequest(
+            container_id=container_id, exec_id=exec_id, rows=rows, columns=columns))
+
+    async def pause_container(self, container_id: str) -> None:
+        await self._call("PauseContainer", pb.ContainerRequest(container_id=container_id))
+
+    async def resume_container(self, container_id: str) -> None:
+        await self._call("ResumeContainer", pb.ContainerRequest(container_id=container_id))
+
+    async def update_container(self, container_id: str, resources: dict[str, Any]) -> None:
+        await self._call("UpdateContainer", pb.UpdateContainerRequest(
+            container_id=container_id, resources_json=json.dumps(resources)))
+
+    async def list_processes(self, container_id: str) -> list[int]:
+        reply = await self._call("ListProcesses", pb.ContainerRequest(container_id=container_id))
+        return [p for p in reply.pids[:65536] if 0 < p < MAX_PID]
+
+    async def stats_container(self, container_id: str) -> ContainerStats:
+        r = await self._call("StatsContainer", pb.ContainerRequest(container_id=container_id))
+        return ContainerStats(
+            cpu_usage_ns=r.cpu_usage_ns, cpu_user_ns=r.cpu_user_ns,
+            cpu_system_ns=r.cpu_system_ns, memory_usage_bytes=r.memory_usage_bytes,
+            memory_limit_bytes=r.memory_limit_bytes,
+            memory_max_usage_bytes=r.memory_max_usage_bytes,
+            memory_cache_bytes=r.memory_cache_bytes, memory_rss_bytes=r.memory_rss_bytes,
+            pids_current=r.pids_current, pids_limit=r.pids_limit)

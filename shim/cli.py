@@ -1,0 +1,198 @@
+"""``husk``: run one container in its own VM without containerd.
+
+    husk run --rootfs DIR [-t] [-i] [--vcpus N] [--memory-mib M] -- CMD [ARG...]
+    husk probe-accel
+
+``run`` boots a VM, runs CMD from the local rootfs directory, streams its
+output, and exits with its exit code. Ctrl-C (or SIGTERM) tears everything
+down before exiting.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+import termios
+import time
+import tty
+from pathlib import Path
+from typing import Any
+
+from shim import errors, oci
+from shim.config import ConfigError, load_config
+from shim.sandbox.sandbox import Sandbox
+from shim.vm.accel import probe
+
+log = logging.getLogger("husk")
+
+CONTAINER_ID = "main"
+STDIN_CHUNK = 32 * 1024
+
+
+@dataclasses.dataclass
+class RunTimes:
+    """Seconds since QEMU was spawned."""
+
+    qmp_ready_s: float = 0.0
+    agent_ready_s: float = 0.0
+    container_started_s: float = 0.0
+    first_output_s: float = 0.0
+
+
+async def _copy_output(sandbox: Sandbox, stderr: bool, out: Any, times: RunTimes) -> None:
+    assert sandbox.agent is not None and sandbox.vm is not None
+    async for chunk in sandbox.agent.read_output(CONTAINER_ID, "", stderr=stderr):
+        if chunk and not times.first_output_s:
+            times.first_output_s = time.monotonic() - sandbox.vm.times.spawned_at
+        out.write(chunk)
+        out.flush()
+
+
+async def _copy_stdin(sandbox: Sandbox) -> None:
+    assert sandbox.agent is not None
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(os.dup(0), "rb", 0))
+    try:
+        while data := await reader.read(STDIN_CHUNK):
+            await sandbox.agent.write_stdin(CONTAINER_ID, "", data)
+        await sandbox.agent.close_stdin(CONTAINER_ID, "")
+    finally:
+        transport.close()
+
+
+async def run_container(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    overrides = {k: str(v) for k, v in (("io.husk.vcpus", args.vcpus),
+                                         ("io.husk.memory_mib", args.memory_mib)) if v}
+    config = config.with_pod_annotations(overrides)
+    if args.debug:
+        config = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime,
+                                                                          debug=True))
+    sandbox = Sandbox(f"run-{secrets.token_hex(6)}", config)
+    times = RunTimes()
+    try:
+        await sandbox.start(hostname=args.hostname)
+        assert sandbox.agent is not None and sandbox.vm is not None
+        times.qmp_ready_s = sandbox.times.qmp_ready_s
+        times.agent_ready_s = sandbox.times.agent_ready_s
+        root = sandbox.shared.bind_rootfs(CONTAINER_ID, Path(args.rootfs).resolve(),
+                                          readonly=args.readonly)
+        spec = oci.default_spec(args.command, root, args.hostname, env=args.env,
+                                cwd=args.cwd, terminal=args.tty, readonly_root=args.readonly)
+        await sandbox.agent.create_container(CONTAINER_ID, spec)
+        copies = [asyncio.create_task(_copy_output(sandbox, False, sys.stdout.buffer, times))]
+        if not args.tty:
+            copies.append(asyncio.create_task(
+                _copy_output(sandbox, True, sys.stderr.buffer, times)))
+        await sandbox.agent.start_container(CONTAINER_ID)
+        spawned = sandbox.vm.times.spawned_at
+        times.container_started_s = time.monotonic() - spawned
+        stdin_task = asyncio.create_task(_copy_stdin(sandbox)) if args.interactive else None
+        if args.tty and sys.stdin.isatty():
+            rows, cols = os.get_terminal_size(0)
+            await sandbox.agent.tty_resize(CONTAINER_ID, "", rows, cols)
+        status = await sandbox.agent.wait_process(CONTAINER_ID, "")
+        await asyncio.gather(*copies)
+        if stdin_task:
+            stdin_task.cancel()
+        if args.timings:
+            print(json.dumps({"accel": sandbox.accel.accel.value if sandbox.accel else "",
+                              **dataclasses.asdict(times), "pids": sandbox.pids()}),
+                  file=sys.stderr)
+        await sandbox.agent.remove_container(CONTAINER_ID)
+        return status
+    finally:
+        await asyncio.shield(sandbox.stop())
+
+
+def _main_run(args: argparse.Namespace) -> int:
+    if not args.command:
+        print("husk run: no command given (husk run --rootfs DIR -- CMD...)", file=sys.stderr)
+        return 2
+    saved_tty = None
+    if args.tty and sys.stdin.isatty():
+        saved_tty = termios.tcgetattr(0)
+        tty.setraw(0)
+    loop_runner = asyncio.Runner()
+    main = loop_runner.get_loop()
+    task_holder: list[asyncio.Task[int]] = []
+
+    def on_term() -> None:
+        for t in task_holder:
+            t.cancel()
+
+    main.add_signal_handler(signal.SIGTERM, on_term)
+    try:
+        async def wrapper() -> int:
+            task = asyncio.current_task()
+            assert task is not None
+            task_holder.append(task)  # type: ignore[arg-type]
+            return await run_container(args)
+        return loop_runner.run(wrapper())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("husk run: interrupted; the VM was stopped", file=sys.stderr)
+        return 130
+    except ConfigError as exc:
+        print(f"husk run: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except errors.HuskError as exc:
+        print(f"husk run: {exc}", file=sys.stderr)
+        return 125
+    finally:
+        loop_runner.close()
+        if saved_tty is not None:
+            termios.tcsetattr(0, termios.TCSADRAIN, saved_tty)
+
+
+def _main_probe(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    choice = asyncio.run(probe(config.hypervisor.qemu_path))
+    print(json.dumps({"accel": choice.accel.value, "reason": choice.reason}))
+    return 0
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="husk", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="husk.toml to use (default: $HUSK_CONFIG, "
+                                         "/etc/husk/husk.toml)")
+    parser.add_argument("--debug", action="store_true", help="verbose logs, guest debug")
+    sub = parser.add_subparsers(dest="action", required=True)
+    run = sub.add_parser("run", help="run one container in a fresh VM")
+    run.add_argument("--rootfs", required=True, help="directory holding the container's rootfs")
+    run.add_argument("-t", "--tty", action="store_true", help="allocate a terminal")
+    run.add_argument("-i", "--interactive", action="store_true", help="forward stdin")
+    run.add_argument("--readonly", action="store_true", help="read-only rootfs")
+    run.add_argument("-e", "--env", action="append", default=[], help="KEY=VALUE")
+    run.add_argument("-w", "--cwd", default="/", help="working directory in the container")
+    run.add_argument("--hostname", default="husk")
+    run.add_argument("--vcpus", type=int, help="vCPUs for this VM")
+    run.add_argument("--memory-mib", type=int, help="memory for this VM, MiB")
+    run.add_argument("--timings", action="store_true",
+                     help="print boot timings as JSON on stderr")
+    run.add_argument("command", nargs=argparse.REMAINDER)
+    sub.add_parser("probe-accel", help="show which accelerator husk would use, and why")
+    args = parser.parse_args(argv)
+    if getattr(args, "command", None) and args.command[0] == "--":
+        args.command = args.command[1:]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="husk: %(levelname)s %(name)s: %(message)s")
+    if args.action == "probe-accel":
+        return _main_probe(args)
+    return _main_run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""husk configuration: configs/husk.toml → frozen dataclasses.
+
+Owns reading and validating the file and the per-pod overrides that pod
+annotations may make. Every value that ends up on a QEMU command line passes
+through here first and is checked against a type and a range.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+# Where an installed husk looks first; HUSK_CONFIG and the runtime options'
+# config_path take precedence (see resolve_config_path).
+DEFAULT_CONFIG_PATHS = (Path("/etc/husk/husk.toml"), Path("/usr/share/husk/husk.toml"))
+# An installed guest image, then the one `make guest-image` builds in a checkout.
+GUEST_DIRS = (Path("/usr/share/husk/guest"), Path(__file__).resolve().parent.parent / "build" / "guest")
+
+ANNOTATION_PREFIX = "io.husk."
+ANNOTATION_VCPUS = "io.husk.vcpus"
+ANNOTATION_MEMORY = "io.husk.memory_mib"
+ALLOWED_ANNOTATIONS = frozenset({ANNOTATION_VCPUS, ANNOTATION_MEMORY})
+
+ACCEL_MODES = ("auto", "kvm", "tcg")
+SHARED_FS_TYPES = ("virtio-fs", "9p")
+AGENT_TRANSPORTS = ("auto", "vsock", "serial")
+
+
+class ConfigError(ValueError):
+    """The configuration file or a pod annotation is invalid."""
+
+
+@dataclass(frozen=True)
+class HypervisorConfig:
+    qemu_path: str = "/usr/bin/qemu-system-x86_64"
+    guest_dir: str = ""  # holds vmlinuz, initrd.img, rootfs.img; "" = search GUEST_DIRS
+    kernel: str = ""     # "" = <guest_dir>/vmlinuz
+    initrd: str = ""
+    image: str = ""
+    kernel_params: str = ""
+    vcpus: int = 1
+    memory_mib: int = 512
+    max_vcpus: int = 8
+    max_memory_mib: int = 16384
+    accel: str = "auto"
+    hotplug_ports: int = 4
+    boot_timeout_s: float = 60.0
+
+    def guest_file(self, name: str, override: str) -> Path:
+        if override:
+            return Path(override)
+        if self.guest_dir:
+            return Path(self.guest_dir) / name
+        for d in GUEST_DIRS:
+            if (d / name).exists():
+                return d / name
+        return GUEST_DIRS[0] / name
+
+    @property
+    def kernel_path(self) -> Path:
+        return self.guest_file("vmlinuz", self.kernel)
+
+    @property
+    def initrd_path(self) -> Path:
+        return self.guest_file("initrd.img", self.initrd)
+
+    @property
+    def image_path(self) -> Path:
+        return self.guest_file("rootfs.img", self.image)
+
+
+@dataclass(frozen=True)
+class SharedFsConfig:
+    type: str = "virtio-fs"
+    virtiofsd_path: str = "/usr/lib/qemu/virtiofsd"
+    virtiofs_cache: str = "auto"
+    msize_9p: int = 512 * 1024
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    transport: str = "auto"
+    dial_timeout_s: float = 60.0
+    request_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    state_dir: str = "/run/husk"
+    debug: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    hypervisor: HypervisorConfig = field(default_factory=HypervisorConfig)
+    shared_fs: SharedFsConfig = field(default_factory=SharedFsConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def with_pod_annotations(self, annotations: Mapping[str, str]) -> "Config":
+        """Apply the allowlisted ``io.husk.*`` pod annotations.
+
+        :raise ConfigError: an unknown ``io.husk.`` key or an out-of-range value.
+        """
+        hv = self.hypervisor
+        changes: dict[str, int] = {}
+        for key, value in annotations.items():
+            if not key.startswith(ANNOTATION_PREFIX):
+                continue
+            if key not in ALLOWED_ANNOTATIONS:
+                allowed = ", ".join(sorted(ALLOWED_ANNOTATIONS))
+                raise ConfigError(f"annotation {key!r} is not supported (allowed: {allowed})")
+            if key == ANNOTATION_VCPUS:
+                changes["vcpus"] = _bounded_int(key, value, 1, hv.max_vcpus)
+            elif key == ANNOTATION_MEMORY:
+                changes["memory_mib"] = _bounded_int(key, value, 128, hv.max_memory_mib)
+        if not changes:
+            return self
+        return dataclasses.replace(self, hypervisor=dataclasses.replace(hv, **changes))
+
+
+def _bounded_int(name: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if isinstance(value, str):
+        if not value.strip().isdigit():
+            raise ConfigError(f"{name}: expected a decimal integer, got {value!r}")
+        value = int(value.strip())
+    if not isinstance(value, int):
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if not low <= value <= high:
+        raise ConfigError(f"{name}: {value} is outside {low}..{high}")
+    return value
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(choices)}")
+    return str(value)
+
+
+def _section(cls: type, name: str, raw: Mapping[str, Any]) -> Any:
+    """Build one dataclass section, checking key names and value types."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"[{name}] must be a table")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(f"[{name}] unknown key {key!r} (known: {', '.join(known)})")
+        default = known[key].default
+        expected = type(default)
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ConfigError(f"[{name}] {key}: expected {expected.__name__}, got {value!r}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def parse_config(data: Mapping[str, Any]) -> Config:
+    """Validate a parsed TOML document.
+
+    :raise ConfigError: unknown sections or keys, wrong types, values out of range.
+    """
+    sections = {"hypervisor": HypervisorConfig, "shared_fs": SharedFsConfig,
+                "agent": AgentConfig, "runtime": RuntimeConfig}
+    for name in data:
+        if name not in sections:
+            raise ConfigError(f"unknown section [{name}] (known: {', '.join(sections)})")
+    parts = {name: _section(cls, name, data.get(name, {})) for name, cls in sections.items()}
+    config = Config(**parts)
+    hv = config.hypervisor
+    _choice("hypervisor.accel", hv.accel, ACCEL_MODES)
+    _bounded_int("hypervisor.max_vcpus", hv.max_vcpus, 1, 255)
+    _bounded_int("hypervisor.max_memory_mib", hv.max_memory_mib, 128, 1 << 22)
+    _bounded_int("hypervisor.vcpus", hv.vcpus, 1, hv.max_vcpus)
+    _bounded_int("hypervisor.memory_mib", hv.memory_mib, 128, hv.max_memory_mib)
+    _bounded_int("hypervisor.hotplug_ports", hv.hotplug_ports, 0, 30)
+    if any(c in hv.kernel_params for c in "\n\0"):
+        raise ConfigError("hypervisor.kernel_params must be one line")
+    _choice("shared_fs.type", config.shared_fs.type, SHARED_FS_TYPES)
+    _choice("shared_fs.virtiofs_cache", config.shared_fs.virtiofs_cache, ("none", "auto", "always"))
+    _choice("agent.transport", config.agent.transport, AGENT_TRANSPORTS)
+    return config
+
+
+def resolve_config_path(explicit: str | None = None) -> Path | None:
+    """The file to read: the explicit path, $HUSK_CONFIG, then the standard places."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("HUSK_CONFIG")
+    if env:
+        return Path(env)
+    return next((p for p in DEFAULT_CONFIG_PATHS if p.exists()), None)
+
+
+def load_config(explicit: str | None = None) -> Config:
+    """Read the configuration; built-in defaults when no file exists.
+
+    :raise ConfigError: the named file is missing or invalid.
+    """
+    path = resolve_config_path(explicit)
+    if path is None:
+        return Config()
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from exc
+    try:
+        return parse_config(data)
+    except ConfigError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from exc

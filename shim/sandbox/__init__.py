@@ -1,0 +1,1 @@
+"""A pod: its VM, shared directory, agent connection and containers."""

@@ -1,0 +1,1 @@
+"""The pod's virtual machine: QEMU command line, accelerator choice, QMP, virtiofsd."""

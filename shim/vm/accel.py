@@ -1,0 +1,151 @@
+"""Choose QEMU's accelerator: KVM where it really works, TCG otherwise.
+
+A /dev/kvm that opens is not enough: on nested PVM hosts /dev/kvm comes from
+kvm_pvm, and QEMU aborts under ``-cpu host`` ("failed to set MSR 0x10a") or
+hangs after the firmware. So the probe checks the kernel module behind
+/dev/kvm and then starts QEMU once, paused, with ``-accel kvm -cpu host``: the
+vCPU registers are written at machine reset, so a broken KVM fails right there.
+The verdict is cached per host boot.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import fcntl
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+KVM_DEVICE = "/dev/kvm"
+KVM_GET_API_VERSION = 0xAE00
+KVM_API_VERSION = 12
+# Modules that provide a /dev/kvm able to run a standard x86 guest.
+HARDWARE_KVM_MODULES = ("kvm_intel", "kvm_amd")
+PROBE_TIMEOUT_S = 10.0
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+class Accel(enum.Enum):
+    KVM = "kvm"
+    TCG = "tcg"
+
+
+@dataclass(frozen=True)
+class AccelChoice:
+    accel: Accel
+    reason: str
+
+    @property
+    def qemu_args(self) -> list[str]:
+        if self.accel is Accel.KVM:
+            return ["-accel", "kvm", "-cpu", "host"]
+        # One translation-block cache per VM; 64 MiB keeps QEMU's RSS modest.
+        return ["-accel", "tcg,tb-size=64", "-cpu", "max"]
+
+
+def _kvm_device_problem(sys_module: Path = Path("/sys/module")) -> str | None:
+    """Why /dev/kvm cannot be used, or None when it looks usable."""
+    try:
+        fd = os.open(KVM_DEVICE, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return f"{KVM_DEVICE} does not exist"
+    except OSError as exc:
+        return f"cannot open {KVM_DEVICE}: {exc.strerror}"
+    try:
+        version = fcntl.ioctl(fd, KVM_GET_API_VERSION)
+    except OSError as exc:
+        return f"KVM_GET_API_VERSION failed: {exc.strerror}"
+    finally:
+        os.close(fd)
+    if version != KVM_API_VERSION:
+        return f"{KVM_DEVICE} speaks KVM API {version}, not {KVM_API_VERSION}"
+    if not any((sys_module / m).exists() for m in HARDWARE_KVM_MODULES):
+        found = sorted(p.name for p in sys_module.glob("kvm*")) if sys_module.exists() else []
+        return (f"{KVM_DEVICE} is not provided by {' or '.join(HARDWARE_KVM_MODULES)} "
+                f"(loaded: {', '.join(found) or 'none'}); a nested or paravirtual KVM "
+                "cannot run a standard guest")
+    return None
+
+
+async def _probe_qemu_kvm(qemu: str) -> str | None:
+    """Start QEMU paused under KVM; None if it came up and quit cleanly."""
+    commands = b"".join(json.dumps({"execute": c}).encode() + b"\n"
+                        for c in ("qmp_capabilities", "query-kvm", "quit"))
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            qemu, "-accel", "kvm", "-cpu", "host", "-machine", "q35", "-nodefaults",
+            "-no-user-config", "-display", "none", "-S", "-qmp", "stdio",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+    except OSError as exc:
+        return f"cannot run {qemu}: {exc.strerror}"
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(commands), PROBE_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return f"QEMU under KVM did not answer within {PROBE_TIMEOUT_S:.0f}s"
+    if proc.returncode != 0:
+        last = err.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
+        return f"QEMU under KVM exited with {proc.returncode}: {last[0]}"
+    if b'"enabled": true' not in out:
+        return "QEMU started but reports KVM disabled"
+    return None
+
+
+def _cache_path(state_dir: Path) -> Path:
+    return state_dir / "accel-probe.json"
+
+
+def _boot_id() -> str:
+    try:
+        return Path(BOOT_ID).read_text().strip()
+    except OSError:
+        return ""
+
+
+async def choose_accel(mode: str, qemu: str, state_dir: Path) -> AccelChoice:
+    """Pick the accelerator for ``mode`` ("auto", "kvm" or "tcg") and log why."""
+    if mode == "tcg":
+        choice = AccelChoice(Accel.TCG, "forced by config (accel = \"tcg\")")
+    elif mode == "kvm":
+        choice = AccelChoice(Accel.KVM, "forced by config (accel = \"kvm\")")
+    else:
+        choice = await _probe_cached(qemu, state_dir)
+    log.info("accelerator: %s (%s)", choice.accel.value, choice.reason)
+    return choice
+
+
+async def _probe_cached(qemu: str, state_dir: Path) -> AccelChoice:
+    cache = _cache_path(state_dir)
+    boot_id = _boot_id()
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.get("boot_id") == boot_id and cached.get("qemu") == qemu:
+            return AccelChoice(Accel(cached["accel"]), cached["reason"] + " (cached probe)")
+    except (OSError, ValueError, KeyError):
+        pass
+    choice = await probe(qemu)
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"boot_id": boot_id, "qemu": qemu,
+                                   "accel": choice.accel.value, "reason": choice.reason}))
+        tmp.replace(cache)
+    except OSError as exc:
+        log.warning("cannot cache the accelerator probe in %s: %s", cache, exc)
+    return choice
+
+
+async def probe(qemu: str) -> AccelChoice:
+    """Run the checks without the cache."""
+    problem = _kvm_device_problem()
+    if problem is None:
+        problem = await _probe_qemu_kvm(qemu)
+    if problem is None:
+        return AccelChoice(Accel.KVM, "KVM probe passed")
+    return AccelChoice(Accel.TCG, f"KVM unusable: {problem}")

@@ -1,0 +1,178 @@
+"""The QEMU command line for one pod VM, built from a VmSpec.
+
+Owns argument syntax only: no processes, no sockets. A q35 machine with PCIe
+root ports left free for hot-plugged disks and NICs, direct kernel boot, no
+default devices, QMP on a unix socket, the agent channel, and the shared
+filesystem (virtio-fs with a shared memory backend, or 9p).
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shim.vm.accel import AccelChoice
+
+AGENT_PORT_NAME = "io.husk.agent"
+LOG_PORT_NAME = "io.husk.log"
+SHARED_FS_TAG = "husk-shared"
+AGENT_VSOCK_PORT = 1024
+HOTPLUG_PORT_PREFIX = "hp"
+# Linux's sockaddr_un.sun_path holds 108 bytes including the terminator;
+# leave margin for the suffixes QEMU and virtiofsd add.
+UNIX_PATH_MAX = 106
+
+
+class SharedFsType(enum.Enum):
+    VIRTIO_FS = "virtio-fs"
+    NINE_P = "9p"
+
+
+class AgentTransport(enum.Enum):
+    VSOCK = "vsock"
+    SERIAL = "serial"
+
+
+@dataclass(frozen=True)
+class VmPaths:
+    """Files of one VM, all inside its private run directory."""
+
+    run_dir: Path
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.run_dir / "qmp.sock"
+
+    @property
+    def agent_serial_socket(self) -> Path:
+        return self.run_dir / "agent-serial.sock"
+
+    @property
+    def agent_socket(self) -> Path:
+        """Where the shim's gRPC client connects (spliced to the guest)."""
+        return self.run_dir / "agent.sock"
+
+    @property
+    def virtiofsd_socket(self) -> Path:
+        return self.run_dir / "virtiofsd.sock"
+
+    @property
+    def console_log(self) -> Path:
+        return self.run_dir / "console.log"
+
+    @property
+    def guest_log(self) -> Path:
+        return self.run_dir / "guest.log"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.run_dir / "qemu.pid"
+
+    def sockets(self) -> list[Path]:
+        return [self.qmp_socket, self.agent_serial_socket, self.agent_socket,
+                self.virtiofsd_socket]
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    name: str
+    paths: VmPaths
+    qemu_path: str
+    kernel: Path
+    initrd: Path
+    image: Path
+    vcpus: int
+    memory_mib: int
+    accel: AccelChoice
+    shared_fs: SharedFsType
+    shared_dir: Path
+    transport: AgentTransport
+    vsock_cid: int = 0
+    vhost_fd: int = -1
+    hotplug_ports: int = 4
+    msize_9p: int = 512 * 1024
+    kernel_params: str = ""
+    debug: bool = False
+    extra_fds: list[int] = field(default_factory=list)
+
+
+class CmdlineError(ValueError):
+    """A value cannot be placed on QEMU's command line safely."""
+
+
+def qemu_value(value: object) -> str:
+    """One value inside a QEMU ``key=value,...`` option: commas are doubled."""
+    text = str(value)
+    if any(c in text for c in "\n\0"):
+        raise CmdlineError(f"value {text!r} contains a newline or NUL")
+    return text.replace(",", ",,")
+
+
+def check_socket_path(path: Path) -> None:
+    if len(str(path).encode()) >= UNIX_PATH_MAX:
+        raise CmdlineError(f"socket path {path} is longer than {UNIX_PATH_MAX - 1} bytes")
+
+
+def kernel_cmdline(spec: VmSpec) -> str:
+    params = ["console=ttyS0", "root=/dev/vda", "ro", "panic=1", "reboot=t",
+              f"husk.transport={spec.transport.value}"]
+    if spec.debug:
+        params += ["husk.debug=1", "loglevel=7"]
+    else:
+        params += ["quiet", "loglevel=3"]
+    if spec.kernel_params:
+        params.append(spec.kernel_params)
+    return " ".join(params)
+
+
+def build_cmdline(spec: VmSpec) -> list[str]:
+    """The full argv for QEMU.
+
+    :raise CmdlineError: a path or value that QEMU would misparse.
+    """
+    p = spec.paths
+    for sock in p.sockets():
+        check_socket_path(sock)
+    memory = f"{spec.memory_mib}M"
+    machine = "q35,vmport=off,sata=off,smbus=off"
+    args = [spec.qemu_path, "-name", qemu_value(f"husk-{spec.name}"),
+            "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+            *spec.accel.qemu_args,
+            "-smp", str(spec.vcpus), "-m", memory,
+            "-kernel", qemu_value(spec.kernel), "-initrd", qemu_value(spec.initrd),
+            "-append", kernel_cmdline(spec),
+            "-qmp", f"unix:{qemu_value(p.qmp_socket)},server=on,wait=off",
+            "-pidfile", qemu_value(p.pid_file),
+            "-chardev", f"file,id=console,path={qemu_value(p.console_log)}",
+            "-serial", "chardev:console",
+            "-drive", f"file={qemu_value(spec.image)},if=none,id=rootfs,format=raw,"
+                      "readonly=on,cache=unsafe",
+            "-device", "virtio-blk-pci,drive=rootfs,bus=pcie.0,addr=0x2"]
+    if spec.shared_fs is SharedFsType.VIRTIO_FS:
+        # vhost-user needs guest RAM that virtiofsd can map.
+        args += ["-object", f"memory-backend-memfd,id=mem,size={memory},share=on",
+                 "-chardev", f"socket,id=fs,path={qemu_value(p.virtiofsd_socket)}",
+                 "-device", f"vhost-user-fs-pci,chardev=fs,tag={SHARED_FS_TAG},"
+                            "bus=pcie.0,addr=0x3"]
+        machine += ",memory-backend=mem"
+    else:
+        args += ["-fsdev", f"local,id=fs,path={qemu_value(spec.shared_dir)},"
+                           "security_model=none",
+                 "-device", f"virtio-9p-pci,fsdev=fs,mount_tag={SHARED_FS_TAG},"
+                            "bus=pcie.0,addr=0x3"]
+    args += ["-machine", machine]
+    args += ["-device", "virtio-serial-pci,id=serial0,bus=pcie.0,addr=0x4",
+             "-chardev", f"file,id=guestlog,path={qemu_value(p.guest_log)}",
+             "-device", f"virtserialport,bus=serial0.0,chardev=guestlog,name={LOG_PORT_NAME}"]
+    if spec.transport is AgentTransport.SERIAL:
+        args += ["-chardev", f"socket,id=agent,path={qemu_value(p.agent_serial_socket)},"
+                             "server=on,wait=off",
+                 "-device", f"virtserialport,bus=serial0.0,chardev=agent,name={AGENT_PORT_NAME}"]
+    else:
+        args += ["-device", f"vhost-vsock-pci,id=vsock0,guest-cid={spec.vsock_cid},"
+                            f"vhostfd={spec.vhost_fd},bus=pcie.0,addr=0x5"]
+    # Free root ports for hot-plugged devices, one slot each, from 0x10 up.
+    for i in range(spec.hotplug_ports):
+        args += ["-device", f"pcie-root-port,id={HOTPLUG_PORT_PREFIX}{i},bus=pcie.0,"
+                            f"chassis={i + 1},slot={i + 1},addr={0x10 + i:#x}"]
+    return args
