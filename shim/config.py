@@ -47,7 +47,6 @@ class HypervisorConfig:
     max_memory_mib: int = 16384
     accel: str = "auto"
     hotplug_ports: int = 4
-    boot_timeout_s: float = 60.0
 
     def guest_file(self, name: str, override: str) -> Path:
         if override:
