@@ -1,0 +1,95 @@
+"""containerd-shim-husk-v2: the entry point containerd runs.
+
+    <shim> -namespace NS -address A -publish-binary B -id ID [-debug] start
+    <shim> -namespace NS -address A -publish-binary B -id ID -bundle B [-debug] delete
+
+``start`` and ``delete`` are the manager (shim.manager); ``serve`` is the
+daemon that ``start`` spawns (shim.daemon). Flags use Go's syntax: one dash,
+``-k v`` or ``-k=v``. Only the stdlib is imported before we know which action
+runs: ``start`` runs once per container and must stay fast.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+BOOL_FLAGS = {"debug", "v", "version"}
+VALUE_FLAGS = {"namespace", "address", "publish-binary", "id", "bundle", "socket"}
+ACTIONS = ("start", "delete", "serve")
+
+
+class UsageError(ValueError):
+    pass
+
+
+@dataclass
+class ShimArgs:
+    action: str = ""
+    namespace: str = ""
+    address: str = ""
+    publish_binary: str = ""
+    id: str = ""
+    bundle: str = ""
+    socket: str = ""
+    debug: bool = False
+    version: bool = False
+
+
+def parse_args(argv: list[str]) -> ShimArgs:
+    """Parse Go ``flag``-style arguments.
+
+    :raise UsageError: an unknown flag, a missing value, or an unknown action.
+    """
+    args = ShimArgs()
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith("-") and token != "-":
+            name, eq, value = token.lstrip("-").partition("=")
+            if name in BOOL_FLAGS:
+                on = value.lower() not in ("false", "0") if eq else True
+                setattr(args, "version" if name in ("v", "version") else name, on)
+            elif name in VALUE_FLAGS:
+                if not eq:
+                    i += 1
+                    if i >= len(argv):
+                        raise UsageError(f"flag -{name} needs a value")
+                    value = argv[i]
+                setattr(args, name.replace("-", "_"), value)
+            else:
+                raise UsageError(f"unknown flag -{name}")
+        elif not args.action:
+            if token not in ACTIONS:
+                raise UsageError(f"unknown action {token!r} (expected start or delete)")
+            args.action = token
+        else:
+            raise UsageError(f"unexpected argument {token!r}")
+        i += 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+    except UsageError as exc:
+        print(f"containerd-shim-husk-v2: {exc}", file=sys.stderr)
+        return 2
+    if args.version:
+        from shim.task.service import SHIM_VERSION
+        print(f"containerd-shim-husk-v2 {SHIM_VERSION}")
+        return 0
+    if not args.action or not args.id:
+        print("containerd-shim-husk-v2: usage: -namespace NS -address A -id ID start|delete",
+              file=sys.stderr)
+        return 2
+    if args.action == "serve":
+        from shim import daemon
+        return daemon.main(args)
+    from shim import manager
+    if args.action == "start":
+        return manager.start(args)
+    return manager.delete(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

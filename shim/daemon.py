@@ -1,0 +1,102 @@
+"""The shim daemon: one per pod, serving containerd.task.v2.Task over ttrpc.
+
+Builds the object graph (publisher → task service → ttrpc server on the
+socket the manager bound), wires logging to containerd's ``log`` FIFO and a
+per-sandbox file, and exits after Shutdown or SIGTERM once the VM is down.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from proto.gen.containerd.task.v2 import shim_pb2
+from shim.__main__ import ShimArgs
+from shim.config import ConfigError, load_config
+from shim.task.events import Publisher
+from shim.task.service import TaskService
+from shim.ttrpc.server import Server
+from shim.ttrpc.services import ServiceRegistry
+
+log = logging.getLogger("shim")
+
+LOG_FIFO = "log"
+LOG_DIR = Path("/var/log/husk")
+LOG_FORMAT = "%(asctime)s husk[%(process)d] %(levelname)s %(name)s: %(message)s"
+
+
+def _setup_logging(shim_id: str, debug: bool) -> Path | None:
+    """stderr → containerd's log FIFO (in the bundle); also a per-sandbox file."""
+    handlers: list[logging.Handler] = []
+    try:
+        fd = os.open(LOG_FIFO, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        os.set_blocking(fd, True)
+        os.dup2(fd, 2)
+        os.close(fd)
+        handlers.append(logging.StreamHandler(sys.stderr))
+    except OSError:
+        pass  # not started by containerd (no FIFO): the file alone will do
+    log_file = None
+    try:
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        log_file = LOG_DIR / f"{shim_id}.log"
+        handlers.append(logging.FileHandler(log_file))
+    except OSError:
+        log_file = None
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format=LOG_FORMAT,
+                        handlers=handlers or [logging.NullHandler()], force=True)
+    if not debug:
+        logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
+        logging.getLogger("grpc").setLevel(logging.WARNING)
+    return log_file
+
+
+async def serve(args: ShimArgs) -> int:
+    ttrpc_address = os.environ.get("TTRPC_ADDRESS", "")
+    if not ttrpc_address:
+        log.warning("TTRPC_ADDRESS is not set: events cannot reach containerd")
+    publisher = Publisher(ttrpc_address, args.namespace)
+    publisher.start()
+    done = asyncio.Event()
+    try:
+        config_path = None
+        service = TaskService(args.id, args.namespace, publisher, done.set, config_path)
+        registry = ServiceRegistry()
+        unsupported = registry.register_service(
+            shim_pb2.DESCRIPTOR.services_by_name["Task"], service)
+        if unsupported:
+            log.info("Task RPCs answered Unimplemented: %s", ", ".join(unsupported))
+        server = Server(registry)
+        sock = socket.socket(fileno=int(args.socket))
+        await server.serve_socket(sock)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, done.set)
+        log.info("shim %s serving (pid %d)", args.id, os.getpid())
+        await done.wait()
+        if service.pod is not None:
+            await service.pod.shutdown()
+            service.pod = None
+        await server.shutdown()
+    finally:
+        await publisher.close()
+    log.info("shim %s exiting", args.id)
+    return 0
+
+
+def main(args: ShimArgs) -> int:
+    debug = args.debug
+    try:
+        debug = debug or load_config().runtime.debug
+    except ConfigError:
+        pass
+    _setup_logging(args.id, debug)
+    try:
+        return asyncio.run(serve(args))
+    except Exception:
+        log.exception("shim %s failed", args.id)
+        return 1

@@ -1,0 +1,310 @@
+"""Pod: the containers of one sandbox VM, as the task service sees them.
+
+The pod's sandbox (pause) task does not run inside the guest: its process is
+the VM itself (pid = QEMU's), it "exits" when killed, and deleting it tears
+the VM down. Other containers get their rootfs and host-path mounts shared
+into the guest and run there through the agent. Verbs here match the task
+RPCs; events are the task service's business (it passes ``on_exit``).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shim import errors
+from shim.agentclient.client import ContainerStats
+from shim.config import Config
+from shim.sandbox.process import Process, ProcessState
+from shim.sandbox.sandbox import Sandbox
+from shim.storage.share import RootfsMount, check_id
+from shim.task.stdio import ProcessIO
+
+log = logging.getLogger(__name__)
+
+SANDBOX_SHM_TMPFS = {"type": "tmpfs", "source": "shm",
+                     "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}
+BIND_TYPES = ("bind", "rbind")
+# Exit status reported when the VM disappears under a running process.
+VM_GONE_STATUS = 255
+
+ExitCallback = Callable[[Process], None]
+
+
+@dataclass
+class Container:
+    id: str
+    bundle: str
+    init: Process
+    is_sandbox: bool
+    execs: dict[str, Process] = field(default_factory=dict)
+
+    def process(self, exec_id: str) -> Process:
+        if not exec_id:
+            return self.init
+        try:
+            return self.execs[exec_id]
+        except KeyError:
+            raise errors.NotFoundError(f"exec {exec_id} of container {self.id} not found") from None
+
+
+def _is_bind(mount: dict[str, Any]) -> bool:
+    options = mount.get("options") or []
+    return mount.get("type") in BIND_TYPES or any(o in BIND_TYPES for o in options)
+
+
+class Pod:
+    def __init__(self, sandbox: Sandbox, on_exit: ExitCallback) -> None:
+        self.sandbox = sandbox
+        self.containers: dict[str, Container] = {}
+        self._on_exit = on_exit
+        self._monitors: set[asyncio.Task[None]] = set()
+        self._vm_watch: asyncio.Task[None] | None = None
+
+    @property
+    def agent(self) -> Any:
+        if self.sandbox.agent is None:
+            raise errors.UnavailableError(f"sandbox {self.sandbox.sandbox_id} has no VM")
+        return self.sandbox.agent
+
+    @property
+    def vm_pid(self) -> int:
+        return self.sandbox.vm.pid if self.sandbox.vm else 0
+
+    def get(self, container_id: str) -> Container:
+        try:
+            return self.containers[container_id]
+        except KeyError:
+            raise errors.NotFoundError(f"container {container_id} not found") from None
+
+    # Section: lifecycle of the VM
+
+    async def boot(self, hostname: str, dns: list[str]) -> None:
+        await self.sandbox.start(hostname=hostname, dns=dns)
+        assert self.sandbox.vm is not None
+        self._vm_watch = asyncio.create_task(self._watch_vm(), name="vm-watch")
+
+    async def _watch_vm(self) -> None:
+        assert self.sandbox.vm is not None
+        status = await self.sandbox.vm.wait()
+        log.error("the VM of sandbox %s exited (status %d): %s", self.sandbox.sandbox_id,
+                  status, self.sandbox.vm.failure_reason())
+        for container in self.containers.values():
+            for proc in [container.init, *container.execs.values()]:
+                if proc.state is not ProcessState.CREATED or container.is_sandbox:
+                    self._exited(proc, VM_GONE_STATUS)
+
+    async def shutdown(self) -> None:
+        if self._vm_watch is not None:
+            self._vm_watch.cancel()
+            self._vm_watch = None
+        for task in list(self._monitors):
+            task.cancel()
+        await asyncio.gather(*self._monitors, return_exceptions=True)
+        for container in self.containers.values():
+            for proc in [container.init, *container.execs.values()]:
+                proc.io.close()
+        await self.sandbox.stop()
+
+    def _exited(self, proc: Process, status: int) -> None:
+        if proc.set_exited(status):
+            log.info("%s exited with status %d", proc.name, status)
+            self._on_exit(proc)
+
+    # Section: containers
+
+    def add_sandbox_container(self, container_id: str, bundle: str, io: ProcessIO) -> Container:
+        proc = Process(container_id, "", io, pid=self.vm_pid)
+        container = Container(container_id, bundle, proc, is_sandbox=True)
+        self.containers[container_id] = container
+        return container
+
+    async def create_container(self, container_id: str, bundle: str, rootfs: list[RootfsMount],
+                               io: ProcessIO) -> Container:
+        """Share the rootfs and mounts, then create the container in the guest.
+
+        :raise errors.InvalidArgumentError: a malformed config.json or mount.
+        """
+        check_id("container", container_id)
+        if container_id in self.containers:
+            raise errors.AlreadyExistsError(f"container {container_id} already exists")
+        spec = _read_spec(Path(bundle))
+        share = self.sandbox.shared
+        try:
+            if rootfs:
+                root = share.mount_rootfs(container_id, rootfs)
+            else:
+                root = share.bind_rootfs(container_id, Path(bundle) / "rootfs")
+            spec.setdefault("root", {})["path"] = root
+            spec["mounts"] = self._share_mounts(container_id, spec.get("mounts") or [])
+            io.open()
+            proc = Process(container_id, "", io, pid=self.vm_pid)
+            container = Container(container_id, bundle, proc, is_sandbox=False)
+            io.start_output(self.agent)
+            proc.guest_pid = await self.agent.create_container(container_id, spec)
+        except BaseException:
+            io.close()
+            share.release(container_id)
+            raise
+        self.containers[container_id] = container
+        return container
+
+    def _share_mounts(self, container_id: str, mounts: list[Any]) -> list[dict[str, Any]]:
+        """Rewrite host bind sources into the shared directory."""
+        if not isinstance(mounts, list):
+            raise errors.InvalidArgumentError("config.json: mounts must be a list")
+        shared: list[dict[str, Any]] = []
+        for index, mount in enumerate(mounts):
+            if not isinstance(mount, dict) or not isinstance(mount.get("destination"), str):
+                raise errors.InvalidArgumentError(f"config.json: mount {index} is malformed")
+            if not _is_bind(mount):
+                shared.append(mount)
+                continue
+            if mount["destination"] == "/dev/shm":
+                # The host's per-pod shm would not be shared memory across a VM boundary.
+                shared.append({"destination": "/dev/shm", **SANDBOX_SHM_TMPFS})
+                continue
+            source = mount.get("source")
+            if not isinstance(source, str) or not source.startswith("/"):
+                raise errors.InvalidArgumentError(
+                    f"config.json: bind mount {mount['destination']} needs an absolute source")
+            readonly = "ro" in (mount.get("options") or [])
+            guest = self.sandbox.shared.share_path(container_id, index, Path(source), readonly)
+            shared.append({**mount, "source": guest})
+        return shared
+
+    async def start(self, container_id: str, exec_id: str) -> Process:
+        container = self.get(container_id)
+        proc = container.process(exec_id)
+        proc.require(ProcessState.CREATED, action="start")
+        if container.is_sandbox:
+            proc.transition(ProcessState.RUNNING)
+            return proc
+        if exec_id:
+            assert proc.spec is not None
+            proc.io.start_output(self.agent)
+            try:
+                proc.guest_pid = await self.agent.exec_process(container_id, exec_id, proc.spec)
+            except BaseException:
+                proc.io.close()
+                raise
+        else:
+            proc.guest_pid = await self.agent.start_container(container_id)
+        proc.transition(ProcessState.RUNNING)
+        proc.io.start_stdin(self.agent)
+        task = asyncio.create_task(self._monitor(proc), name=f"wait-{proc.name}")
+        self._monitors.add(task)
+        task.add_done_callback(self._monitors.discard)
+        return proc
+
+    async def _monitor(self, proc: Process) -> None:
+        try:
+            status = await self.agent.wait_process(proc.container_id, proc.exec_id)
+        except errors.HuskError as exc:
+            log.error("waiting for %s failed: %s", proc.name, exc)
+            status = VM_GONE_STATUS
+        await proc.io.finish()
+        self._exited(proc, status)
+
+    def add_exec(self, container_id: str, exec_id: str, spec: dict[str, Any],
+                 io: ProcessIO) -> Process:
+        container = self.get(container_id)
+        if container.is_sandbox:
+            raise errors.FailedPreconditionError("cannot exec in the sandbox container")
+        container.init.require(ProcessState.RUNNING, action="exec in")
+        if exec_id in container.execs:
+            raise errors.AlreadyExistsError(f"exec {exec_id} already exists in {container_id}")
+        io.open()
+        proc = Process(container_id, exec_id, io, spec=spec, pid=self.vm_pid)
+        container.execs[exec_id] = proc
+        return proc
+
+    async def kill(self, container_id: str, exec_id: str, sig: int, all_procs: bool) -> None:
+        container = self.get(container_id)
+        proc = container.process(exec_id)
+        if proc.state is ProcessState.STOPPED:
+            raise errors.NotFoundError(f"process {proc.name} has already exited")
+        if container.is_sandbox:
+            if sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):
+                self._exited(proc, 128 + sig)
+            return
+        if proc.state is ProcessState.CREATED and not exec_id:
+            # Never started: nothing runs in the guest yet but crun's waiting init.
+            await self.agent.signal_process(container_id, "", signal.SIGKILL, True)
+            await proc.io.finish()
+            self._exited(proc, 128 + signal.SIGKILL)
+            return
+        await self.agent.signal_process(container_id, exec_id, sig, all_procs)
+
+    async def delete(self, container_id: str, exec_id: str) -> Process:
+        container = self.get(container_id)
+        proc = container.process(exec_id)
+        proc.require(ProcessState.STOPPED, ProcessState.CREATED, action="delete")
+        if exec_id:
+            del container.execs[exec_id]
+            proc.io.close()
+            return proc
+        if not container.is_sandbox:
+            with contextlib.suppress(errors.HuskError):
+                await self.agent.remove_container(container_id)
+            self.sandbox.shared.release(container_id)
+        proc.io.close()
+        del self.containers[container_id]
+        return proc
+
+    async def pause(self, container_id: str) -> None:
+        container = self.get(container_id)
+        container.init.require(ProcessState.RUNNING, action="pause")
+        if not container.is_sandbox:
+            await self.agent.pause_container(container_id)
+        container.init.transition(ProcessState.PAUSED)
+
+    async def resume(self, container_id: str) -> None:
+        container = self.get(container_id)
+        container.init.require(ProcessState.PAUSED, action="resume")
+        if not container.is_sandbox:
+            await self.agent.resume_container(container_id)
+        container.init.transition(ProcessState.RUNNING)
+
+    async def update(self, container_id: str, resources: dict[str, Any]) -> None:
+        container = self.get(container_id)
+        if container.is_sandbox:
+            return  # the VM's size is fixed at boot
+        await self.agent.update_container(container_id, resources)
+
+    async def stats(self, container_id: str) -> ContainerStats | None:
+        container = self.get(container_id)
+        if container.is_sandbox:
+            return None
+        stats: ContainerStats = await self.agent.stats_container(container_id)
+        return stats
+
+    async def guest_pids(self, container_id: str) -> list[int]:
+        container = self.get(container_id)
+        if container.is_sandbox:
+            return [self.vm_pid]
+        pids: list[int] = await self.agent.list_processes(container_id)
+        return pids
+
+    def running_containers(self) -> list[str]:
+        return [c.id for c in self.containers.values()]
+
+
+def _read_spec(bundle: Path) -> dict[str, Any]:
+    """:raise errors.InvalidArgumentError: config.json is missing or not a JSON object."""
+    path = bundle / "config.json"
+    try:
+        spec = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise errors.InvalidArgumentError(f"{path} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise errors.InvalidArgumentError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(spec, dict):
+        raise errors.InvalidArgumentError(f"{path} is not a JSON object")
+    return spec
