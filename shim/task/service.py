@@ -113,13 +113,15 @@ def _config_path(options: Any) -> str | None:
 
 class TaskService:
     def __init__(self, shim_id: str, namespace: str, publisher: Publisher,
-                 on_shutdown: Callable[[], None], config_path: str | None = None) -> None:
+                 on_shutdown: Callable[[], None], config_path: str | None = None,
+                 sandbox_factory: Callable[[str, Config], Sandbox] = Sandbox) -> None:
         self.shim_id = shim_id
         self.namespace = namespace
         self.publisher = publisher
         self.pod: Pod | None = None
         self._config_path = config_path
         self._on_shutdown = on_shutdown
+        self._sandbox_factory = sandbox_factory  # tests substitute a VM-less sandbox
         self._lock = asyncio.Lock()  # guards pod creation
 
     # Section: helpers
@@ -148,7 +150,7 @@ class TaskService:
         config = config.with_pod_annotations(annotations)
         if log.isEnabledFor(logging.DEBUG) and not config.runtime.debug:
             config = _with_debug(config)
-        pod = Pod(Sandbox(request.id, config), self._publish_exit)
+        pod = Pod(self._sandbox_factory(request.id, config), self._publish_exit)
         hostname = annotations.get("io.kubernetes.cri.sandbox-name", "")[:63]
         try:
             await pod.boot(hostname=hostname or request.id[:12], dns=[])

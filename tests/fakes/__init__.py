@@ -1,0 +1,1 @@
+"""Stand-ins for the shim's neighbours (the guest agent, the VM) in unit tests."""

@@ -1,0 +1,209 @@
+"""TaskService over a VM-less pod: RPC semantics, event order, error codes, stdio."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from google.protobuf.message import Message
+
+from proto.gen.containerd.cgroups.v1 import metrics_pb2
+from proto.gen.containerd.task.v2 import shim_pb2 as api
+from proto.gen.containerd.types.task import task_pb2 as task_types
+from shim.config import Config
+from shim.task.service import TaskService
+from shim.ttrpc.errors import Code, TtrpcError
+from tests.fakes.sandbox import FAKE_VM_PID, FakeSandbox
+
+SANDBOX = "sb1"
+
+
+class RecordingPublisher:
+    def __init__(self) -> None:
+        self.events: list[Message] = []
+
+    def publish(self, event: Message) -> None:
+        self.events.append(event)
+
+    def topics(self) -> list[str]:
+        return [type(e).__name__ for e in self.events]
+
+
+def _bundle(root: Path, cid: str, annotations: dict[str, str],
+            mounts: list[dict[str, Any]] | None = None) -> Path:
+    bundle = root / "bundles" / cid
+    (bundle / "rootfs" / "bin").mkdir(parents=True)
+    spec = {"ociVersion": "1.0.2", "process": {"args": ["/bin/sh"], "cwd": "/"},
+            "root": {"path": "rootfs"}, "annotations": annotations, "mounts": mounts or []}
+    (bundle / "config.json").write_text(json.dumps(spec))
+    return bundle
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> Any:
+    publisher = RecordingPublisher()
+    sandboxes: list[FakeSandbox] = []
+    shutdowns: list[bool] = []
+
+    def factory(sid: str, config: Config) -> FakeSandbox:
+        sandboxes.append(FakeSandbox(sid, config, tmp_path))
+        return sandboxes[-1]
+
+    service = TaskService(SANDBOX, "k8s.io", publisher, lambda: shutdowns.append(True),
+                          str(tmp_path / "none.toml"), sandbox_factory=factory)  # type: ignore[arg-type]
+    (tmp_path / "none.toml").write_text("")
+
+    class Env:
+        pass
+    e = Env()
+    e.service, e.publisher, e.sandboxes, e.shutdowns, e.root = (
+        service, publisher, sandboxes, shutdowns, tmp_path)
+    yield e
+    if service.pod is not None:
+        await service.pod.shutdown()
+    from shim.util.mount import mounts_under
+    assert mounts_under(tmp_path) == [], "the test left mounts behind"
+
+
+async def _run_pod(e: Any) -> None:
+    bundle = _bundle(e.root, SANDBOX, {"io.kubernetes.cri.container-type": "sandbox",
+                                       "io.kubernetes.cri.sandbox-name": "web"})
+    reply = await e.service.create(api.CreateTaskRequest(id=SANDBOX, bundle=str(bundle)))
+    assert reply.pid == FAKE_VM_PID
+    await e.service.start(api.StartRequest(id=SANDBOX))
+
+
+async def _create(e: Any, cid: str, stdout: str = "", mounts: Any = None) -> Path:
+    bundle = _bundle(e.root, cid, {"io.kubernetes.cri.container-type": "container",
+                                   "io.kubernetes.cri.sandbox-id": SANDBOX}, mounts)
+    await e.service.create(api.CreateTaskRequest(id=cid, bundle=str(bundle), stdout=stdout))
+    return bundle
+
+
+async def test_sandbox_lifecycle_and_event_order(env: Any) -> None:
+    await _run_pod(env)
+    assert env.sandboxes[0].hostname == "web"
+    state = await env.service.state(api.StateRequest(id=SANDBOX))
+    assert state.status == task_types.RUNNING and state.pid == FAKE_VM_PID
+    waiter = asyncio.create_task(env.service.wait(api.WaitRequest(id=SANDBOX)))
+    await env.service.kill(api.KillRequest(id=SANDBOX, signal=9))
+    assert (await waiter).exit_status == 137
+    await env.service.delete(api.DeleteRequest(id=SANDBOX))
+    assert env.sandboxes[0].stopped
+    assert env.publisher.topics() == ["TaskCreate", "TaskStart", "TaskExit", "TaskDelete"]
+    await env.service.shutdown(api.ShutdownRequest(id=SANDBOX))
+    assert env.shutdowns == [True]
+
+
+async def test_container_output_exit_and_cleanup(env: Any) -> None:
+    await _run_pod(env)
+    fifo = env.root / "stdout.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    hosts = env.root / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n")
+    await _create(env, "c1", stdout=str(fifo), mounts=[
+        {"destination": "/etc/hosts", "type": "bind", "source": str(hosts), "options": ["rbind", "ro"]},
+        {"destination": "/dev/shm", "type": "bind", "source": "/nonexistent/shm", "options": ["rbind"]}])
+    agent = env.sandboxes[0].agent
+    spec = agent.proc("c1").spec
+    assert spec["root"]["path"] == "/run/husk/shared/c1/rootfs"
+    assert spec["mounts"][0]["source"] == "/run/husk/shared/c1/mounts/0"
+    assert spec["mounts"][1]["type"] == "tmpfs"
+    shared_hosts = env.sandboxes[0].shared.container_dir("c1") / "mounts" / "0"
+    assert shared_hosts.read_text() == "127.0.0.1 localhost\n"
+    await env.service.start(api.StartRequest(id="c1"))
+    agent.emit("c1", b"hello\n")
+    agent.exit("c1", 3)
+    reply = await asyncio.wait_for(env.service.wait(api.WaitRequest(id="c1")), 5)
+    assert reply.exit_status == 3
+    assert os.read(reader, 100) == b"hello\n"
+    deleted = await env.service.delete(api.DeleteRequest(id="c1"))
+    assert deleted.exit_status == 3 and deleted.pid == FAKE_VM_PID
+    assert agent.removed == ["c1"]
+    assert not env.sandboxes[0].shared.container_dir("c1").exists()
+    os.close(reader)
+    # Shutdown is ignored while the sandbox remains.
+    await env.service.shutdown(api.ShutdownRequest(id="c1"))
+    assert env.shutdowns == []
+
+
+async def test_exec_events_and_stdin(env: Any) -> None:
+    await _run_pod(env)
+    await _create(env, "c1")
+    await env.service.start(api.StartRequest(id="c1"))
+    stdin = env.root / "exec-stdin"
+    os.mkfifo(stdin)
+    request = api.ExecProcessRequest(id="c1", exec_id="e1", stdin=str(stdin))
+    request.spec.value = json.dumps({"args": ["cat"], "cwd": "/"}).encode()
+    await env.service.exec(request)
+    started = await env.service.start(api.StartRequest(id="c1", exec_id="e1"))
+    assert started.pid == FAKE_VM_PID
+    writer = os.open(stdin, os.O_WRONLY)
+    os.write(writer, b"ping")
+    os.close(writer)
+    await env.service.close_io(api.CloseIORequest(id="c1", exec_id="e1", stdin=True))
+    agent = env.sandboxes[0].agent
+    assert bytes(agent.proc("c1", "e1").stdin) == b"ping" and agent.proc("c1", "e1").stdin_closed
+    agent.exit("c1", 0, exec_id="e1")
+    assert (await env.service.wait(api.WaitRequest(id="c1", exec_id="e1"))).exit_status == 0
+    await env.service.delete(api.DeleteRequest(id="c1", exec_id="e1"))
+    assert env.publisher.topics()[-3:] == ["TaskExecAdded", "TaskExecStarted", "TaskExit"]
+
+
+async def test_errors_become_status_codes(env: Any) -> None:
+    with pytest.raises(TtrpcError) as exc:
+        await env.service.state(api.StateRequest(id="nope"))
+    assert exc.value.code == Code.NOT_FOUND
+    await _run_pod(env)
+    with pytest.raises(TtrpcError) as exc:
+        await env.service.state(api.StateRequest(id="nope"))
+    assert exc.value.code == Code.NOT_FOUND and "nope" in exc.value.message
+    await _create(env, "c1")
+    with pytest.raises(TtrpcError) as exc:
+        await env.service.delete(api.DeleteRequest(id="c1", exec_id="missing"))
+    assert exc.value.code == Code.NOT_FOUND
+    await env.service.start(api.StartRequest(id="c1"))
+    with pytest.raises(TtrpcError) as exc:
+        await env.service.start(api.StartRequest(id="c1"))
+    assert exc.value.code == Code.FAILED_PRECONDITION and "running" in exc.value.message
+    with pytest.raises(TtrpcError) as exc:
+        await env.service.checkpoint(api.CheckpointTaskRequest(id="c1"))
+    assert exc.value.code == Code.UNIMPLEMENTED
+    bad = api.ExecProcessRequest(id="c1", exec_id="e1")
+    bad.spec.value = b"{not json"
+    with pytest.raises(TtrpcError) as exc:
+        await env.service.exec(bad)
+    assert exc.value.code == Code.INVALID_ARGUMENT
+
+
+async def test_hostile_annotation_is_rejected_before_any_vm(env: Any) -> None:
+    bundle = _bundle(env.root, SANDBOX, {"io.kubernetes.cri.container-type": "sandbox",
+                                         "io.husk.memory_mib": "4096,share=on"})
+    with pytest.raises(TtrpcError) as exc:
+        await env.service.create(api.CreateTaskRequest(id=SANDBOX, bundle=str(bundle)))
+    assert exc.value.code == Code.INVALID_ARGUMENT and "io.husk.memory_mib" in exc.value.message
+    assert env.sandboxes == [] and env.service.pod is None
+
+
+async def test_stats_are_cgroup_v1_metrics(env: Any) -> None:
+    await _run_pod(env)
+    await _create(env, "c1")
+    reply = await env.service.stats(api.StatsRequest(id="c1"))
+    assert reply.stats.type_url == "io.containerd.cgroups.v1.Metrics"
+    metrics = metrics_pb2.Metrics.FromString(reply.stats.value)
+    assert metrics.cpu.usage.total == 5000 and metrics.memory.usage.usage == 1 << 20
+    assert metrics.pids.current == 3
+
+
+async def test_vm_crash_fails_running_processes(env: Any) -> None:
+    await _run_pod(env)
+    await _create(env, "c1")
+    await env.service.start(api.StartRequest(id="c1"))
+    env.sandboxes[0].vm.crash()
+    reply = await asyncio.wait_for(env.service.wait(api.WaitRequest(id=SANDBOX)), 5)
+    assert reply.exit_status == 255
+    assert (await env.service.state(api.StateRequest(id="c1"))).status == task_types.STOPPED
