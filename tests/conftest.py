@@ -1,0 +1,65 @@
+"""Shared fixtures: the guest image, a husk config for tests, leak checks."""
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.rootfs import make_busybox_rootfs
+
+REPO = Path(__file__).resolve().parent.parent
+GUEST_DIR = REPO / "build" / "guest"
+GUEST_FILES = ("vmlinuz", "initrd.img", "rootfs.img")
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> Path:
+    """The guest image `make guest-image` built; a missing one fails loudly, never skips."""
+    missing = [f for f in GUEST_FILES if not (GUEST_DIR / f).exists()]
+    if missing:
+        pytest.fail(f"guest image incomplete ({', '.join(missing)} missing in {GUEST_DIR}): "
+                    "run `make guest-image`")
+    return GUEST_DIR
+
+
+@pytest.fixture(scope="session")
+def busybox_rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_busybox_rootfs(tmp_path_factory.mktemp("busybox") / "rootfs")
+
+
+def write_test_config(path: Path, state_dir: Path, **hypervisor: object) -> Path:
+    lines = ["[hypervisor]", f'guest_dir = "{GUEST_DIR}"']
+    lines += [f"{k} = {v!r}".replace("'", '"') for k, v in hypervisor.items()]
+    lines += ["[runtime]", f'state_dir = "{state_dir}"']
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def husk_state_dir() -> Iterator[Path]:
+    """A short private state dir (unix socket paths must stay under 106 bytes)."""
+    state = Path("/run") / f"husk-test-{secrets.token_hex(4)}"
+    yield state
+    shutil.rmtree(state, ignore_errors=True)
+
+
+def our_processes(marker: str) -> list[str]:
+    """QEMU/virtiofsd/shim processes whose command line mentions ``marker``."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if marker in cmd and proc.pid != os.getpid() and any(
+                name in cmd for name in ("qemu-system", "virtiofsd", "shim")):
+            found.append(f"{proc.pid}: {cmd[:200]}")
+    return found
+
+
+def mounts_below(path: Path) -> list[str]:
+    prefix = str(path)
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if line.split()[4].startswith(prefix)]

@@ -1,0 +1,81 @@
+"""`husk run`: the embedded demo, end to end as a user runs it (each test boots a VM)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import mounts_below, our_processes, write_test_config
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
+
+HUSK = [sys.executable, "-m", "shim.cli"]
+
+
+def _husk(config: Path, *args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*HUSK, "--config", str(config), *args], capture_output=True,
+                          text=True, timeout=240, **kw)  # type: ignore[call-overload]
+
+
+def _assert_clean(state: Path) -> None:
+    assert our_processes(str(state)) == []
+    assert mounts_below(state) == []
+    sandboxes = state / "sandboxes"
+    assert not sandboxes.exists() or list(sandboxes.iterdir()) == []
+
+
+def test_run_streams_output_and_exit_code(guest_image: Path, busybox_rootfs: Path,
+                                          husk_state_dir: Path, tmp_path: Path) -> None:
+    config = write_test_config(tmp_path / "husk.toml", husk_state_dir)
+    result = _husk(config, "run", "--timings", "--rootfs", str(busybox_rootfs), "--",
+                   "sh", "-c", "echo hello from husk; echo oops >&2; exit 7")
+    assert result.returncode == 7, result.stderr
+    assert result.stdout == "hello from husk\n"
+    assert "oops\n" in result.stderr
+    _assert_clean(husk_state_dir)
+
+
+def test_run_over_9p(guest_image: Path, busybox_rootfs: Path, husk_state_dir: Path,
+                     tmp_path: Path) -> None:
+    config = write_test_config(tmp_path / "husk.toml", husk_state_dir)
+    config.write_text(config.read_text() + '[shared_fs]\ntype = "9p"\n')
+    result = _husk(config, "run", "--rootfs", str(busybox_rootfs), "--",
+                   "sh", "-c", "head -1 /etc/passwd; grep -c ' / 9p ' /proc/mounts || true")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "root:x:0:0:root:/root:/bin/sh"
+    _assert_clean(husk_state_dir)
+
+
+def test_ctrl_c_cleans_up(guest_image: Path, busybox_rootfs: Path, husk_state_dir: Path,
+                          tmp_path: Path) -> None:
+    config = write_test_config(tmp_path / "husk.toml", husk_state_dir)
+    proc = subprocess.Popen([*HUSK, "--config", str(config), "run", "--rootfs",
+                             str(busybox_rootfs), "--", "sh", "-c", "echo up; sleep 600"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "up\n"  # the container runs in its VM
+        assert our_processes(str(husk_state_dir)), "expected QEMU to be running"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    _assert_clean(husk_state_dir)
+
+
+def test_missing_guest_image_is_a_clear_error(busybox_rootfs: Path, husk_state_dir: Path,
+                                              tmp_path: Path) -> None:
+    config = tmp_path / "husk.toml"
+    config.write_text(f'[hypervisor]\nguest_dir = "{tmp_path}/nowhere"\n'
+                      f'[runtime]\nstate_dir = "{husk_state_dir}"\n')
+    result = _husk(config, "run", "--rootfs", str(busybox_rootfs), "--", "true")
+    assert result.returncode == 125
+    assert "guest image file" in result.stderr and "make guest-image" in result.stderr
+    _assert_clean(husk_state_dir)
