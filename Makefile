@@ -42,13 +42,31 @@ proto: venv
 	$(PY) -m proto.generate
 
 guest-image: deps venv
-	$(PY) -m guest_image_build 2>/dev/null || guest-image/build.sh $(GUEST)
+	guest-image/build.sh $(GUEST)
 
+# Unit tests first (seconds); then VM and CRI tests, two workers, one file per worker.
 test: deps venv guest-image
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests/integration
 
 test-unit: venv
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit
+
+test-vm: deps venv guest-image
+	$(PY) -m pytest -q -p no:cacheprovider -m vm tests/integration
+
+test-cri: deps venv guest-image
+	$(PY) -m pytest -q -p no:cacheprovider -m cri tests/integration
+
+# A private containerd with the husk handler, one busybox pod in its VM, then cleanup.
+demo: deps venv guest-image
+	$(PY) -m tests.cri.demo
+
+bench-boot: deps venv guest-image
+	$(PY) -m tests.bench.boot
+
+bench-cri: deps venv guest-image
+	$(PY) -m tests.bench.cri
 
 clean:
 	rm -rf $(BUILD) $(VENV)

@@ -1,0 +1,93 @@
+"""make bench-boot: how long a VM takes to run a container, and what it costs in memory.
+
+Five cold boots (medians printed as JSON): QEMU spawn → QMP ready → agent ready →
+container started → first output byte; RSS of QEMU, virtiofsd and this
+process (the shim side) while the container runs; the accelerator used.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import secrets
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from shim import oci
+from shim.config import load_config
+from shim.sandbox.sandbox import Sandbox
+from tests.conftest import GUEST_DIR, write_test_config
+from tests.rootfs import make_busybox_rootfs
+
+RUNS = 5
+
+
+def _rss_mib(pid: int) -> float:
+    try:
+        return psutil.Process(pid).memory_info().rss / (1 << 20)
+    except psutil.Error:
+        return 0.0
+
+
+async def one_boot(config_path: Path, rootfs: Path) -> dict[str, Any]:
+    box = Sandbox(f"bench-{secrets.token_hex(4)}", load_config(str(config_path)))
+    try:
+        await box.start(hostname="bench")
+        assert box.agent is not None and box.vm is not None
+        spawned = box.vm.times.spawned_at
+        root = box.shared.bind_rootfs("bench", rootfs)
+        await box.agent.create_container("bench", oci.default_spec(
+            ["sh", "-c", "echo first; sleep 1"], root, "bench"))
+        output = box.agent.read_output("bench", "")
+        await box.agent.start_container("bench")
+        started = time.monotonic() - spawned
+        await output.__anext__()
+        first_byte = time.monotonic() - spawned
+        rss = {"qemu_rss_mib": _rss_mib(box.vm.pid),
+               "virtiofsd_rss_mib": _rss_mib(box.vm.virtiofsd_pid),
+               "shim_side_rss_mib": _rss_mib(os.getpid())}
+        await output.aclose()
+        await box.agent.wait_process("bench", "")
+        await box.agent.remove_container("bench")
+        return {"qmp_ready_s": box.times.qmp_ready_s, "agent_ready_s": box.times.agent_ready_s,
+                "container_started_s": started, "first_output_byte_s": first_byte, **rss,
+                "accel": box.accel.accel.value if box.accel else ""}
+    finally:
+        await box.stop()
+
+
+async def main() -> int:
+    work = Path(tempfile.mkdtemp(prefix="husk-bench-"))
+    state = Path("/run") / f"husk-bench-{secrets.token_hex(4)}"
+    try:
+        config = write_test_config(work / "husk.toml", state)
+        rootfs = make_busybox_rootfs(work / "rootfs")
+        runs = []
+        for i in range(RUNS):
+            runs.append(await one_boot(config, rootfs))
+            print(f"run {i + 1}/{RUNS}: {json.dumps(runs[-1])}", file=sys.stderr)
+        numeric = [k for k, v in runs[0].items() if isinstance(v, float)]
+        result = {
+            "benchmark": "boot", "runs": RUNS, "accel": runs[0]["accel"],
+            "median": {k: round(statistics.median(r[k] for r in runs), 3) for k in numeric},
+            "guest_image": str(GUEST_DIR),
+            "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
+                        "mem_gib": round(psutil.virtual_memory().total / (1 << 30))},
+        }
+        print(json.dumps(result, indent=2))
+        return 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
