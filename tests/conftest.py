@@ -10,11 +10,17 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.cri.harness import DEFAULT_KEEP_LOGS_DIR, ContainerdOptions
+from tests.cri.images import BuiltImage
 from tests.rootfs import make_busybox_rootfs
+
+pytest_plugins = ["tests.cri.fixtures"]
 
 REPO = Path(__file__).resolve().parent.parent
 GUEST_DIR = REPO / "build" / "guest"
 GUEST_FILES = ("vmlinuz", "initrd.img", "rootfs.img")
+# The husk state dir of the CRI tests' containerd (short: socket paths have a limit).
+HUSK_CRI_STATE = Path("/run") / f"husk-cri-{secrets.token_hex(4)}"
 
 
 @pytest.fixture(scope="session")
@@ -63,3 +69,13 @@ def mounts_below(path: Path) -> list[str]:
     prefix = str(path)
     with open("/proc/self/mountinfo") as f:
         return [line.split()[4] for line in f if line.split()[4].startswith(prefix)]
+
+
+@pytest.fixture(scope="session")
+def containerd_options(cri_images: list[BuiltImage], guest_image: Path,
+                       tmp_path_factory: pytest.TempPathFactory) -> Iterator[ContainerdOptions]:
+    """The CRI tests' containerd: handlers runc and husk (husk with its own state dir)."""
+    config = write_test_config(tmp_path_factory.mktemp("husk") / "husk.toml", HUSK_CRI_STATE)
+    yield ContainerdOptions(images=cri_images, husk_config=config,
+                            keep_logs_dir=DEFAULT_KEEP_LOGS_DIR)
+    shutil.rmtree(HUSK_CRI_STATE, ignore_errors=True)

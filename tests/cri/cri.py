@@ -1,0 +1,360 @@
+"""A thin typed client for the CRI v1 API, as the kubelet would drive it.
+
+Owns the gRPC channel to a containerd CRI endpoint and the request shapes the
+tests use (pods, containers, exec, logs), plus parsing of CRI container log
+files. Every call has a deadline; the default is generous because a husk pod
+boots a VM under TCG. The generated stubs come from the PyPI package
+container-runtime-interface-api (module cri_api.v1).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, TypeVar
+
+import grpc
+from cri_api.v1 import api_pb2 as api
+from cri_api.v1 import api_pb2_grpc as api_grpc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CALL_TIMEOUT_S = 120.0
+# ExecSync's own timeout is enforced by the runtime; the RPC gets this much on top.
+EXEC_RPC_MARGIN_S = 30.0
+POLL_INTERVAL_S = 0.1
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_POD_NAMESPACE = "default"
+
+ContainerState = api.ContainerState
+PodSandboxState = api.PodSandboxState
+
+T = TypeVar("T")
+
+
+class CriError(RuntimeError):
+    """A CRI call failed; `code` is the gRPC status code."""
+
+    def __init__(self, method: str, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"CRI {method} failed: {code.name}: {details}")
+        self.method = method
+        self.code = code
+        self.details = details
+
+
+class ExecResult(NamedTuple):
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def out(self) -> str:
+        return self.stdout.decode(errors="replace")
+
+    @property
+    def err(self) -> str:
+        return self.stderr.decode(errors="replace")
+
+
+@dataclass(frozen=True)
+class Pod:
+    """A pod sandbox the client created, with the config CreateContainer needs again."""
+
+    id: str
+    config: api.PodSandboxConfig
+    handler: str
+
+    @property
+    def name(self) -> str:
+        return self.config.metadata.name
+
+    @property
+    def log_directory(self) -> Path:
+        return Path(self.config.log_directory)
+
+
+@dataclass(frozen=True)
+class ContainerLog:
+    """A container's CRI log file as plain text per stream."""
+
+    stdout: str
+    stderr: str
+
+
+def parse_cri_log(text: str) -> ContainerLog:
+    """Parses `<time> <stream> <P|F> <text>` lines; P is a partial line (no newline)."""
+    streams: dict[str, list[str]] = {"stdout": [], "stderr": []}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        parts = line.split(" ", 3)
+        if len(parts) < 3 or parts[1] not in streams:
+            raise ValueError(f"line {lineno} is not in CRI log format: {line!r}")
+        content = parts[3] if len(parts) == 4 else ""
+        # The tag may grow ':'-separated fields; only the first says full/partial.
+        full = parts[2].split(":", 1)[0] != "P"
+        streams[parts[1]].append(content + ("\n" if full else ""))
+    return ContainerLog(stdout="".join(streams["stdout"]), stderr="".join(streams["stderr"]))
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float, interval: float = POLL_INTERVAL_S) -> T:
+    """Calls probe until it returns something other than None, or raises TimeoutError."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = probe()
+        if result is not None:
+            return result
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
+        time.sleep(interval)
+
+
+class CriClient:
+    """Runtime and image services of one CRI endpoint."""
+
+    def __init__(
+        self,
+        address: str | Path,
+        log_root: Path,
+        timeout: float = DEFAULT_CALL_TIMEOUT_S,
+        cgroup_root: str = "",
+    ) -> None:
+        """`log_root` holds the pods' log directories; `cgroup_root` (e.g. /husk-test-x)
+        is where pods get their cgroup parent, like the kubelet's /kubepods."""
+        self.address = str(address)
+        self.log_root = log_root
+        self.timeout = timeout
+        self.cgroup_root = cgroup_root
+        self._channel = grpc.insecure_channel(
+            f"unix://{self.address}",
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        self._runtime = api_grpc.RuntimeServiceStub(self._channel)
+        self._images = api_grpc.ImageServiceStub(self._channel)
+        self._names = itertools.count(1)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> CriClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: str, request: object, timeout: float | None = None, images: bool = False) -> object:
+        stub = self._images if images else self._runtime
+        try:
+            return getattr(stub, method)(request, timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as exc:
+            raise CriError(method, exc.code(), exc.details() or "") from None
+
+    # -- runtime info ---------------------------------------------------------
+
+    def version(self, timeout: float | None = None) -> api.VersionResponse:
+        return self._call("Version", api.VersionRequest(version="v1"), timeout)  # type: ignore[return-value]
+
+    def status(self) -> api.StatusResponse:
+        return self._call("Status", api.StatusRequest(verbose=False))  # type: ignore[return-value]
+
+    def not_ready_conditions(self) -> list[str]:
+        """Names of the required runtime conditions (RuntimeReady, NetworkReady) that are false."""
+        conds = self.status().status.conditions
+        return [f"{c.type}: {c.reason} {c.message}".strip() for c in conds if not c.status]
+
+    # -- images ---------------------------------------------------------------
+
+    def list_images(self) -> list[api.Image]:
+        resp = self._call("ListImages", api.ListImagesRequest(), images=True)
+        return list(resp.images)  # type: ignore[attr-defined]
+
+    def image_status(self, ref: str) -> api.Image | None:
+        resp = self._call("ImageStatus", api.ImageStatusRequest(image=api.ImageSpec(image=ref)), images=True)
+        return resp.image if resp.HasField("image") else None  # type: ignore[attr-defined]
+
+    # -- pods -----------------------------------------------------------------
+
+    def run_pod(
+        self,
+        name: str,
+        handler: str = "",
+        *,
+        annotations: Mapping[str, str] | None = None,
+        labels: Mapping[str, str] | None = None,
+        namespace: str = DEFAULT_POD_NAMESPACE,
+        cgroup_parent: str | None = None,
+        hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> Pod:
+        """RunPodSandbox with kubelet-like defaults; handler "" is containerd's default runtime.
+
+        cgroup_parent None means <cgroup_root>/pod<uid>; "" leaves it to the runtime.
+        """
+        uid = uuid.uuid4().hex
+        if cgroup_parent is None:
+            cgroup_parent = f"{self.cgroup_root}/pod{uid}" if self.cgroup_root else ""
+        log_dir = self.log_root / f"{namespace}_{name}_{uid}"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        config = api.PodSandboxConfig(
+            metadata=api.PodSandboxMetadata(name=name, uid=uid, namespace=namespace, attempt=0),
+            hostname=hostname or name,
+            log_directory=str(log_dir),
+            labels=dict(labels or {}),
+            annotations=dict(annotations or {}),
+            linux=api.LinuxPodSandboxConfig(
+                cgroup_parent=cgroup_parent,
+                security_context=api.LinuxSandboxSecurityContext(
+                    # The kubelet's default: pod network and IPC, a PID namespace per container.
+                    namespace_options=api.NamespaceOption(
+                        network=api.NamespaceMode.POD, pid=api.NamespaceMode.CONTAINER, ipc=api.NamespaceMode.POD
+                    )
+                ),
+            ),
+        )
+        resp = self._call("RunPodSandbox", api.RunPodSandboxRequest(config=config, runtime_handler=handler), timeout)
+        pod = Pod(id=resp.pod_sandbox_id, config=config, handler=handler)  # type: ignore[attr-defined]
+        log.debug("pod %s (%s) runs as %s", name, handler or "default", pod.id)
+        return pod
+
+    def pod_status(self, pod_id: str) -> api.PodSandboxStatus:
+        resp = self._call("PodSandboxStatus", api.PodSandboxStatusRequest(pod_sandbox_id=pod_id))
+        return resp.status  # type: ignore[attr-defined,no-any-return]
+
+    def stop_pod(self, pod_id: str, timeout: float | None = None) -> None:
+        self._call("StopPodSandbox", api.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout)
+
+    def remove_pod(self, pod_id: str, timeout: float | None = None) -> None:
+        self._call("RemovePodSandbox", api.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout)
+
+    def list_pods(self) -> list[api.PodSandbox]:
+        resp = self._call("ListPodSandbox", api.ListPodSandboxRequest())
+        return list(resp.items)  # type: ignore[attr-defined]
+
+    # -- containers -----------------------------------------------------------
+
+    def create_container(
+        self,
+        pod: Pod,
+        image: str,
+        command: Iterable[str] = (),
+        *,
+        args: Iterable[str] = (),
+        name: str | None = None,
+        env: Mapping[str, str] | None = None,
+        annotations: Mapping[str, str] | None = None,
+        labels: Mapping[str, str] | None = None,
+        working_dir: str = "",
+        resources: api.LinuxContainerResources | None = None,
+        mounts: Iterable[api.Mount] = (),
+        tty: bool = False,
+        stdin: bool = False,
+        timeout: float | None = None,
+    ) -> str:
+        """CreateContainer in `pod`; returns the container id. The log goes to <name>_0.log."""
+        name = name or f"c{next(self._names)}"
+        config = api.ContainerConfig(
+            metadata=api.ContainerMetadata(name=name, attempt=0),
+            image=api.ImageSpec(image=image),
+            command=list(command),
+            args=list(args),
+            working_dir=working_dir,
+            envs=[api.KeyValue(key=k, value=v) for k, v in (env or {}).items()],
+            mounts=list(mounts),
+            labels=dict(labels or {}),
+            annotations=dict(annotations or {}),
+            log_path=f"{name}_0.log",
+            stdin=stdin,
+            tty=tty,
+            linux=api.LinuxContainerConfig(
+                resources=resources,
+                security_context=api.LinuxContainerSecurityContext(
+                    namespace_options=api.NamespaceOption(
+                        network=api.NamespaceMode.POD, pid=api.NamespaceMode.CONTAINER, ipc=api.NamespaceMode.POD
+                    )
+                ),
+            ),
+        )
+        req = api.CreateContainerRequest(pod_sandbox_id=pod.id, config=config, sandbox_config=pod.config)
+        resp = self._call("CreateContainer", req, timeout)
+        return resp.container_id  # type: ignore[attr-defined,no-any-return]
+
+    def start_container(self, container_id: str, timeout: float | None = None) -> None:
+        self._call("StartContainer", api.StartContainerRequest(container_id=container_id), timeout)
+
+    def run_container(self, pod: Pod, image: str, command: Iterable[str] = (), **kwargs: object) -> str:
+        """create_container + start_container."""
+        cid = self.create_container(pod, image, command, **kwargs)  # type: ignore[arg-type]
+        self.start_container(cid)
+        return cid
+
+    def container_status(self, container_id: str) -> api.ContainerStatus:
+        resp = self._call("ContainerStatus", api.ContainerStatusRequest(container_id=container_id))
+        return resp.status  # type: ignore[attr-defined,no-any-return]
+
+    def wait_container_exit(self, container_id: str, timeout: float | None = None) -> api.ContainerStatus:
+        """Polls ContainerStatus until the container is EXITED; returns that status."""
+
+        def exited() -> api.ContainerStatus | None:
+            st = self.container_status(container_id)
+            return st if st.state == ContainerState.CONTAINER_EXITED else None
+
+        return wait_for(f"container {container_id} to exit", exited, self.timeout if timeout is None else timeout)
+
+    def exec_sync(self, container_id: str, cmd: Iterable[str], timeout: int = 60) -> ExecResult:
+        """ExecSync; `timeout` (whole seconds, 0 = none) is enforced by the runtime."""
+        req = api.ExecSyncRequest(container_id=container_id, cmd=list(cmd), timeout=timeout)
+        rpc_timeout = (timeout + EXEC_RPC_MARGIN_S) if timeout else None
+        # A deadline of None would mean "forever": keep the client's default then.
+        resp = self._call("ExecSync", req, rpc_timeout)
+        return ExecResult(resp.exit_code, resp.stdout, resp.stderr)  # type: ignore[attr-defined]
+
+    def stop_container(self, container_id: str, timeout: int = 10, rpc_timeout: float | None = None) -> None:
+        """StopContainer: the stop signal, then SIGKILL after `timeout` seconds."""
+        req = api.StopContainerRequest(container_id=container_id, timeout=timeout)
+        self._call("StopContainer", req, rpc_timeout if rpc_timeout is not None else self.timeout + timeout)
+
+    def remove_container(self, container_id: str, timeout: float | None = None) -> None:
+        self._call("RemoveContainer", api.RemoveContainerRequest(container_id=container_id), timeout)
+
+    def list_containers(self, pod_id: str | None = None) -> list[api.Container]:
+        flt = api.ContainerFilter(pod_sandbox_id=pod_id) if pod_id else None
+        resp = self._call("ListContainers", api.ListContainersRequest(filter=flt))
+        return list(resp.containers)  # type: ignore[attr-defined]
+
+    # -- logs -----------------------------------------------------------------
+
+    def log_path(self, container_id: str) -> Path:
+        """The container's CRI log file (the pod's log_directory joined with its log_path)."""
+        return Path(self.container_status(container_id).log_path)
+
+    def read_log(self, container_id: str) -> ContainerLog:
+        path = self.log_path(container_id)
+        try:
+            text = path.read_text(errors="replace")
+        except FileNotFoundError:
+            text = ""
+        return parse_cri_log(text)
+
+    # -- bulk cleanup ---------------------------------------------------------
+
+    def remove_all_pods(self, timeout: float | None = None) -> list[str]:
+        """StopPodSandbox + RemovePodSandbox for every pod; returns error messages, never raises CriError."""
+        errors: list[str] = []
+        try:
+            pods = self.list_pods()
+        except CriError as exc:
+            return [str(exc)]
+        for pod in pods:
+            for step in (self.stop_pod, self.remove_pod):
+                try:
+                    step(pod.id, timeout)
+                except CriError as exc:
+                    if exc.code != grpc.StatusCode.NOT_FOUND:
+                        errors.append(f"pod {pod.metadata.name} ({pod.id}): {exc}")
+        return errors

@@ -1,0 +1,65 @@
+"""pytest fixtures for CRI end-to-end tests.
+
+Owns the session-wide private containerd (one per xdist worker), the test
+images, and the per-test leak check. Load with
+`pytest_plugins = ["tests.cri.fixtures"]` in tests/conftest.py; override
+`containerd_options` there to point the husk handler at a config file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from .cri import CriClient
+from .harness import DEFAULT_KEEP_LOGS_DIR, Containerd, ContainerdOptions
+from .images import BuiltImage, build_images
+
+log = logging.getLogger(__name__)
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("CRI tests need root (network namespaces, mounts, cgroups)")
+
+
+@pytest.fixture(scope="session")
+def cri_images() -> list[BuiltImage]:
+    """The busybox and pause image tarballs (built once, cached in build/images)."""
+    _require_root()
+    return build_images()
+
+
+@pytest.fixture(scope="session")
+def containerd_options(cri_images: list[BuiltImage]) -> ContainerdOptions:
+    """Options of the session containerd; override to set husk_config, extra_env, ..."""
+    return ContainerdOptions(images=cri_images, keep_logs_dir=DEFAULT_KEEP_LOGS_DIR)
+
+
+@pytest.fixture(scope="session")
+def containerd(containerd_options: ContainerdOptions) -> Iterator[Containerd]:
+    """A private containerd for the whole session; its teardown fails if anything survives it."""
+    _require_root()
+    with Containerd.started(containerd_options) as cd:
+        yield cd
+
+
+@pytest.fixture
+def cri(containerd: Containerd, request: pytest.FixtureRequest) -> Iterator[CriClient]:
+    """The session containerd's CRI client, checked for leaks around each test.
+
+    After the test, pods, containers, shim processes, mounts under the instance
+    dir and tasks in its cgroups must all be gone (the test removes its pods);
+    otherwise they are cleaned up and the test errors with the list.
+    """
+    containerd.check_alive()
+    earlier = containerd.leaks()
+    if earlier:
+        # Left by a test that did not use this fixture: not this test's fault.
+        log.warning("cleaning up before %s: %s", request.node.nodeid, "; ".join(earlier))
+        containerd.reset()
+    yield containerd.cri
+    containerd.check_alive()
+    containerd.assert_no_leaks()

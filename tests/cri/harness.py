@@ -1,0 +1,899 @@
+"""A private containerd for CRI end-to-end runs (tests, `make demo`, `make bench-cri`).
+
+Owns one containerd 1.6 instance: its temp dir (root, state, sockets, config,
+CNI config, pod logs), the network namespace it runs in, its runtime handlers
+(`runc` and `husk`), the test images it imports, and a teardown that leaves
+nothing behind (pods, shims, mounts, cgroups, netns, CNI cache, sockets, dirs)
+even after a failed test or a crashed earlier run.
+
+    with Containerd.started(ContainerdOptions(husk_config=path)) as cd:
+        pod = cd.cri.run_pod("demo", handler="husk")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+import psutil
+
+from .cni import CNI_BIN_DIR, DEFAULT_SUBNET, CniConfig
+from .cri import CriClient, CriError, wait_for
+from .images import DEFAULT_CACHE_DIR, PAUSE_REF, BuiltImage, build_images, import_images
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_BIN_DIR = REPO_ROOT / ".venv" / "bin"
+DEFAULT_BASE_DIR = Path("/tmp")
+# Where tests keep containerd.log (which includes the shims' logs) of each instance.
+DEFAULT_KEEP_LOGS_DIR = REPO_ROOT / "build" / "test-logs" / "cri"
+INSTANCE_PREFIX = "husk-cri-"
+NETNS_PREFIX = "husk-test-"
+CRI_NAMESPACE = "k8s.io"
+RUNC_HANDLER = "runc"
+HUSK_HANDLER = "husk"
+HUSK_RUNTIME_TYPE = "io.containerd.husk.v2"
+RUNC_RUNTIME_TYPE = "io.containerd.runc.v2"
+STANDARD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# containerd 1.6 hardcodes where shims put their sockets (runtime/v2/shim/util_unix.go).
+SHIM_SOCKET_DIR = Path("/run/containerd/s")
+CNI_CACHE_RESULTS = Path("/var/lib/cni/results")
+NETNS_DIR = Path("/run/netns")
+# Host directories the instance may create as a side effect; removed again if
+# they did not exist before and are empty afterwards.
+# (/run/netns is left alone: iproute2 owns it and turns it into a shared mount.)
+HOST_SIDE_EFFECT_DIRS = (SHIM_SOCKET_DIR, SHIM_SOCKET_DIR.parent, CNI_CACHE_RESULTS, CNI_CACHE_RESULTS.parent)
+
+START_TIMEOUT_S = 60.0
+READY_TIMEOUT_S = 60.0
+IMAGE_VISIBLE_TIMEOUT_S = 30.0
+POD_CLEANUP_TIMEOUT_S = 120.0
+CONTAINERD_TERM_TIMEOUT_S = 15.0
+PROCESS_KILL_TIMEOUT_S = 10.0
+CGROUP_EMPTY_TIMEOUT_S = 10.0
+LEAK_SETTLE_TIMEOUT_S = 15.0
+LOG_TAIL_LINES = 40
+UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the NUL
+
+MNT_DETACH = 2
+_HEX_ID = re.compile(r"\b[0-9a-f]{64}\b")
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class HarnessError(RuntimeError):
+    """containerd could not be started or the instance could not be cleaned up."""
+
+
+class LeakError(AssertionError):
+    """Something of the instance outlived what should have removed it."""
+
+
+@dataclass(frozen=True)
+class RuntimeHandler:
+    """One `[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.<name>]` table."""
+
+    name: str
+    runtime_type: str
+    pod_annotations: tuple[str, ...] = ()
+    container_annotations: tuple[str, ...] = ()
+    # The `.options` table; for non-runc types CRI 1.6 decodes it into
+    # runtimeoptions.v1.Options (keys TypeUrl, ConfigPath). None = no table.
+    options: Mapping[str, str | bool | int] | None = None
+
+
+@dataclass
+class ContainerdOptions:
+    """How to run the instance; every field has a default that works on the test machine."""
+
+    # Prepended to containerd's PATH so it finds containerd-shim-husk-v2.
+    bin_dir: Path | None = DEFAULT_BIN_DIR
+    # Passed to the husk shim as runtimeoptions ConfigPath; None = no options.
+    husk_config: Path | None = None
+    husk_runtime_type: str = HUSK_RUNTIME_TYPE
+    husk_pod_annotations: tuple[str, ...] = ("io.husk.*",)
+    extra_handlers: tuple[RuntimeHandler, ...] = ()
+    default_handler: str = RUNC_HANDLER
+    base_dir: Path = DEFAULT_BASE_DIR
+    image_cache_dir: Path = DEFAULT_CACHE_DIR
+    # Prebuilt images; None = build (or reuse from the cache) the default set.
+    images: Sequence[BuiltImage] | None = None
+    log_level: str = "debug"
+    # containerd.log (which includes the shims' logs) is copied here at stop.
+    keep_logs_dir: Path | None = None
+    call_timeout: float = 120.0
+    start_timeout: float = START_TIMEOUT_S
+    subnet: str = DEFAULT_SUBNET
+    # Extra environment for containerd and so for the shims (e.g. debug switches).
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class InstanceRecord:
+    """What teardown needs; saved as instance.json so a later run can clean up after a crash."""
+
+    root: str
+    netns: str
+    address: str
+    cgroup_parent: str
+    network_name: str
+    owner_pid: int
+    owner_create_time: float
+    containerd_pid: int = 0
+    created_host_dirs: list[str] = field(default_factory=list)
+    seen_ids: list[str] = field(default_factory=list)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.root)
+
+    def save(self) -> None:
+        tmp = self.path / "instance.json.tmp"
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        os.replace(tmp, self.path / "instance.json")
+
+    @classmethod
+    def load(cls, root: Path) -> InstanceRecord:
+        return cls(**json.loads((root / "instance.json").read_text()))
+
+
+class Containerd:
+    """One private containerd; use `with Containerd.started(opts) as cd:` or start()/stop()."""
+
+    def __init__(self, options: ContainerdOptions | None = None) -> None:
+        self.options = options or ContainerdOptions()
+        self.record: InstanceRecord | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._cri: CriClient | None = None
+        self.images: list[BuiltImage] = []
+        self.start_seconds = 0.0
+        self.stop_seconds = 0.0
+        # The record of the last stopped instance, for find_leftovers() after stop().
+        self.last_record: InstanceRecord | None = None
+
+    # -- paths ------------------------------------------------------------------
+
+    @property
+    def root(self) -> Path:
+        if self.record is None:
+            raise HarnessError("containerd instance not started")
+        return self.record.path
+
+    @property
+    def address(self) -> str:
+        return str(self.root / "containerd.sock")
+
+    @property
+    def netns(self) -> str:
+        assert self.record is not None
+        return self.record.netns
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "containerd.log"
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.toml"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def cgroup_parent(self) -> str:
+        """Parent cgroup for pods (pass to run_pod); teardown removes the whole subtree."""
+        assert self.record is not None
+        return self.record.cgroup_parent
+
+    @property
+    def cri(self) -> CriClient:
+        if self._cri is None:
+            raise HarnessError("containerd instance not started")
+        return self._cri
+
+    # -- lifecycle --------------------------------------------------------------
+
+    @classmethod
+    @contextlib.contextmanager
+    def started(cls, options: ContainerdOptions | None = None) -> Iterator[Containerd]:
+        """Starts an instance and always stops it (and checks nothing was left behind)."""
+        cd = cls(options)
+        cd.start()
+        try:
+            yield cd
+        finally:
+            cd.stop()
+
+    def __enter__(self) -> Containerd:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        if self.record is not None:
+            raise HarnessError("containerd instance already started")
+        _require_root_and_tools()
+        t0 = time.monotonic()
+        opts = self.options
+        sweep_stale_instances(opts.base_dir)
+        self.images = list(opts.images) if opts.images is not None else build_images(opts.image_cache_dir)
+        if not any(img.ref == PAUSE_REF for img in self.images):
+            raise HarnessError(f"the images to import lack the sandbox image {PAUSE_REF}")
+
+        opts.base_dir.mkdir(parents=True, exist_ok=True)
+        root = Path(_mkdtemp(opts.base_dir))
+        suffix = root.name[len(INSTANCE_PREFIX):]
+        me = psutil.Process()
+        self.record = InstanceRecord(
+            root=str(root),
+            netns=NETNS_PREFIX + suffix,
+            address=str(root / "containerd.sock"),
+            cgroup_parent=f"/{NETNS_PREFIX}{suffix}",
+            network_name=f"{NETNS_PREFIX}{suffix}",
+            owner_pid=me.pid,
+            owner_create_time=me.create_time(),
+            created_host_dirs=[str(d) for d in HOST_SIDE_EFFECT_DIRS if not d.exists()],
+        )
+        if len(self.address) > UNIX_PATH_MAX - len(".ttrpc"):
+            raise HarnessError(f"socket path {self.address} is too long for a unix socket; use a shorter base_dir")
+        self.record.save()
+        try:
+            self._start_in(root)
+        except BaseException as exc:
+            log_tail = self._log_tail()
+            self.stop(check=False)
+            if log_tail and not isinstance(exc, HarnessError):  # HarnessErrors carry the tail
+                log.error("containerd log tail:\n%s", log_tail)
+            raise
+        self.start_seconds = time.monotonic() - t0
+        log.info("containerd %s ready in %.2fs (netns %s)", root, self.start_seconds, self.netns)
+
+    def _start_in(self, root: Path) -> None:
+        assert self.record is not None
+        opts = self.options
+        for sub in ("root", "state", "tmp", "opt", "runc", "pod-logs"):
+            (root / sub).mkdir()
+        cni = CniConfig(
+            network_name=self.record.network_name,
+            conf_dir=root / "cni" / "net.d",
+            ipam_dir=root / "cni" / "ipam",
+            subnet=opts.subnet,
+        )
+        cni.write()
+        self.config_path.write_text(render_config(self.root, opts, cni))
+
+        _run(["ip", "netns", "add", self.netns])
+        _run(["ip", "-n", self.netns, "link", "set", "lo", "up"])
+
+        env = {"PATH": STANDARD_PATH, "HOME": "/root", "TMPDIR": str(root / "tmp"), **opts.extra_env}
+        if opts.bin_dir is not None:
+            env["PATH"] = f"{opts.bin_dir}:{STANDARD_PATH}"
+        logf = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
+        try:
+            # nsenter --net only: a new mount namespace (as `ip netns exec` makes)
+            # would hide containerd's mounts from teardown and from the tests.
+            self.proc = subprocess.Popen(
+                ["nsenter", f"--net={NETNS_DIR / self.netns}", "--",
+                 "containerd", "--config", str(self.config_path), "--log-level", opts.log_level],
+                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, cwd=root, env=env, start_new_session=True,
+            )
+        finally:
+            logf.close()
+        self.record.containerd_pid = self.proc.pid
+        self.record.save()
+
+        self._cri = CriClient(
+            self.address, log_root=root / "pod-logs", timeout=opts.call_timeout, cgroup_root=self.record.cgroup_parent
+        )
+        self._wait_ready(opts.start_timeout)
+        import_images(self.address, self.images, namespace=CRI_NAMESPACE)
+        for img in self.images:
+            wait_for(f"CRI to list image {img.ref}", lambda ref=img.ref: self.cri.image_status(ref),
+                     IMAGE_VISIBLE_TIMEOUT_S)
+
+    def _wait_ready(self, timeout: float) -> None:
+        def ready() -> bool | None:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise HarnessError(
+                    f"containerd exited with {self.proc.returncode} during startup; log tail:\n{self._log_tail()}"
+                )
+            try:
+                self.cri.version(timeout=2.0)
+                return True if not self.cri.not_ready_conditions() else None
+            except CriError as exc:
+                if exc.code == grpc.StatusCode.UNIMPLEMENTED:
+                    # containerd serves, but without the CRI service: the plugin failed to load.
+                    raise HarnessError(f"containerd's CRI plugin did not load; log tail:\n{self._log_tail()}") from None
+                return None
+
+        try:
+            wait_for("containerd's CRI to become ready", ready, timeout, interval=0.1)
+        except TimeoutError as exc:
+            raise HarnessError(f"{exc}; log tail:\n{self._log_tail()}") from None
+
+    def stop(self, check: bool = True) -> None:
+        """Removes every pod, stops containerd, then tears down everything of the instance.
+
+        With check=True, raises LeakError if something survived the teardown.
+        """
+        if self.record is None:
+            return
+        t0 = time.monotonic()
+        problems: list[str] = []
+        if self._cri is not None:
+            if self.proc is not None and self.proc.poll() is None:
+                self._remember_ids()
+                problems += [f"pod cleanup: {e}" for e in self.cri.remove_all_pods(POD_CLEANUP_TIMEOUT_S)]
+            self._cri.close()
+            self._cri = None
+        if self.proc is not None:
+            _terminate(self.proc.pid, CONTAINERD_TERM_TIMEOUT_S, popen=self.proc)
+        self._keep_logs()
+        problems += teardown(self.record)
+        record, self.record, self.proc = self.record, None, None
+        self.last_record = record
+        self.stop_seconds = time.monotonic() - t0
+        log.info("containerd %s stopped in %.2fs", record.root, self.stop_seconds)
+        leftovers = find_leftovers(record)
+        if check and (problems or leftovers):
+            raise LeakError("containerd instance teardown: " + "; ".join(problems + leftovers))
+        for p in problems + leftovers:
+            log.warning("teardown of %s: %s", record.root, p)
+
+    def _remember_ids(self) -> None:
+        """Pod and container ids, to find their shim sockets later."""
+        assert self.record is not None
+        try:
+            ids = {p.id for p in self.cri.list_pods()} | {c.id for c in self.cri.list_containers()}
+        except CriError:
+            return
+        self.record.seen_ids = sorted(set(self.record.seen_ids) | ids)
+        self.record.save()
+
+    def _keep_logs(self) -> None:
+        if self.options.keep_logs_dir is None or self.record is None or not self.log_path.exists():
+            return
+        dest = self.options.keep_logs_dir / f"{self.root.name}.log"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.log_path, dest)
+        log.info("containerd log kept at %s", dest)
+
+    def _log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except (OSError, HarnessError):
+            return ""
+
+    def check_alive(self) -> None:
+        """Raises HarnessError if containerd is not running (e.g. it crashed in an earlier test)."""
+        if self.proc is None or self.record is None:
+            raise HarnessError("containerd instance not started")
+        if self.proc.poll() is not None:
+            raise HarnessError(f"containerd exited with {self.proc.returncode}; log tail:\n{self._log_tail()}")
+
+    # -- leak checks while running ---------------------------------------------
+
+    def shim_processes(self) -> list[psutil.Process]:
+        assert self.record is not None
+        return _instance_processes(self.record, include_cwd=False)
+
+    def leaks(self) -> list[str]:
+        """What should not exist while no pod is expected: pods, containers, shims, mounts, cgroup tasks."""
+        assert self.record is not None
+        found: list[str] = []
+        found += [f"pod {p.metadata.name} ({p.id}, state {p.state})" for p in self.cri.list_pods()]
+        found += [f"container {c.metadata.name} ({c.id})" for c in self.cri.list_containers()]
+        found += [f"shim process {p.pid} {' '.join(_cmdline(p))}" for p in self.shim_processes()]
+        found += [f"mount {m}" for m in mounts_under(self.root)]
+        found += [f"process {pid} in cgroup {cg}" for cg, pid in _cgroup_tasks(self.record.cgroup_parent)]
+        found += [f"CNI cache {f}" for f in CNI_CACHE_RESULTS.glob(f"{self.record.network_name}-*")]
+        found += [f"shim socket {s}" for s in _existing_shim_sockets(self.record)]
+        return found
+
+    def assert_no_leaks(self, timeout: float = LEAK_SETTLE_TIMEOUT_S) -> None:
+        """Waits up to `timeout` for leaks() to clear (shims exit asynchronously), else
+        cleans up and raises LeakError naming what was left."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.leaks()
+            if not found or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+        if found:
+            self.reset()
+            raise LeakError("left behind by the test: " + "; ".join(found))
+
+    def reset(self) -> None:
+        """Forcefully brings a running instance back to 'no pods': CRI removal, then kills."""
+        assert self.record is not None
+        self._remember_ids()
+        errors = self.cri.remove_all_pods(POD_CLEANUP_TIMEOUT_S)
+        for e in errors:
+            log.warning("reset: %s", e)
+        for proc in self.shim_processes():
+            _kill_tree(proc)
+        _kill_cgroup_tasks(self.record.cgroup_parent)
+        _remove_shim_sockets(self.record)
+
+
+# ----------------------------------------------------------------------------
+# Config
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, str | Path):
+        return json.dumps(str(v))  # a JSON string is a valid TOML basic string
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot render {v!r} as TOML")
+
+
+def _toml_table(name: str, values: Mapping[str, object]) -> str:
+    lines = [f"[{name}]"] + [f"  {k} = {_toml_value(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def runtime_handlers(root: Path, opts: ContainerdOptions) -> list[RuntimeHandler]:
+    husk_options = {"ConfigPath": str(opts.husk_config)} if opts.husk_config is not None else None
+    return [
+        # runc's state root in the temp dir instead of /run/containerd/runc.
+        RuntimeHandler(RUNC_HANDLER, RUNC_RUNTIME_TYPE, options={"Root": str(root / "runc"), "SystemdCgroup": False}),
+        RuntimeHandler(HUSK_HANDLER, opts.husk_runtime_type, pod_annotations=opts.husk_pod_annotations,
+                       options=husk_options),
+        *opts.extra_handlers,
+    ]
+
+
+def render_config(root: Path, opts: ContainerdOptions, cni: CniConfig) -> str:
+    """containerd 1.6 config (version 2); every path of the instance is under `root`.
+
+    Key names checked against `containerd config default` of Debian's 1.6.20.
+    """
+    cri = '"io.containerd.grpc.v1.cri"'
+    parts = [
+        _toml_value_lines({
+            "version": 2,
+            "root": root / "root",
+            "state": root / "state",
+            "temp": root / "tmp",
+            # Snapshotters that cannot work here; disabling them only removes log noise.
+            "disabled_plugins": [
+                "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
+                "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs",
+            ],
+        }),
+        _toml_table("grpc", {"address": root / "containerd.sock"}),
+        _toml_table("ttrpc", {"address": root / "containerd.sock.ttrpc"}),
+        # The opt plugin would otherwise create /opt/containerd on the host.
+        _toml_table('plugins."io.containerd.internal.v1.opt"', {"path": root / "opt"}),
+        _toml_table(f"plugins.{cri}", {
+            "sandbox_image": PAUSE_REF,
+            "disable_cgroup": False,
+            # The kernel refuses negative oom_score_adj, which CRI uses for sandboxes.
+            "restrict_oom_score_adj": True,
+            "enable_selinux": False,
+            "disable_apparmor": True,
+            "stream_server_address": "127.0.0.1",
+            "stream_server_port": "0",
+            # Pod netns bind mounts under <state>/netns instead of /var/run/netns.
+            "netns_mounts_under_state_dir": True,
+        }),
+        _toml_table(f"plugins.{cri}.containerd", {
+            "default_runtime_name": opts.default_handler,
+            "snapshotter": "overlayfs",
+        }),
+    ]
+    for h in runtime_handlers(root, opts):
+        table = f"plugins.{cri}.containerd.runtimes.{json.dumps(h.name)}"
+        values: dict[str, object] = {"runtime_type": h.runtime_type}
+        if h.pod_annotations:
+            values["pod_annotations"] = list(h.pod_annotations)
+        if h.container_annotations:
+            values["container_annotations"] = list(h.container_annotations)
+        parts.append(_toml_table(table, values))
+        if h.options is not None:
+            parts.append(_toml_table(f"{table}.options", dict(h.options)))
+    parts.append(_toml_table(f"plugins.{cri}.cni", {
+        "bin_dir": cni.bin_dir, "conf_dir": cni.conf_dir, "max_conf_num": 1,
+    }))
+    return "\n".join(parts)
+
+
+def _toml_value_lines(values: Mapping[str, object]) -> str:
+    return "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items())
+
+
+# ----------------------------------------------------------------------------
+# Teardown (also used on instances left over by a crashed run)
+
+
+def teardown(rec: InstanceRecord) -> list[str]:
+    """Kills, unmounts and deletes everything of the instance; returns what failed.
+
+    The temp dir is only removed once nothing is mounted under it, so a stuck
+    mount can never make rmtree reach into another filesystem.
+    """
+    problems: list[str] = []
+    root = rec.path
+    if rec.containerd_pid and _same_instance_process(rec.containerd_pid, rec):
+        _terminate(rec.containerd_pid, CONTAINERD_TERM_TIMEOUT_S)
+    for proc in _instance_processes(rec, include_cwd=True):
+        log.warning("killing leftover process %d: %s", proc.pid, " ".join(_cmdline(proc)))
+        _kill_tree(proc)
+    problems += _remove_cgroups(rec.cgroup_parent)
+    problems += _unmount_all_under(root)
+    problems += _remove_shim_sockets(rec)
+    for f in _cni_cache_files(rec):
+        log.warning("removing leftover CNI cache file %s", f)
+        with contextlib.suppress(FileNotFoundError):
+            f.unlink()
+    if (NETNS_DIR / rec.netns).exists():
+        try:
+            _run(["ip", "netns", "delete", rec.netns])
+        except HarnessError as exc:
+            problems.append(str(exc))
+    for d in rec.created_host_dirs:
+        with contextlib.suppress(OSError):  # not empty: someone else uses it now
+            Path(d).rmdir()
+    if mounts_under(root):
+        problems.append(f"not removing {root}: still mounted under it")
+    elif root.exists() and not problems:
+        shutil.rmtree(root, ignore_errors=True)
+        if root.exists():
+            problems.append(f"could not remove {root}")
+    return problems
+
+
+def find_leftovers(rec: InstanceRecord) -> list[str]:
+    """Everything of a stopped instance that still exists (empty = clean)."""
+    found = [f"process {p.pid}: {' '.join(_cmdline(p))}" for p in _instance_processes(rec, include_cwd=True)]
+    found += [f"mount {m}" for m in mounts_under(rec.path)]
+    if (NETNS_DIR / rec.netns).exists() or rec.netns in _netns_names():
+        found.append(f"netns {rec.netns}")
+    found += [f"cgroup {d}" for d in _cgroup_dirs(rec.cgroup_parent)]
+    found += [f"CNI cache {f}" for f in _cni_cache_files(rec)]
+    found += [f"shim socket {s}" for s in _existing_shim_sockets(rec)]
+    if rec.path.exists():
+        found.append(f"temp dir {rec.path}")
+    return found
+
+
+def sweep_stale_instances(base_dir: Path = DEFAULT_BASE_DIR) -> list[str]:
+    """Tears down instances whose owning process is gone (a killed test run); returns their roots."""
+    swept: list[str] = []
+    for root in sorted(base_dir.glob(INSTANCE_PREFIX + "*")):
+        try:
+            rec = InstanceRecord.load(root)
+        except (OSError, ValueError, TypeError):
+            continue
+        if _owner_alive(rec):
+            continue
+        log.warning("cleaning up stale containerd instance %s (owner pid %d gone)", root, rec.owner_pid)
+        for p in teardown(rec):
+            log.warning("stale instance %s: %s", root, p)
+        swept.append(str(root))
+    return swept
+
+
+def _owner_alive(rec: InstanceRecord) -> bool:
+    try:
+        return abs(psutil.Process(rec.owner_pid).create_time() - rec.owner_create_time) < 1.0
+    except psutil.Error:
+        return False
+
+
+def _same_instance_process(pid: int, rec: InstanceRecord) -> bool:
+    """True if `pid` is still the containerd started with this instance's config (pids get reused)."""
+    try:
+        return str(rec.path / "config.toml") in psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return False
+
+
+def _cmdline(proc: psutil.Process) -> list[str]:
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return []
+
+
+def _instance_processes(rec: InstanceRecord, include_cwd: bool) -> list[psutil.Process]:
+    """Shims of the instance (their command line names its address), plus with include_cwd
+    anything whose working directory is inside the temp dir (bundles, containerd itself)."""
+    root = str(rec.path)
+    me = os.getpid()
+    found: list[psutil.Process] = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if proc.pid == me:
+            continue
+        cmdline = proc.info["cmdline"] or []
+        is_shim = any(os.path.basename(a).startswith("containerd-shim") for a in cmdline[:2])
+        if is_shim and rec.address in cmdline:
+            found.append(proc)
+            continue
+        if include_cwd:
+            try:
+                cwd = proc.cwd()
+            except psutil.Error:
+                continue
+            if cwd == root or cwd.startswith(root + "/"):
+                found.append(proc)
+    return found
+
+
+def _terminate(pid: int, timeout: float, popen: subprocess.Popen[bytes] | None = None) -> None:
+    """SIGTERM, wait, SIGKILL."""
+    try:
+        proc = psutil.Process(pid)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except psutil.TimeoutExpired:
+            log.warning("pid %d ignored SIGTERM for %.0fs; killing it", pid, timeout)
+            proc.kill()
+            proc.wait(PROCESS_KILL_TIMEOUT_S)
+    except psutil.NoSuchProcess:
+        pass
+    if popen is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            popen.wait(PROCESS_KILL_TIMEOUT_S)  # reap it
+
+
+def _kill_tree(proc: psutil.Process) -> None:
+    try:
+        victims = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in victims:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(victims, timeout=PROCESS_KILL_TIMEOUT_S)
+
+
+# -- cgroups -------------------------------------------------------------------
+
+
+def _cgroup_mounts() -> list[Path]:
+    return [Path(m.mount_point) for m in _mountinfo() if m.fstype in ("cgroup", "cgroup2")]
+
+
+def _cgroup_dirs(cgroup_parent: str) -> list[Path]:
+    """Existing directories of the instance's cgroup subtree, deepest first."""
+    rel = cgroup_parent.lstrip("/")
+    dirs: list[Path] = []
+    for mnt in _cgroup_mounts():
+        top = mnt / rel
+        if top.is_dir():
+            dirs += [Path(d) for d, _, _ in os.walk(top)]
+    return sorted(dirs, key=lambda p: len(p.parts), reverse=True)
+
+
+def _cgroup_tasks(cgroup_parent: str) -> list[tuple[str, int]]:
+    tasks: list[tuple[str, int]] = []
+    for d in _cgroup_dirs(cgroup_parent):
+        with contextlib.suppress(OSError):
+            tasks += [(str(d), int(pid)) for pid in (d / "cgroup.procs").read_text().split()]
+    return tasks
+
+
+def _kill_cgroup_tasks(cgroup_parent: str) -> None:
+    for d in _cgroup_dirs(cgroup_parent):
+        # A frozen task cannot die until thawed.
+        with contextlib.suppress(OSError):
+            (d / "freezer.state").write_text("THAWED")
+    pids = {pid for _, pid in _cgroup_tasks(cgroup_parent)}
+    procs: list[psutil.Process] = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            p = psutil.Process(pid)
+            p.kill()
+            procs.append(p)
+    psutil.wait_procs(procs, timeout=PROCESS_KILL_TIMEOUT_S)
+
+
+def _remove_cgroups(cgroup_parent: str) -> list[str]:
+    if _cgroup_tasks(cgroup_parent):
+        _kill_cgroup_tasks(cgroup_parent)
+    deadline = time.monotonic() + CGROUP_EMPTY_TIMEOUT_S
+    while True:
+        failed: list[str] = []
+        for d in _cgroup_dirs(cgroup_parent):
+            try:
+                d.rmdir()
+            except OSError as exc:
+                failed.append(f"rmdir {d}: {exc.strerror}")
+        if not failed or time.monotonic() >= deadline:
+            return failed
+        time.sleep(0.1)
+
+
+# -- mounts --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MountInfo:
+    mount_id: int
+    mount_point: str
+    fstype: str
+    source: str
+
+
+def _unescape(field_: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo.
+    return field_.encode().decode("unicode_escape").encode("latin-1").decode(errors="surrogateescape")
+
+
+def _mountinfo() -> list[MountInfo]:
+    out: list[MountInfo] = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        f = left.split()
+        r = right.split()
+        out.append(MountInfo(int(f[0]), _unescape(f[4]), r[0] if r else "", r[1] if len(r) > 1 else ""))
+    return out
+
+
+def mounts_under(root: Path | str) -> list[str]:
+    """Mount points at or below `root`, deepest (and most recent) first."""
+    root_s = str(root)
+    found = [(i, m.mount_point) for i, m in enumerate(_mountinfo())
+             if m.mount_point == root_s or m.mount_point.startswith(root_s + "/")]
+    found.sort(key=lambda im: (im[1].count("/"), im[0]), reverse=True)
+    return [mp for _, mp in found]
+
+
+def _umount(path: str, flags: int) -> int:
+    if _libc.umount2(path.encode(), flags) == 0:
+        return 0
+    return ctypes.get_errno()
+
+
+def _unmount_all_under(root: Path) -> list[str]:
+    for _attempt in range(3):
+        points = mounts_under(root)
+        if not points:
+            return []
+        for mp in points:
+            err = _umount(mp, 0)
+            if err in (errno.EBUSY, errno.EAGAIN):
+                log.warning("%s busy; lazy unmount", mp)
+                err = _umount(mp, MNT_DETACH)
+            if err not in (0, errno.EINVAL, errno.ENOENT):
+                log.warning("umount %s: %s", mp, os.strerror(err))
+    return [f"still mounted: {mp}" for mp in mounts_under(root)]
+
+
+# -- shim sockets, netns ---------------------------------------------------------
+
+
+def shim_socket_path(containerd_address: str, namespace: str, group_id: str) -> Path:
+    """containerd 1.6's SocketAddress(): /run/containerd/s/sha256(address/ns/id)."""
+    digest = hashlib.sha256(os.path.join(containerd_address, namespace, group_id).encode()).hexdigest()
+    return SHIM_SOCKET_DIR / digest
+
+
+def _known_ids(rec: InstanceRecord) -> set[str]:
+    """Pod/container ids seen through the CRI, those that still have a bundle, and every
+    64-hex id in containerd's debug log (a failed RunPodSandbox never shows in the CRI)."""
+    ids = set(rec.seen_ids)
+    with contextlib.suppress(OSError):
+        ids |= set(_HEX_ID.findall((rec.path / "containerd.log").read_text(errors="replace")))
+    for sub in ("io.containerd.runtime.v2.task/" + CRI_NAMESPACE, "io.containerd.grpc.v1.cri/sandboxes"):
+        d = rec.path / "state" / sub
+        if d.is_dir():
+            ids |= {p.name for p in d.iterdir()}
+    return ids
+
+
+def _shim_sockets(rec: InstanceRecord) -> list[Path]:
+    return [shim_socket_path(rec.address, CRI_NAMESPACE, i) for i in sorted(_known_ids(rec))]
+
+
+def _cni_cache_files(rec: InstanceRecord) -> list[Path]:
+    """libcni's result cache (/var/lib/cni/results/<network>-<sandbox>-<ifname>); containerd's
+    implicit loopback network is called cni-loopback in every instance, so match it by id."""
+    found = list(CNI_CACHE_RESULTS.glob(f"{rec.network_name}-*"))
+    found += [f for i in sorted(_known_ids(rec)) for f in CNI_CACHE_RESULTS.glob(f"cni-loopback-{i}-*")]
+    return found
+
+
+def _existing_shim_sockets(rec: InstanceRecord) -> list[Path]:
+    return [s for s in _shim_sockets(rec) if s.exists()]
+
+
+def _remove_shim_sockets(rec: InstanceRecord) -> list[str]:
+    for sock in _existing_shim_sockets(rec):
+        log.warning("removing leftover shim socket %s", sock)
+        with contextlib.suppress(FileNotFoundError):
+            sock.unlink()
+    return []
+
+
+def _netns_names() -> list[str]:
+    try:
+        return [p.name for p in NETNS_DIR.iterdir()]
+    except FileNotFoundError:
+        return []
+
+
+# ----------------------------------------------------------------------------
+
+
+def _mkdtemp(base: Path) -> str:
+    # Short random suffix: it also names the netns (IFNAMSIZ-free, but kept short
+    # so socket paths stay far below the unix path limit).
+    for _ in range(100):
+        path = base / (INSTANCE_PREFIX + secrets.token_hex(4))
+        try:
+            path.mkdir(mode=0o711)
+            return str(path)
+        except FileExistsError:
+            continue
+    raise HarnessError(f"could not create a temp dir in {base}")
+
+
+REQUIRED_TOOLS = ("containerd", "ctr", "nsenter", "ip", "apt-get", "dpkg-deb")
+
+
+def _require_root_and_tools() -> None:
+    if os.geteuid() != 0:
+        raise HarnessError("the CRI harness needs root (network namespaces, mounts, cgroups)")
+    missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
+    if missing:
+        raise HarnessError(f"missing tools {missing}: install Debian's containerd, util-linux, iproute2")
+    if not CNI_BIN_DIR.is_dir():
+        raise HarnessError(f"{CNI_BIN_DIR} missing: install containernetworking-plugins")
+
+
+def _run(argv: list[str], timeout: float = 30.0) -> str:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise HarnessError(f"{' '.join(argv)}: {exc}") from exc
+    if proc.returncode != 0:
+        raise HarnessError(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def main() -> None:
+    """`python -m tests.cri.harness`: start an instance and keep it until Ctrl-C (for poking with ctr)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--husk-config", type=Path, default=None)
+    parser.add_argument("--bin-dir", type=Path, default=DEFAULT_BIN_DIR)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with Containerd.started(ContainerdOptions(husk_config=args.husk_config, bin_dir=args.bin_dir)) as cd:
+        print(f"containerd ready: address {cd.address}, netns {cd.netns}, log {cd.log_path}", flush=True)
+        print(f"  ctr -a {cd.address} -n {CRI_NAMESPACE} containers ls", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.pause()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""husk through the CRI: a private containerd runs pods with runtime handler `husk`.
+
+Every pod is a real VM. The per-test fixture fails a test that leaves a pod,
+container, shim process, mount or cgroup task behind; here we also check that
+no QEMU/virtiofsd process and no sandbox run directory survive.
+"""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from tests.conftest import HUSK_CRI_STATE as HUSK_STATE
+from tests.conftest import our_processes
+from tests.cri.cri import CriClient, CriError
+from tests.cri.images import BUSYBOX_REF
+
+pytestmark = [pytest.mark.cri, pytest.mark.timeout(600)]
+
+def _assert_no_vm_left() -> None:
+    assert our_processes(str(HUSK_STATE)) == [], "QEMU or virtiofsd still running"
+    sandboxes = HUSK_STATE / "sandboxes"
+    assert not sandboxes.exists() or list(sandboxes.iterdir()) == [], "sandbox dirs left"
+
+
+def test_pod_with_two_containers(cri: CriClient) -> None:
+    pod = cri.run_pod("husk-two", handler="husk")
+    # One short-lived container: output reaches the CRI log file, exit code reported.
+    short = cri.run_container(pod, BUSYBOX_REF, ["sh", "-c", "echo hello; echo oops >&2; exit 3"])
+    status = cri.wait_container_exit(short, timeout=60)
+    assert status.exit_code == 3
+    log = cri.read_log(short)
+    assert log.stdout == "hello\n" and log.stderr == "oops\n"
+    # A second, long-running container in the same pod (same VM).
+    graceful = cri.run_container(pod, BUSYBOX_REF, [
+        "sh", "-c", "trap 'echo bye; exit 0' TERM; echo ready; while :; do sleep 1; done"])
+    stubborn = cri.run_container(pod, BUSYBOX_REF, ["sleep", "600"])
+    result = cri.exec_sync(graceful, ["sh", "-c", "echo $((6*7)); exit 3"], timeout=60)
+    assert (result.exit_code, result.out) == (3, "42\n")
+    assert cri.exec_sync(stubborn, ["cat", "/etc/hostname"]).out.strip() == "husk-two"
+    assert cri.container_status(stubborn).state == 1  # CONTAINER_RUNNING
+    # Graceful stop: SIGTERM is handled.
+    cri.stop_container(graceful, timeout=20)
+    assert cri.container_status(graceful).exit_code == 0
+    assert "bye" in cri.read_log(graceful).stdout
+    # PID 1 `sleep` ignores SIGTERM: SIGKILL after the grace period.
+    cri.stop_container(stubborn, timeout=2)
+    assert cri.container_status(stubborn).exit_code == 137
+    for cid in (short, graceful, stubborn):
+        cri.remove_container(cid)
+    cri.stop_pod(pod.id)
+    cri.remove_pod(pod.id)
+    _assert_no_vm_left()
+
+
+def test_two_pods_at_once(cri: CriClient) -> None:
+    results: dict[str, str] = {}
+    failures: list[BaseException] = []
+
+    def one(name: str) -> None:
+        try:
+            pod = cri.run_pod(name, handler="husk")
+            cid = cri.run_container(pod, BUSYBOX_REF, ["sh", "-c", "echo from $(hostname)"])
+            cri.wait_container_exit(cid, timeout=60)
+            results[name] = cri.read_log(cid).stdout
+            cri.remove_container(cid)
+            cri.stop_pod(pod.id)
+            cri.remove_pod(pod.id)
+        except BaseException as exc:  # reported below, in the test's thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in ("husk-a", "husk-b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not failures, failures
+    assert results == {"husk-a": "from husk-a\n", "husk-b": "from husk-b\n"}
+    _assert_no_vm_left()
+
+
+def test_hostile_annotation_is_refused(cri: CriClient) -> None:
+    with pytest.raises(CriError) as exc:
+        cri.run_pod("husk-bad", handler="husk", annotations={"io.husk.memory_mib": "64,share=on"})
+    assert "io.husk.memory_mib" in str(exc.value)
+    cri.remove_all_pods()
+    _assert_no_vm_left()
