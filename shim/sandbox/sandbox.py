@@ -19,6 +19,7 @@ from pathlib import Path
 from shim import errors
 from shim.agentclient.client import AgentClient, Storage
 from shim.agentclient.transport import VsockBridge
+from shim.cgroups.host import SandboxCgroup
 from shim.config import Config
 from shim.storage.share import GUEST_SHARED_DIR, SharedDir, check_id
 from shim.vm.accel import AccelChoice, choose_accel
@@ -49,6 +50,7 @@ class Sandbox:
     times: StartTimes = field(default_factory=StartTimes)
     vm: Vm | None = None
     agent: AgentClient | None = None
+    cgroup_path: str = ""  # the pod's cgroup (pause container's linux.cgroupsPath)
     _bridge: VsockBridge | None = None
     _undo: AsyncExitStack | None = None
 
@@ -114,11 +116,16 @@ class Sandbox:
                 extra_fds=[vhost_fd] if vhost_fd >= 0 else [])
             self.vm = Vm(spec, self.config.shared_fs.virtiofsd_path,
                          self.config.shared_fs.virtiofs_cache)
+            cgroup = SandboxCgroup.from_spec_path(self.cgroup_path)
+            if cgroup is not None:
+                undo.callback(cgroup.remove)  # runs after vm.stop (LIFO)
             try:
                 await self.vm.start()
             except VmError as exc:
                 raise errors.UnavailableError(f"cannot start the VM: {exc}") from exc
             undo.push_async_callback(self.vm.stop)
+            if cgroup is not None:
+                cgroup.join([self.vm.pid, self.vm.virtiofsd_pid])
             self.times.qmp_ready_s = self.vm.times.qmp_ready_s
             if transport is AgentTransport.VSOCK:
                 self._bridge = VsockBridge(paths.agent_socket, cid)

@@ -91,13 +91,26 @@ def rpc(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
     return wrapper
 
 
-def _annotations(bundle: str) -> dict[str, str]:
+def _bundle_spec(bundle: str) -> dict[str, Any]:
+    """config.json of a bundle; {} when unreadable (Create reports the real error later)."""
     try:
         spec = json.loads((Path(bundle) / "config.json").read_text())
-        annotations = spec.get("annotations") or {}
-        return {str(k): str(v) for k, v in annotations.items()}
-    except (OSError, ValueError, AttributeError):
+        return spec if isinstance(spec, dict) else {}
+    except (OSError, ValueError):
         return {}
+
+
+def _annotations(spec: dict[str, Any]) -> dict[str, str]:
+    annotations = spec.get("annotations")
+    if not isinstance(annotations, dict):
+        return {}
+    return {str(k): str(v) for k, v in annotations.items()}
+
+
+def _cgroups_path(spec: dict[str, Any]) -> str:
+    linux = spec.get("linux")
+    path = linux.get("cgroupsPath") if isinstance(linux, dict) else None
+    return path if isinstance(path, str) else ""
 
 
 def _config_path(options: Any) -> str | None:
@@ -144,13 +157,15 @@ class TaskService:
         return ProcessIO(container_id, exec_id, request.stdin, request.stdout, request.stderr,
                          request.terminal, self.namespace)
 
-    async def _new_pod(self, request: api.CreateTaskRequest, annotations: dict[str, str]
-                       ) -> Pod:
+    async def _new_pod(self, request: api.CreateTaskRequest, spec: dict[str, Any]) -> Pod:
+        annotations = _annotations(spec)
         config: Config = load_config(_config_path(request.options) or self._config_path)
         config = config.with_pod_annotations(annotations)
         if log.isEnabledFor(logging.DEBUG) and not config.runtime.debug:
             config = _with_debug(config)
-        pod = Pod(self._sandbox_factory(request.id, config), self._publish_exit)
+        sandbox = self._sandbox_factory(request.id, config)
+        sandbox.cgroup_path = _cgroups_path(spec)
+        pod = Pod(sandbox, self._publish_exit)
         hostname = annotations.get("io.kubernetes.cri.sandbox-name", "")[:63]
         try:
             await pod.boot(hostname=hostname or request.id[:12], dns=[])
@@ -163,7 +178,8 @@ class TaskService:
 
     @rpc
     async def create(self, request: api.CreateTaskRequest) -> api.CreateTaskResponse:
-        annotations = _annotations(request.bundle)
+        spec = _bundle_spec(request.bundle)
+        annotations = _annotations(spec)
         kind = annotations.get(CONTAINER_TYPE, "")
         rootfs = [RootfsMount(m.type, m.source, tuple(m.options)) for m in request.rootfs]
         async with self._lock:
@@ -172,7 +188,7 @@ class TaskService:
                     raise errors.FailedPreconditionError(
                         f"sandbox {annotations.get(SANDBOX_ID, '?')} of container {request.id} "
                         "is not running in this shim")
-                self.pod = await self._new_pod(request, annotations)
+                self.pod = await self._new_pod(request, spec)
                 if kind == "sandbox":
                     io = self._io(request, request.id)
                     io.open()

@@ -213,20 +213,23 @@ class Containerd:
     @classmethod
     @contextlib.contextmanager
     def started(cls, options: ContainerdOptions | None = None) -> Iterator[Containerd]:
-        """Starts an instance and always stops it (and checks nothing was left behind)."""
+        """Starts an instance and always stops it; raises LeakError if, after a body that
+        succeeded, the teardown had to force anything or something survived it."""
         cd = cls(options)
         cd.start()
         try:
             yield cd
-        finally:
-            cd.stop()
+        except BaseException:
+            cd.stop(check=False)  # the body's error matters more than a leak it caused
+            raise
+        cd.stop()
 
     def __enter__(self) -> Containerd:
         self.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self.stop(check=exc_type is None)
 
     def start(self) -> None:
         if self.record is not None:
@@ -349,16 +352,17 @@ class Containerd:
         if self.proc is not None:
             _terminate(self.proc.pid, CONTAINERD_TERM_TIMEOUT_S, popen=self.proc)
         self._keep_logs()
-        problems += teardown(self.record)
+        report = teardown(self.record)  # logs what it had to force
         record, self.record, self.proc = self.record, None, None
         self.last_record = record
         self.stop_seconds = time.monotonic() - t0
         log.info("containerd %s stopped in %.2fs", record.root, self.stop_seconds)
-        leftovers = find_leftovers(record)
-        if check and (problems or leftovers):
-            raise LeakError("containerd instance teardown: " + "; ".join(problems + leftovers))
-        for p in problems + leftovers:
+        leftovers = [f"left behind: {x}" for x in find_leftovers(record)]
+        problems += report.failed + leftovers
+        for p in problems:
             log.warning("teardown of %s: %s", record.root, p)
+        if check and (problems or report.forced):
+            raise LeakError("containerd instance teardown: " + "; ".join(report.forced + problems))
 
     def _remember_ids(self) -> None:
         """Pod and container ids, to find their shim sockets later."""
@@ -531,41 +535,60 @@ def _toml_value_lines(values: Mapping[str, object]) -> str:
 # Teardown (also used on instances left over by a crashed run)
 
 
-def teardown(rec: InstanceRecord) -> list[str]:
-    """Kills, unmounts and deletes everything of the instance; returns what failed.
+@dataclass
+class TeardownReport:
+    # Things that should have been gone already and had to be killed or removed:
+    # after all pods were removed through the CRI, each one is a runtime bug.
+    forced: list[str] = field(default_factory=list)
+    # Things that could not be removed at all.
+    failed: list[str] = field(default_factory=list)
+
+
+def teardown(rec: InstanceRecord) -> TeardownReport:
+    """Kills, unmounts and deletes everything of the instance.
 
     The temp dir is only removed once nothing is mounted under it, so a stuck
     mount can never make rmtree reach into another filesystem.
     """
-    problems: list[str] = []
+    report = TeardownReport()
     root = rec.path
     if rec.containerd_pid and _same_instance_process(rec.containerd_pid, rec):
         _terminate(rec.containerd_pid, CONTAINERD_TERM_TIMEOUT_S)
     for proc in _instance_processes(rec, include_cwd=True):
-        log.warning("killing leftover process %d: %s", proc.pid, " ".join(_cmdline(proc)))
+        report.forced.append(f"killed process {proc.pid}: {' '.join(_cmdline(proc))}")
         _kill_tree(proc)
-    problems += _remove_cgroups(rec.cgroup_parent)
-    problems += _unmount_all_under(root)
-    problems += _remove_shim_sockets(rec)
+    tasks = _cgroup_tasks(rec.cgroup_parent)
+    if tasks:
+        report.forced.append(f"killed {len(tasks)} task(s) in cgroup {rec.cgroup_parent}")
+    report.failed += _remove_cgroups(rec.cgroup_parent)
+    mounted = mounts_under(root)
+    if mounted:
+        report.forced.append(f"unmounted {', '.join(mounted)}")
+    report.failed += _unmount_all_under(root)
+    for sock in _existing_shim_sockets(rec):
+        report.forced.append(f"removed shim socket {sock}")
+    _remove_shim_sockets(rec)
     for f in _cni_cache_files(rec):
-        log.warning("removing leftover CNI cache file %s", f)
+        report.forced.append(f"removed CNI cache file {f}")
         with contextlib.suppress(FileNotFoundError):
             f.unlink()
     if (NETNS_DIR / rec.netns).exists():
         try:
             _run(["ip", "netns", "delete", rec.netns])
         except HarnessError as exc:
-            problems.append(str(exc))
+            report.failed.append(str(exc))
     for d in rec.created_host_dirs:
         with contextlib.suppress(OSError):  # not empty: someone else uses it now
             Path(d).rmdir()
     if mounts_under(root):
-        problems.append(f"not removing {root}: still mounted under it")
-    elif root.exists() and not problems:
+        report.failed.append(f"not removing {root}: still mounted under it")
+    elif root.exists() and not report.failed:
         shutil.rmtree(root, ignore_errors=True)
         if root.exists():
-            problems.append(f"could not remove {root}")
-    return problems
+            report.failed.append(f"could not remove {root}")
+    for item in report.forced:
+        log.warning("teardown of %s: %s", root, item)
+    return report
 
 
 def find_leftovers(rec: InstanceRecord) -> list[str]:
@@ -593,8 +616,8 @@ def sweep_stale_instances(base_dir: Path = DEFAULT_BASE_DIR) -> list[str]:
         if _owner_alive(rec):
             continue
         log.warning("cleaning up stale containerd instance %s (owner pid %d gone)", root, rec.owner_pid)
-        for p in teardown(rec):
-            log.warning("stale instance %s: %s", root, p)
+        for p in teardown(rec).failed:
+            log.error("stale instance %s: %s", root, p)
         swept.append(str(root))
     return swept
 

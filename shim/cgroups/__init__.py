@@ -1,0 +1,1 @@
+"""Host cgroups of a sandbox's processes (QEMU, virtiofsd)."""
