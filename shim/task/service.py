@@ -166,7 +166,8 @@ class TaskService:
         sandbox = self._sandbox_factory(request.id, config)
         sandbox.cgroup_path = _cgroups_path(spec)
         pod = Pod(sandbox, self._publish_exit)
-        hostname = annotations.get("io.kubernetes.cri.sandbox-name", "")[:63]
+        hostname = spec.get("hostname") if isinstance(spec.get("hostname"), str) else ""
+        hostname = (hostname or annotations.get("io.kubernetes.cri.sandbox-name", ""))[:63]
         try:
             await pod.boot(hostname=hostname or request.id[:12], dns=[])
         except BaseException:
@@ -228,7 +229,9 @@ class TaskService:
             response.exited_at.CopyFrom(proc.exited_at)
         if not request.exec_id:
             if container.is_sandbox or not pod.containers:
+                # The VM goes with the sandbox; containers still listed went with it.
                 await pod.shutdown()
+                pod.containers.clear()
             self.publisher.publish(ev.TaskDelete(
                 container_id=request.id, pid=proc.pid, exit_status=proc.exit_status,
                 exited_at=response.exited_at, id=request.id))
