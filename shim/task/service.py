@@ -107,6 +107,17 @@ def _annotations(spec: dict[str, Any]) -> dict[str, str]:
     return {str(k): str(v) for k, v in annotations.items()}
 
 
+def _json_object(data: bytes, what: str) -> dict[str, Any]:
+    """:raise errors.InvalidArgumentError: ``data`` is not a JSON object."""
+    try:
+        value = json.loads(data or b"{}")
+    except ValueError as exc:
+        raise errors.InvalidArgumentError(f"{what} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise errors.InvalidArgumentError(f"{what} is not a JSON object")
+    return value
+
+
 def _cgroups_path(spec: dict[str, Any]) -> str:
     linux = spec.get("linux")
     path = linux.get("cgroupsPath") if isinstance(linux, dict) else None
@@ -239,12 +250,7 @@ class TaskService:
 
     @rpc
     async def exec(self, request: api.ExecProcessRequest) -> empty_pb2.Empty:
-        try:
-            spec = json.loads(request.spec.value or b"{}")
-        except ValueError as exc:
-            raise errors.InvalidArgumentError(f"exec spec is not valid JSON: {exc}") from exc
-        if not isinstance(spec, dict):
-            raise errors.InvalidArgumentError("exec spec is not a JSON object")
+        spec = _json_object(request.spec.value, "exec spec")
         self._pod().add_exec(request.id, request.exec_id, spec,
                              self._io(request, request.id, request.exec_id))
         self.publisher.publish(ev.TaskExecAdded(container_id=request.id,
@@ -307,12 +313,7 @@ class TaskService:
 
     @rpc
     async def update(self, request: api.UpdateTaskRequest) -> empty_pb2.Empty:
-        try:
-            resources = json.loads(request.resources.value or b"{}")
-        except ValueError as exc:
-            raise errors.InvalidArgumentError(f"resources are not valid JSON: {exc}") from exc
-        if not isinstance(resources, dict):
-            raise errors.InvalidArgumentError("resources are not a JSON object")
+        resources = _json_object(request.resources.value, "resources")
         await self._pod().update(request.id, resources)
         return empty_pb2.Empty()
 

@@ -8,6 +8,7 @@ images, and the per-test leak check. Load with
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterator
@@ -46,20 +47,28 @@ def containerd(containerd_options: ContainerdOptions) -> Iterator[Containerd]:
         yield cd
 
 
-@pytest.fixture
-def cri(containerd: Containerd, request: pytest.FixtureRequest) -> Iterator[CriClient]:
-    """The session containerd's CRI client, checked for leaks around each test.
+@contextlib.contextmanager
+def leak_checked(containerd: Containerd, test_id: str) -> Iterator[CriClient]:
+    """The instance's CRI client, checked for leaks around one test.
 
-    After the test, pods, containers, shim processes, mounts under the instance
-    dir and tasks in its cgroups must all be gone (the test removes its pods);
-    otherwise they are cleaned up and the test errors with the list.
+    After the test, pods, containers, shim processes and sockets, mounts under
+    the instance dir, tasks in its cgroups and CNI cache entries must all be
+    gone (the test removes its pods); otherwise they are cleaned up and
+    LeakError names them.
     """
     containerd.check_alive()
     earlier = containerd.leaks()
     if earlier:
-        # Left by a test that did not use this fixture: not this test's fault.
-        log.warning("cleaning up before %s: %s", request.node.nodeid, "; ".join(earlier))
+        # Left by a test that did not use this check: not this test's fault.
+        log.warning("cleaning up before %s: %s", test_id, "; ".join(earlier))
         containerd.reset()
     yield containerd.cri
     containerd.check_alive()
     containerd.assert_no_leaks()
+
+
+@pytest.fixture
+def cri(containerd: Containerd, request: pytest.FixtureRequest) -> Iterator[CriClient]:
+    """The session containerd's CRI client; the test errors if it leaves anything behind."""
+    with leak_checked(containerd, request.node.nodeid) as client:
+        yield client

@@ -10,12 +10,14 @@ from __future__ import annotations
 import ipaddress
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.cri.cni import DEFAULT_SUBNET
-from tests.cri.cri import ContainerState, PodSandboxState, parse_cri_log
+from tests.cri.cri import ContainerState, CriClient, PodSandboxState, parse_cri_log
+from tests.cri.fixtures import leak_checked
 from tests.cri.harness import (
     DEFAULT_KEEP_LOGS_DIR,
     Containerd,
@@ -26,14 +28,24 @@ from tests.cri.harness import (
 )
 from tests.cri.images import BUSYBOX, BUSYBOX_REF, PAUSE, PAUSE_REF, BuiltImage, build_images
 
-# Deduplicated by pytest if tests/conftest.py loads the same plugin.
-pytest_plugins = ["tests.cri.fixtures"]
-
 HANDLER = "runc"
 # Exits 0 on SIGTERM, after saying so on stdout.
 GRACEFUL_LOOP = "trap 'echo bye; exit 0' TERM; while :; do sleep 1 & wait $!; done"
 STOP_GRACE_S = 30
 EXIT_TIMEOUT_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def runc_containerd(cri_images: list[BuiltImage]) -> Iterator[Containerd]:
+    """An instance of our own: the session one needs the guest image, runc does not."""
+    with Containerd.started(ContainerdOptions(images=cri_images, keep_logs_dir=DEFAULT_KEEP_LOGS_DIR)) as cd:
+        yield cd
+
+
+@pytest.fixture
+def runc_cri(runc_containerd: Containerd, request: pytest.FixtureRequest) -> Iterator[CriClient]:
+    with leak_checked(runc_containerd, request.node.nodeid) as client:
+        yield client
 
 
 @pytest.mark.cri
@@ -99,7 +111,8 @@ def test_runc_pod_end_to_end_leaves_nothing_behind(cri_images: list[BuiltImage])
 
 @pytest.mark.cri
 @pytest.mark.timeout(300)
-def test_pods_reach_each_other_over_the_private_bridge(cri) -> None:  # type: ignore[no-untyped-def]
+def test_pods_reach_each_other_over_the_private_bridge(runc_cri: CriClient) -> None:
+    cri = runc_cri
     a = cri.run_pod("net-a", handler=HANDLER)
     b = cri.run_pod("net-b", handler=HANDLER)
     try:
@@ -119,7 +132,8 @@ def test_pods_reach_each_other_over_the_private_bridge(cri) -> None:  # type: ig
 
 @pytest.mark.cri
 @pytest.mark.timeout(300)
-def test_leak_check_reports_and_removes_a_forgotten_pod(containerd: Containerd) -> None:
+def test_leak_check_reports_and_removes_a_forgotten_pod(runc_containerd: Containerd) -> None:
+    containerd = runc_containerd
     pod = containerd.cri.run_pod("forgotten", handler=HANDLER)
     containerd.cri.run_container(pod, BUSYBOX_REF, ["sleep", "600"])
     with pytest.raises(LeakError) as excinfo:
