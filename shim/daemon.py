@@ -7,6 +7,7 @@ per-sandbox file, and exits after Shutdown or SIGTERM once the VM is down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -62,6 +63,7 @@ async def serve(args: ShimArgs) -> int:
     publisher = Publisher(ttrpc_address, args.namespace)
     publisher.start()
     done = asyncio.Event()
+    socket_path = ""
     try:
         config_path = None
         service = TaskService(args.id, args.namespace, publisher, done.set, config_path)
@@ -72,6 +74,7 @@ async def serve(args: ShimArgs) -> int:
             log.info("Task RPCs answered Unimplemented: %s", ", ".join(unsupported))
         server = Server(registry)
         sock = socket.socket(fileno=int(args.socket))
+        socket_path = sock.getsockname()
         await server.serve_socket(sock)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -84,6 +87,10 @@ async def serve(args: ShimArgs) -> int:
         await server.shutdown()
     finally:
         await publisher.close()
+        # The manager bound it; nobody else removes it once this daemon is gone.
+        if socket_path:
+            with contextlib.suppress(OSError):
+                os.unlink(socket_path)
     log.info("shim %s exiting", args.id)
     return 0
 

@@ -21,6 +21,7 @@ from shim.agentclient.client import AgentClient, Storage
 from shim.agentclient.transport import VsockBridge
 from shim.cgroups.host import SandboxCgroup
 from shim.config import Config
+from shim.util.child import log_tail
 from shim.storage.share import GUEST_SHARED_DIR, SharedDir, check_id
 from shim.vm.accel import AccelChoice, choose_accel
 from shim.vm.cmdline import (SHARED_FS_TAG, AgentTransport, SharedFsType, VmPaths,
@@ -31,6 +32,7 @@ from shim.vm.vsock import VsockError, allocate_cid, vhost_vsock_available
 log = logging.getLogger(__name__)
 
 DESTROY_TIMEOUT_S = 10.0
+GUEST_LOG_TAIL_LINES = 8
 
 
 @dataclass
@@ -136,7 +138,10 @@ class Sandbox:
                 target = f"unix:{paths.agent_serial_socket}"
             self.agent = AgentClient(target, self.config.agent.request_timeout_s)
             undo.push_async_callback(self.agent.close)
-            await self.agent.wait_ready(self.config.agent.dial_timeout_s, self._vm_alive)
+            try:
+                await self.agent.wait_ready(self.config.agent.dial_timeout_s, self._vm_alive)
+            except errors.UnavailableError as exc:
+                raise errors.UnavailableError(f"{exc}; {self._guest_logs()}") from exc
             self.times.agent_ready_s = time.monotonic() - self.vm.times.spawned_at
             details = await self.agent.guest_details()
             log.info("sandbox %s: agent ready after %.3fs (%s)", self.sandbox_id,
@@ -156,6 +161,15 @@ class Sandbox:
             undo, self._undo = self._undo, None
             await undo.aclose()
         self._remove_run_dir()
+
+    def _guest_logs(self) -> str:
+        """The end of the guest's console and agent logs, for error messages and the shim log."""
+        paths = VmPaths(self.run_dir)
+        console = log_tail(paths.console_log, GUEST_LOG_TAIL_LINES)
+        agent = log_tail(paths.guest_log, GUEST_LOG_TAIL_LINES)
+        log.error("sandbox %s guest console: %s", self.sandbox_id, console or "(empty)")
+        log.error("sandbox %s agent log: %s", self.sandbox_id, agent or "(empty)")
+        return f"guest console: {console or '(empty)'}; agent log: {agent or '(empty)'}"
 
     def _remove_run_dir(self) -> None:
         self.shared.destroy()

@@ -118,10 +118,7 @@ class Vm:
         if self._qemu.returncode is None:
             return "QEMU is still running"
         tail = child.log_tail(self.spec.paths.run_dir / "qemu.log")
-        console = child.log_tail(self.spec.paths.console_log, 3)
-        return (f"QEMU exited with status {self._qemu.returncode}"
-                + (f"; qemu: {tail}" if tail else "")
-                + (f"; guest console: {console}" if console else ""))
+        return f"QEMU exited with status {self._qemu.returncode}" + (f"; qemu: {tail}" if tail else "")
 
     async def stop(self) -> None:
         """Stop QEMU (QMP quit, then signals) and virtiofsd; idempotent."""

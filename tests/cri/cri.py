@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import grpc
 from cri_api.v1 import api_pb2 as api
@@ -148,7 +148,7 @@ class CriClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method: str, request: object, timeout: float | None = None, images: bool = False) -> object:
+    def _call(self, method: str, request: object, timeout: float | None = None, images: bool = False) -> Any:
         stub = self._images if images else self._runtime
         try:
             return getattr(stub, method)(request, timeout=self.timeout if timeout is None else timeout)
@@ -158,10 +158,10 @@ class CriClient:
     # -- runtime info ---------------------------------------------------------
 
     def version(self, timeout: float | None = None) -> api.VersionResponse:
-        return self._call("Version", api.VersionRequest(version="v1"), timeout)  # type: ignore[return-value]
+        return self._call("Version", api.VersionRequest(version="v1"), timeout)
 
     def status(self) -> api.StatusResponse:
-        return self._call("Status", api.StatusRequest(verbose=False))  # type: ignore[return-value]
+        return self._call("Status", api.StatusRequest(verbose=False))
 
     def not_ready_conditions(self) -> list[str]:
         """Names of the required runtime conditions (RuntimeReady, NetworkReady) that are false."""
@@ -172,11 +172,11 @@ class CriClient:
 
     def list_images(self) -> list[api.Image]:
         resp = self._call("ListImages", api.ListImagesRequest(), images=True)
-        return list(resp.images)  # type: ignore[attr-defined]
+        return list(resp.images)
 
     def image_status(self, ref: str) -> api.Image | None:
         resp = self._call("ImageStatus", api.ImageStatusRequest(image=api.ImageSpec(image=ref)), images=True)
-        return resp.image if resp.HasField("image") else None  # type: ignore[attr-defined]
+        return resp.image if resp.HasField("image") else None
 
     # -- pods -----------------------------------------------------------------
 
@@ -218,13 +218,13 @@ class CriClient:
             ),
         )
         resp = self._call("RunPodSandbox", api.RunPodSandboxRequest(config=config, runtime_handler=handler), timeout)
-        pod = Pod(id=resp.pod_sandbox_id, config=config, handler=handler)  # type: ignore[attr-defined]
+        pod = Pod(id=resp.pod_sandbox_id, config=config, handler=handler)
         log.debug("pod %s (%s) runs as %s", name, handler or "default", pod.id)
         return pod
 
     def pod_status(self, pod_id: str) -> api.PodSandboxStatus:
         resp = self._call("PodSandboxStatus", api.PodSandboxStatusRequest(pod_sandbox_id=pod_id))
-        return resp.status  # type: ignore[attr-defined,no-any-return]
+        return resp.status
 
     def stop_pod(self, pod_id: str, timeout: float | None = None) -> None:
         self._call("StopPodSandbox", api.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout)
@@ -234,7 +234,7 @@ class CriClient:
 
     def list_pods(self) -> list[api.PodSandbox]:
         resp = self._call("ListPodSandbox", api.ListPodSandboxRequest())
-        return list(resp.items)  # type: ignore[attr-defined]
+        return list(resp.items)
 
     # -- containers -----------------------------------------------------------
 
@@ -282,20 +282,20 @@ class CriClient:
         )
         req = api.CreateContainerRequest(pod_sandbox_id=pod.id, config=config, sandbox_config=pod.config)
         resp = self._call("CreateContainer", req, timeout)
-        return resp.container_id  # type: ignore[attr-defined,no-any-return]
+        return resp.container_id
 
     def start_container(self, container_id: str, timeout: float | None = None) -> None:
         self._call("StartContainer", api.StartContainerRequest(container_id=container_id), timeout)
 
-    def run_container(self, pod: Pod, image: str, command: Iterable[str] = (), **kwargs: object) -> str:
-        """create_container + start_container."""
-        cid = self.create_container(pod, image, command, **kwargs)  # type: ignore[arg-type]
+    def run_container(self, pod: Pod, image: str, command: Iterable[str] = (), **kwargs: Any) -> str:
+        """create_container (same keyword arguments) + start_container."""
+        cid = self.create_container(pod, image, command, **kwargs)
         self.start_container(cid)
         return cid
 
     def container_status(self, container_id: str) -> api.ContainerStatus:
         resp = self._call("ContainerStatus", api.ContainerStatusRequest(container_id=container_id))
-        return resp.status  # type: ignore[attr-defined,no-any-return]
+        return resp.status
 
     def wait_container_exit(self, container_id: str, timeout: float | None = None) -> api.ContainerStatus:
         """Polls ContainerStatus until the container is EXITED; returns that status."""
@@ -312,7 +312,7 @@ class CriClient:
         rpc_timeout = (timeout + EXEC_RPC_MARGIN_S) if timeout else None
         # A deadline of None would mean "forever": keep the client's default then.
         resp = self._call("ExecSync", req, rpc_timeout)
-        return ExecResult(resp.exit_code, resp.stdout, resp.stderr)  # type: ignore[attr-defined]
+        return ExecResult(resp.exit_code, resp.stdout, resp.stderr)
 
     def stop_container(self, container_id: str, timeout: int = 10, rpc_timeout: float | None = None) -> None:
         """StopContainer: the stop signal, then SIGKILL after `timeout` seconds."""
@@ -325,7 +325,7 @@ class CriClient:
     def list_containers(self, pod_id: str | None = None) -> list[api.Container]:
         flt = api.ContainerFilter(pod_sandbox_id=pod_id) if pod_id else None
         resp = self._call("ListContainers", api.ListContainersRequest(filter=flt))
-        return list(resp.containers)  # type: ignore[attr-defined]
+        return list(resp.containers)
 
     # -- logs -----------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import pytest
 
@@ -20,6 +20,7 @@ from .harness import DEFAULT_KEEP_LOGS_DIR, Containerd, ContainerdOptions
 from .images import BuiltImage, build_images
 
 log = logging.getLogger(__name__)
+
 
 def _require_root() -> None:
     if os.geteuid() != 0:
@@ -47,15 +48,31 @@ def containerd(containerd_options: ContainerdOptions) -> Iterator[Containerd]:
         yield cd
 
 
+_CALL_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Remembers whether the test body failed, for leak_checked's teardown."""
+    report: pytest.TestReport = yield
+    if report.when == "call" and report.failed:
+        item.stash[_CALL_FAILED] = True
+    return report
+
+
 @contextlib.contextmanager
-def leak_checked(containerd: Containerd, test_id: str) -> Iterator[CriClient]:
+def leak_checked(containerd: Containerd, request: pytest.FixtureRequest) -> Iterator[CriClient]:
     """The instance's CRI client, checked for leaks around one test.
 
     After the test, pods, containers, shim processes and sockets, mounts under
     the instance dir, tasks in its cgroups and CNI cache entries must all be
     gone (the test removes its pods); otherwise they are cleaned up and
-    LeakError names them.
+    LeakError names them. After a failed test they are cleaned up quietly:
+    the failure is the thing to report, not the cleanup it skipped.
     """
+    test_id = request.node.nodeid
     containerd.check_alive()
     earlier = containerd.leaks()
     if earlier:
@@ -64,11 +81,17 @@ def leak_checked(containerd: Containerd, test_id: str) -> Iterator[CriClient]:
         containerd.reset()
     yield containerd.cri
     containerd.check_alive()
+    if request.node.stash.get(_CALL_FAILED, False):
+        leftovers = containerd.leaks()
+        if leftovers:
+            log.warning("cleaning up after failed %s: %s", test_id, "; ".join(leftovers))
+            containerd.reset()
+        return
     containerd.assert_no_leaks()
 
 
 @pytest.fixture
 def cri(containerd: Containerd, request: pytest.FixtureRequest) -> Iterator[CriClient]:
     """The session containerd's CRI client; the test errors if it leaves anything behind."""
-    with leak_checked(containerd, request.node.nodeid) as client:
+    with leak_checked(containerd, request) as client:
         yield client

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -62,7 +63,6 @@ NETNS_DIR = Path("/run/netns")
 HOST_SIDE_EFFECT_DIRS = (SHIM_SOCKET_DIR, SHIM_SOCKET_DIR.parent, CNI_CACHE_RESULTS, CNI_CACHE_RESULTS.parent)
 
 START_TIMEOUT_S = 60.0
-READY_TIMEOUT_S = 60.0
 IMAGE_VISIBLE_TIMEOUT_S = 30.0
 POD_CLEANUP_TIMEOUT_S = 120.0
 CONTAINERD_TERM_TIMEOUT_S = 15.0
@@ -166,6 +166,7 @@ class Containerd:
         self.stop_seconds = 0.0
         # The record of the last stopped instance, for find_leftovers() after stop().
         self.last_record: InstanceRecord | None = None
+        self._log_offset = 0
 
     # -- paths ------------------------------------------------------------------
 
@@ -259,6 +260,7 @@ class Containerd:
         if len(self.address) > UNIX_PATH_MAX - len(".ttrpc"):
             raise HarnessError(f"socket path {self.address} is too long for a unix socket; use a shorter base_dir")
         self.record.save()
+        self._log_offset = 0
         try:
             self._start_in(root)
         except BaseException as exc:
@@ -309,8 +311,9 @@ class Containerd:
         )
         self._wait_ready(opts.start_timeout)
         import_images(self.address, self.images, namespace=CRI_NAMESPACE)
+        # CRI learns about imported images from containerd's events, asynchronously.
         for img in self.images:
-            wait_for(f"CRI to list image {img.ref}", lambda ref=img.ref: self.cri.image_status(ref),
+            wait_for(f"CRI to list image {img.ref}", functools.partial(self.cri.image_status, img.ref),
                      IMAGE_VISIBLE_TIMEOUT_S)
 
     def _wait_ready(self, timeout: float) -> None:
@@ -399,20 +402,37 @@ class Containerd:
 
     def shim_processes(self) -> list[psutil.Process]:
         assert self.record is not None
-        return _instance_processes(self.record, include_cwd=False)
+        return _instance_processes(self.record)
 
     def leaks(self) -> list[str]:
-        """What should not exist while no pod is expected: pods, containers, shims, mounts, cgroup tasks."""
+        """What should not exist while no pod is expected: pods, containers, shims and processes
+        naming the instance dir, mounts under it, cgroup tasks, CNI cache entries, shim sockets."""
         assert self.record is not None
         found: list[str] = []
         found += [f"pod {p.metadata.name} ({p.id}, state {p.state})" for p in self.cri.list_pods()]
         found += [f"container {c.metadata.name} ({c.id})" for c in self.cri.list_containers()]
-        found += [f"shim process {p.pid} {' '.join(_cmdline(p))}" for p in self.shim_processes()]
+        containerd = frozenset({self.proc.pid}) if self.proc is not None else frozenset()
+        procs = _instance_processes(self.record, by_mention=True, exclude=containerd)
+        found += [f"process {p.pid} {' '.join(_cmdline(p))}" for p in procs]
         found += [f"mount {m}" for m in mounts_under(self.root)]
         found += [f"process {pid} in cgroup {cg}" for cg, pid in _cgroup_tasks(self.record.cgroup_parent)]
         found += [f"CNI cache {f}" for f in CNI_CACHE_RESULTS.glob(f"{self.record.network_name}-*")]
-        found += [f"shim socket {s}" for s in _existing_shim_sockets(self.record)]
+        self._scan_log_ids()
+        found += [f"shim socket {s}" for s in _existing_shim_sockets(self.record, scan_log=False)]
         return found
+
+    def _scan_log_ids(self) -> None:
+        """Adds the ids in the part of containerd.log not read yet to record.seen_ids
+        (the log grows large over a session; rereading it per test would be slow)."""
+        assert self.record is not None
+        with contextlib.suppress(OSError), open(self.log_path, "rb") as f:
+            f.seek(self._log_offset)
+            chunk = f.read()
+            # Stop at the last newline so an id is never cut in two.
+            end = chunk.rfind(b"\n") + 1
+            self._log_offset += end
+            ids = _HEX_ID.findall(chunk[:end].decode(errors="replace"))
+            self.record.seen_ids = sorted(set(self.record.seen_ids) | set(ids))
 
     def assert_no_leaks(self, timeout: float = LEAK_SETTLE_TIMEOUT_S) -> None:
         """Waits up to `timeout` for leaks() to clear (shims exit asynchronously), else
@@ -420,7 +440,8 @@ class Containerd:
         deadline = time.monotonic() + timeout
         while True:
             found = self.leaks()
-            if not found or time.monotonic() >= deadline:
+            # Pods and containers the CRI still lists never go away by themselves.
+            if not found or time.monotonic() >= deadline or found[0].startswith(("pod ", "container ")):
                 break
             time.sleep(0.2)
         if found:
@@ -437,7 +458,8 @@ class Containerd:
         for proc in self.shim_processes():
             _kill_tree(proc)
         _kill_cgroup_tasks(self.record.cgroup_parent)
-        _remove_shim_sockets(self.record)
+        self._scan_log_ids()
+        _remove_shim_sockets(self.record, scan_log=False)
 
 
 # ----------------------------------------------------------------------------
@@ -554,7 +576,8 @@ def teardown(rec: InstanceRecord) -> TeardownReport:
     root = rec.path
     if rec.containerd_pid and _same_instance_process(rec.containerd_pid, rec):
         _terminate(rec.containerd_pid, CONTAINERD_TERM_TIMEOUT_S)
-    for proc in _instance_processes(rec, include_cwd=True):
+    # Only what is surely ours gets killed: shims and what works in the temp dir.
+    for proc in _instance_processes(rec, by_cwd=True):
         report.forced.append(f"killed process {proc.pid}: {' '.join(_cmdline(proc))}")
         _kill_tree(proc)
     tasks = _cgroup_tasks(rec.cgroup_parent)
@@ -565,8 +588,7 @@ def teardown(rec: InstanceRecord) -> TeardownReport:
     if mounted:
         report.forced.append(f"unmounted {', '.join(mounted)}")
     report.failed += _unmount_all_under(root)
-    for sock in _existing_shim_sockets(rec):
-        report.forced.append(f"removed shim socket {sock}")
+    report.forced += [f"removed shim socket {sock}" for sock in _existing_shim_sockets(rec)]
     _remove_shim_sockets(rec)
     for f in _cni_cache_files(rec):
         report.forced.append(f"removed CNI cache file {f}")
@@ -593,7 +615,8 @@ def teardown(rec: InstanceRecord) -> TeardownReport:
 
 def find_leftovers(rec: InstanceRecord) -> list[str]:
     """Everything of a stopped instance that still exists (empty = clean)."""
-    found = [f"process {p.pid}: {' '.join(_cmdline(p))}" for p in _instance_processes(rec, include_cwd=True)]
+    procs = _instance_processes(rec, by_cwd=True, by_mention=True)
+    found = [f"process {p.pid}: {' '.join(_cmdline(p))}" for p in procs]
     found += [f"mount {m}" for m in mounts_under(rec.path)]
     if (NETNS_DIR / rec.netns).exists() or rec.netns in _netns_names():
         found.append(f"netns {rec.netns}")
@@ -644,21 +667,24 @@ def _cmdline(proc: psutil.Process) -> list[str]:
         return []
 
 
-def _instance_processes(rec: InstanceRecord, include_cwd: bool) -> list[psutil.Process]:
-    """Shims of the instance (their command line names its address), plus with include_cwd
-    anything whose working directory is inside the temp dir (bundles, containerd itself)."""
+def _instance_processes(
+    rec: InstanceRecord, *, by_cwd: bool = False, by_mention: bool = False, exclude: frozenset[int] = frozenset()
+) -> list[psutil.Process]:
+    """Shims of the instance (their command line names its address); with by_cwd also
+    anything working inside the temp dir (shims sit in their bundle); with by_mention
+    anything naming a path in it (virtiofsd sharing a bundle, a QEMU using one)."""
     root = str(rec.path)
-    me = os.getpid()
+    skip = exclude | {os.getpid()}
     found: list[psutil.Process] = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
-        if proc.pid == me:
+        if proc.pid in skip:
             continue
         cmdline = proc.info["cmdline"] or []
         is_shim = any(os.path.basename(a).startswith("containerd-shim") for a in cmdline[:2])
-        if is_shim and rec.address in cmdline:
+        if (is_shim and rec.address in cmdline) or (by_mention and any(root + "/" in a for a in cmdline)):
             found.append(proc)
             continue
-        if include_cwd:
+        if by_cwd:
             try:
                 cwd = proc.cwd()
             except psutil.Error:
@@ -819,12 +845,13 @@ def shim_socket_path(containerd_address: str, namespace: str, group_id: str) -> 
     return SHIM_SOCKET_DIR / digest
 
 
-def _known_ids(rec: InstanceRecord) -> set[str]:
+def _known_ids(rec: InstanceRecord, scan_log: bool = True) -> set[str]:
     """Pod/container ids seen through the CRI, those that still have a bundle, and every
     64-hex id in containerd's debug log (a failed RunPodSandbox never shows in the CRI)."""
     ids = set(rec.seen_ids)
-    with contextlib.suppress(OSError):
-        ids |= set(_HEX_ID.findall((rec.path / "containerd.log").read_text(errors="replace")))
+    if scan_log:
+        with contextlib.suppress(OSError):
+            ids |= set(_HEX_ID.findall((rec.path / "containerd.log").read_text(errors="replace")))
     for sub in ("io.containerd.runtime.v2.task/" + CRI_NAMESPACE, "io.containerd.grpc.v1.cri/sandboxes"):
         d = rec.path / "state" / sub
         if d.is_dir():
@@ -832,8 +859,8 @@ def _known_ids(rec: InstanceRecord) -> set[str]:
     return ids
 
 
-def _shim_sockets(rec: InstanceRecord) -> list[Path]:
-    return [shim_socket_path(rec.address, CRI_NAMESPACE, i) for i in sorted(_known_ids(rec))]
+def _shim_sockets(rec: InstanceRecord, scan_log: bool = True) -> list[Path]:
+    return [shim_socket_path(rec.address, CRI_NAMESPACE, i) for i in sorted(_known_ids(rec, scan_log))]
 
 
 def _cni_cache_files(rec: InstanceRecord) -> list[Path]:
@@ -844,16 +871,15 @@ def _cni_cache_files(rec: InstanceRecord) -> list[Path]:
     return found
 
 
-def _existing_shim_sockets(rec: InstanceRecord) -> list[Path]:
-    return [s for s in _shim_sockets(rec) if s.exists()]
+def _existing_shim_sockets(rec: InstanceRecord, scan_log: bool = True) -> list[Path]:
+    return [s for s in _shim_sockets(rec, scan_log) if s.exists()]
 
 
-def _remove_shim_sockets(rec: InstanceRecord) -> list[str]:
-    for sock in _existing_shim_sockets(rec):
+def _remove_shim_sockets(rec: InstanceRecord, scan_log: bool = True) -> None:
+    for sock in _existing_shim_sockets(rec, scan_log):
         log.warning("removing leftover shim socket %s", sock)
         with contextlib.suppress(FileNotFoundError):
             sock.unlink()
-    return []
 
 
 def _netns_names() -> list[str]:

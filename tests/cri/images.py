@@ -10,6 +10,7 @@ so an image's digest only changes when its inputs do.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -38,6 +39,8 @@ FIXED_MTIME = 946684800
 FIXED_CREATED = "2000-01-01T00:00:00Z"
 GZIP_LEVEL = 6
 APT_TIMEOUT_S = 300
+APT_LISTS_DIR = Path("/var/lib/apt/lists")
+APT_SOURCES_DIR = Path("/etc/apt/sources.list.d")
 CTR_IMPORT_TIMEOUT_S = 120
 
 MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -106,8 +109,35 @@ class DebPackage:
     sha256: str
 
 
-def candidate_package(name: str) -> DebPackage:
-    """The version apt would download now, with the archive's SHA256 of the .deb."""
+def _apt_lists_signature() -> str:
+    """Changes whenever `apt-get update` (or a sources change) may change a candidate."""
+    stamps = []
+    for d in (APT_LISTS_DIR, APT_SOURCES_DIR):
+        with contextlib.suppress(OSError):
+            stamps += [f"{e.name}:{e.stat().st_mtime_ns}:{e.stat().st_size}" for e in os.scandir(d)]
+    return hashlib.sha256("\n".join(sorted(stamps)).encode()).hexdigest()
+
+
+def candidate_package(name: str, cache_dir: Path | None = None) -> DebPackage:
+    """The version apt would download now, with the archive's SHA256 of the .deb.
+
+    apt-cache takes over a second here, so the answer is remembered in
+    cache_dir until the apt lists change.
+    """
+    memo = cache_dir / f"apt-candidate-{name}.json" if cache_dir else None
+    signature = _apt_lists_signature()
+    if memo is not None:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            data = json.loads(memo.read_text())
+            if data["signature"] == signature:
+                return DebPackage(**data["package"])
+    pkg = _query_candidate(name)
+    if memo is not None:
+        _write_atomic(memo, _json_bytes({"signature": signature, "package": asdict(pkg)}))
+    return pkg
+
+
+def _query_candidate(name: str) -> DebPackage:
     out = _run(["apt-cache", "show", "--no-all-versions", name], timeout=APT_TIMEOUT_S)
     fields: dict[str, str] = {}
     for line in out.splitlines():
@@ -294,7 +324,7 @@ def build_images(
 ) -> list[BuiltImage]:
     """Builds (or reuses from `cache_dir`) the image-layout tarballs for `images`."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    pkg = candidate_package(BUSYBOX_PACKAGE)
+    pkg = candidate_package(BUSYBOX_PACKAGE, cache_dir)
     keys = {d.ref: _cache_key(pkg, d) for d in images}
     cached = {d.ref: _read_cached(cache_dir, d, keys[d.ref]) for d in images}
     missing = [d for d in images if cached[d.ref] is None]
@@ -319,7 +349,10 @@ def build_images(
         tar_bytes, manifest_digest, config_digest = oci_layout_tar(defn, layer_tar, layer_gz)
         tarball = cache_dir / f"{defn.file_stem}.tar"
         _write_atomic(tarball, tar_bytes)
-        meta = {"key": keys[defn.ref], "ref": defn.ref, "manifest_digest": manifest_digest, "config_digest": config_digest}
+        meta = {
+            "key": keys[defn.ref], "ref": defn.ref,
+            "manifest_digest": manifest_digest, "config_digest": config_digest,
+        }
         _write_atomic(cache_dir / f"{defn.file_stem}.json", _json_bytes(meta))
         cached[defn.ref] = BuiltImage(defn.ref, tarball, manifest_digest, config_digest)
         log.info("built %s (%s) from %s %s", defn.ref, manifest_digest, pkg.name, pkg.version)

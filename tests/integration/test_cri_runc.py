@@ -19,12 +19,14 @@ from tests.cri.cni import DEFAULT_SUBNET
 from tests.cri.cri import ContainerState, CriClient, PodSandboxState, parse_cri_log
 from tests.cri.fixtures import leak_checked
 from tests.cri.harness import (
+    CRI_NAMESPACE,
     DEFAULT_KEEP_LOGS_DIR,
     Containerd,
     ContainerdOptions,
     LeakError,
     find_leftovers,
     mounts_under,
+    shim_socket_path,
 )
 from tests.cri.images import BUSYBOX, BUSYBOX_REF, PAUSE, PAUSE_REF, BuiltImage, build_images
 
@@ -44,7 +46,7 @@ def runc_containerd(cri_images: list[BuiltImage]) -> Iterator[Containerd]:
 
 @pytest.fixture
 def runc_cri(runc_containerd: Containerd, request: pytest.FixtureRequest) -> Iterator[CriClient]:
-    with leak_checked(runc_containerd, request.node.nodeid) as client:
+    with leak_checked(runc_containerd, request) as client:
         yield client
 
 
@@ -140,9 +142,19 @@ def test_leak_check_reports_and_removes_a_forgotten_pod(runc_containerd: Contain
         containerd.assert_no_leaks(timeout=0.5)
     message = str(excinfo.value)
     assert pod.id in message
-    assert "shim process" in message
+    assert "containerd-shim-runc-v2" in message
     assert "mount " in message
     assert containerd.leaks() == []
+
+    # A shim that exits without unlinking its socket (containerd never removes it).
+    stale = shim_socket_path(containerd.address, CRI_NAMESPACE, pod.id)
+    stale.write_bytes(b"")
+    try:
+        with pytest.raises(LeakError, match="shim socket"):
+            containerd.assert_no_leaks(timeout=0.5)
+        assert not stale.exists()
+    finally:
+        stale.unlink(missing_ok=True)
 
 
 @pytest.mark.cri
