@@ -23,7 +23,7 @@ HOTPLUG_PORT_PREFIX = "hp"
 UNIX_PATH_MAX = 106
 FAST_BOOT_PARAMS = ("tsc=reliable", "no_timer_check", "rcupdate.rcu_expedited=1",
                     "i8042.direct=1", "i8042.dumbkbd=1", "i8042.nopnp=1", "i8042.noaux=1",
-                    "noreplace-smp", "cryptomgr.notests", "pci=lastbus=0")
+                    "noreplace-smp", "cryptomgr.notests")
 
 
 class SharedFsType(enum.Enum):
