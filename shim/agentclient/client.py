@@ -32,10 +32,11 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.enable_http_proxy", 0),
-    # The guest may take seconds to boot: retry the connection quickly.
-    ("grpc.initial_reconnect_backoff_ms", 50),
-    ("grpc.min_reconnect_backoff_ms", 50),
-    ("grpc.max_reconnect_backoff_ms", 500),
+    # No fast-reconnect tuning: grpc.min_reconnect_backoff_ms is also the connect
+    # timeout, and a connection dropped mid-handshake on a virtio-serial port can
+    # reach the guest merged with the next one (the port is one byte stream).
+    # The sandbox dials only once the guest has opened the port.
+    ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 
 _CODE_TO_ERROR: dict[grpc.StatusCode, type[errors.HuskError]] = {

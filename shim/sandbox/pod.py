@@ -148,6 +148,9 @@ class Pod:
             container = Container(container_id, bundle, proc, is_sandbox=False)
             io.start_output(self.agent)
             proc.guest_pid = await self.agent.create_container(container_id, spec)
+            if not io.stdin:
+                # Every guest process gets a stdin pipe: without one it must read EOF.
+                await self.agent.close_stdin(container_id, "")
         except BaseException:
             io.close()
             share.release(container_id)
@@ -191,6 +194,8 @@ class Pod:
             proc.io.start_output(self.agent)
             try:
                 proc.guest_pid = await self.agent.exec_process(container_id, exec_id, proc.spec)
+                if not proc.io.stdin:
+                    await self.agent.close_stdin(container_id, exec_id)
             except BaseException:
                 proc.io.close()
                 raise

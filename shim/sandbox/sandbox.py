@@ -24,7 +24,7 @@ from shim.config import Config
 from shim.util.child import log_tail
 from shim.storage.share import GUEST_SHARED_DIR, SharedDir, check_id
 from shim.vm.accel import AccelChoice, choose_accel
-from shim.vm.cmdline import (SHARED_FS_TAG, AgentTransport, SharedFsType, VmPaths,
+from shim.vm.cmdline import (AGENT_CHARDEV, SHARED_FS_TAG, AgentTransport, SharedFsType, VmPaths,
                              VmSpec)
 from shim.vm.qemu import Vm, VmError
 from shim.vm.vsock import VsockError, allocate_cid, vhost_vsock_available
@@ -135,6 +135,10 @@ class Sandbox:
                 undo.push_async_callback(self._bridge.stop)
                 target = f"unix:{paths.agent_socket}"
             else:
+                try:
+                    await self.vm.wait_guest_open(AGENT_CHARDEV, self.config.agent.dial_timeout_s)
+                except VmError as exc:
+                    raise errors.UnavailableError(f"{exc}; {self._guest_logs()}") from exc
                 target = f"unix:{paths.agent_serial_socket}"
             self.agent = AgentClient(target, self.config.agent.request_timeout_s)
             undo.push_async_callback(self.agent.close)

@@ -14,6 +14,7 @@ from pathlib import Path
 from shim.vm.accel import AccelChoice
 
 AGENT_PORT_NAME = "io.husk.agent"
+AGENT_CHARDEV = "agent"
 LOG_PORT_NAME = "io.husk.log"
 SHARED_FS_TAG = "husk-shared"
 AGENT_VSOCK_PORT = 1024
@@ -169,9 +170,10 @@ def build_cmdline(spec: VmSpec) -> list[str]:
              "-chardev", f"file,id=guestlog,path={qemu_value(p.guest_log)}",
              "-device", f"virtserialport,bus=serial0.0,chardev=guestlog,name={LOG_PORT_NAME}"]
     if spec.transport is AgentTransport.SERIAL:
-        args += ["-chardev", f"socket,id=agent,path={qemu_value(p.agent_serial_socket)},"
+        args += ["-chardev", f"socket,id={AGENT_CHARDEV},path={qemu_value(p.agent_serial_socket)},"
                              "server=on,wait=off",
-                 "-device", f"virtserialport,bus=serial0.0,chardev=agent,name={AGENT_PORT_NAME}"]
+                 "-device", f"virtserialport,bus=serial0.0,chardev={AGENT_CHARDEV},"
+                            f"name={AGENT_PORT_NAME}"]
     else:
         args += ["-device", f"vhost-vsock-pci,id=vsock0,guest-cid={spec.vsock_cid},"
                             f"vhostfd={spec.vhost_fd},bus=pcie.0,addr=0x5"]

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 QMP_READY_TIMEOUT_S = 30.0
 QUIT_GRACE_S = 5.0
+GUEST_OPEN_POLL_S = 0.02
 
 
 class VmError(Exception):
@@ -105,6 +106,26 @@ class Vm:
             return await self._qmp.execute(command, arguments)
         except QmpError as exc:
             raise VmError(str(exc)) from exc
+
+    async def wait_guest_open(self, chardev: str, timeout_s: float) -> None:
+        """Wait until the guest has opened the virtio-serial port behind ``chardev``.
+
+        Dialing before that would leave bytes queued in QEMU for a guest that
+        is still booting, and a client that gives up on them mid-boot would
+        leave the guest reading half a conversation.
+
+        :raise VmError: QEMU exited, or the guest did not open it in time.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline:
+            if not self.running:
+                raise VmError(self.failure_reason())
+            for info in await self.qmp("query-chardev"):
+                if info.get("label") == chardev and info.get("frontend-open"):
+                    return
+            await asyncio.sleep(GUEST_OPEN_POLL_S)
+        raise VmError(f"the guest did not open its agent port within {timeout_s:.0f}s")
 
     async def wait(self) -> int:
         """Wait for QEMU to exit; returns its status."""

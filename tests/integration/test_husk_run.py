@@ -1,11 +1,9 @@
 """`husk run`: the embedded demo, end to end as a user runs it (each test boots a VM)."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest

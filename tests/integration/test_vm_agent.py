@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -40,7 +41,7 @@ async def sandbox(guest_image: Path, busybox_rootfs: Path,
         assert our_processes(str(state)) == [], "QEMU/virtiofsd left running"
         assert mounts_below(state) == [], "mounts left behind"
         assert not box.run_dir.exists(), "run directory left behind"
-        state.rmdir() if state.exists() else None
+        shutil.rmtree(state, ignore_errors=True)
 
 
 async def _collect(box: Sandbox, cid: str, exec_id: str, stderr: bool) -> bytes:
@@ -57,6 +58,8 @@ async def run(box: Sandbox, args: list[str], terminal: bool = False, stdin: byte
     spec = oci.default_spec(args, root, "vmtest", terminal=terminal)
     try:
         await box.agent.create_container(cid, spec)
+        if stdin is None:
+            await box.agent.close_stdin(cid, "")
         out = asyncio.create_task(_collect(box, cid, "", False))
         err = asyncio.create_task(_collect(box, cid, "", True)) if not terminal else None
         if resize:

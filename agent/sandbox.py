@@ -1,0 +1,171 @@
+"""The sandbox: the guest-wide setup of one pod and its containers.
+
+CreateSandbox sets the hostname and DNS and mounts the shared filesystem; the
+containers live under it. The shared mount (the first virtio-fs/9p storage, or
+the configured shared dir when there is none) is the root every container
+rootfs and bind source must resolve into.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from pathlib import Path
+
+from agent.config import ETC_RESOLV_CONF
+from agent.container import Container, Runtime
+from agent.errors import (AlreadyExistsError, FailedPreconditionError, GuestError,
+                          InvalidArgumentError, NotFoundError)
+from agent.spec import check_id, rewrite_spec
+from agent.storage import MountedStorage, Storage, mount_storage
+
+log = logging.getLogger(__name__)
+
+HOSTNAME_MAX = 64
+SHARED_FS_DRIVERS = ("virtio-fs", "9p")
+
+
+def write_resolv_conf(lines: list[str], configured: Path | None, state_dir: Path) -> Path:
+    """Write resolv.conf where the guest allows it; returns the path written.
+
+    The guest root is read-only: /etc/resolv.conf is used when writable (e.g. a
+    symlink into /run), else <state_dir>/resolv.conf.
+    """
+    for line in lines:
+        if "\n" in line or "\0" in line:
+            raise InvalidArgumentError(f"dns line {line!r} contains a newline")
+    content = "".join(f"{line}\n" for line in lines)
+    candidates = [configured] if configured is not None else [ETC_RESOLV_CONF,
+                                                               state_dir / "resolv.conf"]
+    error: OSError | None = None
+    for path in candidates:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(content)
+            return path
+        except OSError as e:
+            error = e
+    raise OSError(f"cannot write resolv.conf ({', '.join(map(str, candidates))}): {error}")
+
+
+class Sandbox:
+    """One pod's guest state: its mounts and containers."""
+
+    def __init__(self, runtime: Runtime, sandbox_id: str, storages: list[MountedStorage],
+                 shared_root: str) -> None:
+        self.id = sandbox_id
+        self.storages = storages
+        self.shared_root = shared_root
+        self.containers: dict[str, Container] = {}
+        self._runtime = runtime
+        self._creating: set[str] = set()
+        self._destroyed = False
+
+    @classmethod
+    async def create(cls, runtime: Runtime, sandbox_id: str, hostname: str, dns: list[str],
+                     storages: list[Storage]) -> Sandbox:
+        """:raise InvalidArgumentError: bad hostname, DNS line or storage."""
+        check_id("sandbox id", sandbox_id)
+        if len(hostname) > HOSTNAME_MAX or "\0" in hostname or "/" in hostname:
+            raise InvalidArgumentError(f"invalid hostname {hostname!r}")
+        for storage in storages:
+            storage.check()
+        try:
+            if hostname:
+                socket.sethostname(hostname)
+            if dns:
+                path = write_resolv_conf(dns, runtime.config.resolv_conf, runtime.config.state_dir)
+                log.info("wrote %d DNS lines to %s", len(dns), path)
+        except OSError as e:
+            raise GuestError(f"sandbox {sandbox_id}: {e}") from e
+        mounted = await mount_all(runtime, storages)
+        shared = next((m.storage.mount_point for m in mounted
+                       if m.storage.driver in SHARED_FS_DRIVERS), str(runtime.config.shared_dir))
+        log.info("created sandbox %s (hostname %r, shared root %s)", sandbox_id, hostname, shared)
+        return cls(runtime, sandbox_id, mounted, shared)
+
+    def container(self, container_id: str) -> Container:
+        """:raise NotFoundError: no such container."""
+        try:
+            return self.containers[container_id]
+        except KeyError:
+            raise NotFoundError(f"container {container_id!r} not found") from None
+
+    async def create_container(self, container_id: str, spec_json: str,
+                               storages: list[Storage]) -> Container:
+        """Mount the container's volumes, rewrite its spec and crun create it.
+
+        :raise AlreadyExistsError: the id is taken.
+        :raise InvalidArgumentError: a malformed spec or storage, or a path escaping.
+        """
+        check_id("container id", container_id)
+        self._check_alive()
+        if container_id in self.containers or container_id in self._creating:
+            raise AlreadyExistsError(f"container {container_id!r} already exists")
+        self._creating.add(container_id)
+        try:
+            for storage in storages:
+                storage.check()
+            volumes = await mount_all(self._runtime, storages)
+            try:
+                spec = rewrite_spec(spec_json, container_id=container_id,
+                                    shared_root=self.shared_root,
+                                    volume_roots=[v.storage.mount_point for v in volumes],
+                                    cgroup_parent=self._runtime.config.cgroup_parent)
+                container = await Container.create(self._runtime, container_id, spec, volumes)
+            except BaseException:
+                unmount_all(volumes)
+                raise
+            if self._destroyed:  # DestroySandbox ran while crun was creating it
+                await container.remove()
+                self._check_alive()
+            self.containers[container_id] = container
+            return container
+        finally:
+            self._creating.discard(container_id)
+
+    async def remove_container(self, container_id: str, timeout: float = 0) -> None:
+        container = self.container(container_id)
+        try:
+            await container.remove(timeout)
+        finally:
+            self.containers.pop(container_id, None)
+
+    def _check_alive(self) -> None:
+        if self._destroyed:
+            raise FailedPreconditionError(f"sandbox {self.id} is being destroyed")
+
+    async def destroy(self) -> None:
+        """Remove every container, then unmount the sandbox's storages."""
+        self._destroyed = True
+        ids = list(self.containers)
+        results = await asyncio.gather(*(self.remove_container(c) for c in ids),
+                                       return_exceptions=True)
+        for cid, result in zip(ids, results):
+            if isinstance(result, BaseException):
+                log.error("sandbox %s: removing container %s failed: %s", self.id, cid, result)
+        unmount_all(self.storages)
+        self.storages = []
+        log.info("destroyed sandbox %s", self.id)
+
+
+async def mount_all(runtime: Runtime, storages: list[Storage]) -> list[MountedStorage]:
+    """Mount in order; on a failure unmount what was mounted and re-raise."""
+    mounted: list[MountedStorage] = []
+    try:
+        for storage in storages:
+            mounted.append(await mount_storage(storage, sysfs=runtime.config.sysfs,
+                                               devfs=runtime.config.devfs))
+    except BaseException:
+        unmount_all(mounted)
+        raise
+    return mounted
+
+
+def unmount_all(mounted: list[MountedStorage]) -> None:
+    for m in reversed(mounted):
+        try:
+            m.unmount()
+        except OSError as e:
+            log.warning("%s", e)
+

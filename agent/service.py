@@ -1,0 +1,276 @@
+"""The AgentService RPCs: one method per RPC, and the only place errors become status codes.
+
+Domain errors map to codes (InvalidArgument, NotFound, AlreadyExists,
+FailedPrecondition...); anything else is a bug: logged with its traceback and
+returned as INTERNAL. No request can take the agent down.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import platform
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from agent import __version__
+from agent.container import Container, Runtime
+from agent.errors import (AgentError, AlreadyExistsError, CommandError, DeadlineError,
+                          FailedPreconditionError, GuestError, InvalidArgumentError,
+                          NotFoundError)
+from agent.process import Process
+from agent.sandbox import Sandbox
+from agent.spec import check_id, parse_json_object, rewrite_process
+from agent.stdio import OutputBuffer
+from agent.storage import Storage
+from proto.gen import agent_pb2 as pb
+from proto.gen import agent_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+OUTPUT_CHUNK = 64 * 1024
+SIGNAL_MAX = 64
+WINSIZE_MAX = 0xFFFF
+
+_CODES: dict[type[AgentError], grpc.StatusCode] = {
+    InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFoundError: grpc.StatusCode.NOT_FOUND,
+    AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
+    FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
+    DeadlineError: grpc.StatusCode.DEADLINE_EXCEEDED,
+    CommandError: grpc.StatusCode.UNKNOWN,
+    GuestError: grpc.StatusCode.UNKNOWN,
+}
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+def status_code(error: AgentError) -> grpc.StatusCode:
+    for cls in type(error).__mro__:
+        if cls in _CODES:
+            return _CODES[cls]  # type: ignore[index]
+    return grpc.StatusCode.UNKNOWN
+
+
+async def _abort(context: grpc.aio.ServicerContext, rpc: str, error: Exception) -> None:
+    if isinstance(error, AgentError):
+        code = status_code(error)
+        log.info("%s: %s: %s", rpc, code.name, error)
+        await context.abort(code, str(error))
+    log.error("%s: unexpected error", rpc, exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL,
+                        f"{rpc}: internal agent error: {type(error).__name__}: {error}")
+
+
+def unary(method: Callable[[Any, Req], Awaitable[Resp]]) -> Callable[..., Awaitable[Resp]]:
+    """Run one unary RPC, turning its exceptions into a gRPC status."""
+    rpc = method.__name__
+
+    @functools.wraps(method)
+    async def handler(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+        started = time.monotonic()
+        try:
+            return await method(self, request)
+        except Exception as e:  # noqa: BLE001 - every error must become a status
+            await _abort(context, rpc, e)
+            raise  # unreachable: abort raises
+        finally:
+            log.debug("%s took %.1f ms", rpc, (time.monotonic() - started) * 1000)
+
+    return handler
+
+
+class AgentService(agent_pb2_grpc.AgentServiceServicer):
+    """The agent's gRPC API; holds the (at most one) sandbox."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self._sandbox: Sandbox | None = None
+        self._sandbox_lock = asyncio.Lock()
+        self._oci_version: str | None = None
+
+    # Section: lookups
+
+    def _sandbox_of(self, container_id: str) -> Sandbox:
+        if self._sandbox is None:
+            raise NotFoundError(f"container {container_id!r} not found (no sandbox)")
+        return self._sandbox
+
+    def _container(self, container_id: str) -> Container:
+        return self._sandbox_of(container_id).container(container_id)
+
+    def _process(self, container_id: str, exec_id: str) -> Process:
+        return self._container(container_id).process(exec_id)
+
+    async def shutdown(self) -> None:
+        """Best effort: remove every container and unmount (the agent is stopping)."""
+        async with self._sandbox_lock:
+            if self._sandbox is not None:
+                await self._sandbox.destroy()
+                self._sandbox = None
+
+    # Section: sandbox
+
+    @unary
+    async def CreateSandbox(self, request: pb.CreateSandboxRequest) -> pb.Empty:
+        async with self._sandbox_lock:
+            if self._sandbox is not None:
+                raise AlreadyExistsError(f"sandbox {self._sandbox.id} already exists")
+            storages = [Storage(s.driver, s.source, s.fstype, list(s.options), s.mount_point)
+                        for s in request.storages]
+            self._sandbox = await Sandbox.create(self._runtime, request.sandbox_id,
+                                                 request.hostname, list(request.dns), storages)
+        return pb.Empty()
+
+    @unary
+    async def DestroySandbox(self, request: pb.DestroySandboxRequest) -> pb.Empty:
+        async with self._sandbox_lock:
+            sandbox = self._sandbox
+            if sandbox is None or (request.sandbox_id and request.sandbox_id != sandbox.id):
+                raise NotFoundError(f"sandbox {request.sandbox_id!r} not found")
+            await sandbox.destroy()
+            self._sandbox = None
+        return pb.Empty()
+
+    # Section: containers
+
+    @unary
+    async def CreateContainer(self, request: pb.CreateContainerRequest) -> pb.ProcessResponse:
+        if self._sandbox is None:
+            raise FailedPreconditionError("no sandbox: CreateSandbox must come first")
+        storages = [Storage(s.driver, s.source, s.fstype, list(s.options), s.mount_point)
+                    for s in request.storages]
+        container = await self._sandbox.create_container(request.container_id,
+                                                         request.oci_spec_json, storages)
+        return pb.ProcessResponse(pid=container.init.pid)
+
+    @unary
+    async def StartContainer(self, request: pb.ContainerRequest) -> pb.ProcessResponse:
+        return pb.ProcessResponse(pid=await self._container(request.container_id).start())
+
+    @unary
+    async def RemoveContainer(self, request: pb.RemoveContainerRequest) -> pb.Empty:
+        sandbox = self._sandbox_of(request.container_id)
+        await sandbox.remove_container(request.container_id, float(request.timeout_s))
+        return pb.Empty()
+
+    @unary
+    async def PauseContainer(self, request: pb.ContainerRequest) -> pb.Empty:
+        await self._container(request.container_id).pause()
+        return pb.Empty()
+
+    @unary
+    async def ResumeContainer(self, request: pb.ContainerRequest) -> pb.Empty:
+        await self._container(request.container_id).resume()
+        return pb.Empty()
+
+    @unary
+    async def UpdateContainer(self, request: pb.UpdateContainerRequest) -> pb.Empty:
+        container = self._container(request.container_id)
+        await container.update(parse_json_object(request.resources_json, "resources"))
+        return pb.Empty()
+
+    @unary
+    async def StatsContainer(self, request: pb.ContainerRequest) -> pb.StatsContainerResponse:
+        s = self._container(request.container_id).stats()
+        return pb.StatsContainerResponse(
+            cpu_usage_ns=s.cpu_usage_ns, cpu_user_ns=s.cpu_user_ns, cpu_system_ns=s.cpu_system_ns,
+            memory_usage_bytes=s.memory_usage_bytes, memory_limit_bytes=s.memory_limit_bytes,
+            memory_max_usage_bytes=s.memory_max_usage_bytes, pids_current=s.pids_current,
+            pids_limit=s.pids_limit, memory_cache_bytes=s.memory_cache_bytes,
+            memory_rss_bytes=s.memory_rss_bytes)
+
+    @unary
+    async def ListProcesses(self, request: pb.ContainerRequest) -> pb.ListProcessesResponse:
+        return pb.ListProcessesResponse(pids=self._container(request.container_id).pids())
+
+    # Section: processes
+
+    @unary
+    async def ExecProcess(self, request: pb.ExecProcessRequest) -> pb.ProcessResponse:
+        container = self._container(request.container_id)
+        check_id("exec id", request.exec_id)
+        process = rewrite_process(request.process_json)
+        proc = await container.exec(request.exec_id, process)
+        return pb.ProcessResponse(pid=proc.pid)
+
+    @unary
+    async def SignalProcess(self, request: pb.SignalProcessRequest) -> pb.Empty:
+        if not 0 < request.signal <= SIGNAL_MAX:
+            raise InvalidArgumentError(f"invalid signal {request.signal}")
+        container = self._container(request.container_id)
+        await container.signal(request.exec_id, request.signal, request.all)
+        return pb.Empty()
+
+    @unary
+    async def WaitProcess(self, request: pb.ProcessRequest) -> pb.WaitProcessResponse:
+        proc = self._process(request.container_id, request.exec_id)
+        return pb.WaitProcessResponse(exit_status=await proc.wait())
+
+    # Section: stdio
+
+    @unary
+    async def WriteStdin(self, request: pb.WriteStdinRequest) -> pb.WriteStdinResponse:
+        proc = self._process(request.container_id, request.exec_id)
+        return pb.WriteStdinResponse(written=await proc.io.stdin.write(request.data))
+
+    @unary
+    async def CloseStdin(self, request: pb.ProcessRequest) -> pb.Empty:
+        self._process(request.container_id, request.exec_id).io.stdin.close()
+        return pb.Empty()
+
+    async def ReadOutput(self, request: pb.ReadOutputRequest,
+                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.OutputChunk]:
+        try:
+            buffer = self._output(request)
+            while (data := await buffer.read(OUTPUT_CHUNK)) is not None:
+                yield pb.OutputChunk(data=data)
+        except Exception as e:  # noqa: BLE001 - every error must become a status
+            await _abort(context, "ReadOutput", e)
+
+    def _output(self, request: pb.ReadOutputRequest) -> OutputBuffer:
+        io = self._process(request.container_id, request.exec_id).io
+        if request.stream == pb.STDOUT:
+            return io.stdout
+        if request.stream == pb.STDERR:
+            return io.stderr
+        raise InvalidArgumentError(f"unknown output stream {request.stream}")
+
+    @unary
+    async def TtyWinResize(self, request: pb.TtyWinResizeRequest) -> pb.Empty:
+        if request.rows > WINSIZE_MAX or request.columns > WINSIZE_MAX:
+            raise InvalidArgumentError(f"window size {request.rows}x{request.columns} is too big")
+        proc = self._process(request.container_id, request.exec_id)
+        proc.io.resize(request.rows, request.columns)
+        return pb.Empty()
+
+    # Section: guest
+
+    @unary
+    async def Check(self, request: pb.CheckRequest) -> pb.CheckResponse:
+        return pb.CheckResponse(status=pb.CheckResponse.SERVING)
+
+    @unary
+    async def GetGuestDetails(self, request: pb.Empty) -> pb.GuestDetails:
+        if self._oci_version is None:
+            self._oci_version = await self._runtime.crun.version()
+        return pb.GuestDetails(
+            agent_version=__version__, kernel_release=os.uname().release,
+            python_version=platform.python_version(), oci_runtime_version=self._oci_version,
+            cpus=os.cpu_count() or 0, memory_bytes=_memory_total())
+
+
+def _memory_total() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0

@@ -1,0 +1,229 @@
+"""Guest mounts: the sandbox's shared filesystem and block volumes.
+
+mount(2) and umount2(2) are called through ctypes: the guest has no mount
+binary we could rely on, and a syscall gives a precise errno.
+
+Drivers (the Storage.driver strings, as in Kata):
+- ``virtio-fs``: source is the virtiofs tag, fstype virtiofs.
+- ``9p``: source is the 9p mount tag, options like trans=virtio,version=9p2000.L,msize=N.
+- ``blk``: source is a PCI path "bridge/slot" (two hex digits each, function 0)
+  under the root bus; it is resolved to /dev/vdX and mounted with ``fstype``.
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.errors import DeadlineError, GuestError, InvalidArgumentError
+from agent.spec import check_absolute_path
+
+log = logging.getLogger(__name__)
+
+BLOCK_DEVICE_WAIT_S = 10.0
+BLOCK_DEVICE_POLL_S = 0.05
+PCI_ROOT_BUS = "pci0000:00"
+PCI_SLOT = re.compile(r"^[0-9a-fA-F]{2}$")
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_SYNCHRONOUS = 16
+MS_DIRSYNC = 128
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
+MS_RELATIME = 1 << 21
+MS_STRICTATIME = 1 << 24
+MNT_DETACH = 2
+
+# Option → (flags to set, flags to clear); everything else goes to the fs as data.
+FLAG_OPTIONS: dict[str, tuple[int, int]] = {
+    "ro": (MS_RDONLY, 0), "rw": (0, MS_RDONLY),
+    "nosuid": (MS_NOSUID, 0), "suid": (0, MS_NOSUID),
+    "nodev": (MS_NODEV, 0), "dev": (0, MS_NODEV),
+    "noexec": (MS_NOEXEC, 0), "exec": (0, MS_NOEXEC),
+    "sync": (MS_SYNCHRONOUS, 0), "async": (0, MS_SYNCHRONOUS),
+    "dirsync": (MS_DIRSYNC, 0),
+    "noatime": (MS_NOATIME, 0), "atime": (0, MS_NOATIME),
+    "nodiratime": (MS_NODIRATIME, 0), "diratime": (0, MS_NODIRATIME),
+    "relatime": (MS_RELATIME, 0), "norelatime": (0, MS_RELATIME),
+    "strictatime": (MS_STRICTATIME, 0),
+    "defaults": (0, 0),
+}
+DRIVER_FSTYPES = {"virtio-fs": "virtiofs", "9p": "9p", "blk": ""}
+NINEP_DEFAULTS = (("trans=", "trans=virtio"), ("version=", "version=9p2000.L"))
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+def split_options(options: list[str]) -> tuple[int, str]:
+    """mount(8)-style options → (mount flags, fs data string)."""
+    flags = 0
+    data: list[str] = []
+    for option in options:
+        if option in FLAG_OPTIONS:
+            add, clear = FLAG_OPTIONS[option]
+            flags = (flags | add) & ~clear
+        elif option:
+            data.append(option)
+    return flags, ",".join(data)
+
+
+def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
+    """:raise OSError: mount(2) failed (the message names source, target and type)."""
+    if _libc.mount(source.encode(), target.encode(), fstype.encode(), flags,
+                   data.encode() if data else None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {source} on {target} (type {fstype}): {os.strerror(err)}")
+
+
+def umount(target: str) -> None:
+    """Unmount ``target``; lazily when busy. A target that is not mounted is fine."""
+    if _libc.umount2(target.encode(), 0) == 0:
+        return
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOENT):
+        return
+    if err == errno.EBUSY and _libc.umount2(target.encode(), MNT_DETACH) == 0:
+        log.warning("%s was busy: detached it", target)
+        return
+    err = ctypes.get_errno()
+    raise OSError(err, f"umount {target}: {os.strerror(err)}")
+
+
+@dataclass(frozen=True)
+class Storage:
+    """A filesystem the host asks the agent to mount (agent.proto Storage)."""
+
+    driver: str
+    source: str
+    fstype: str
+    options: list[str] = field(default_factory=list)
+    mount_point: str = ""
+
+    def check(self) -> Storage:
+        """:raise InvalidArgumentError: unknown driver, bad mount point or source."""
+        if self.driver not in DRIVER_FSTYPES:
+            raise InvalidArgumentError(
+                f"storage driver {self.driver!r} is not supported (use one of "
+                f"{', '.join(sorted(DRIVER_FSTYPES))})")
+        check_absolute_path(self.mount_point, f"{self.driver} storage mount_point")
+        if self.mount_point == "/":
+            raise InvalidArgumentError("a storage cannot be mounted on /")
+        if not self.source:
+            raise InvalidArgumentError(f"{self.driver} storage on {self.mount_point} has no source")
+        if self.driver == "blk":
+            parse_pci_path(self.source)
+            if not self.fstype:
+                raise InvalidArgumentError(f"blk storage {self.source} needs an fstype")
+        return self
+
+
+def parse_pci_path(pci_path: str) -> list[str]:
+    """"02/01" → ["02", "01"]: the slot of each bridge, then the device's.
+
+    :raise InvalidArgumentError: not slash-separated two-digit hex slots.
+    """
+    slots = pci_path.split("/")
+    if not all(PCI_SLOT.match(s) for s in slots) or len(slots) > 8:
+        raise InvalidArgumentError(f"invalid PCI path {pci_path!r}: expected e.g. '02/01'")
+    return [s.lower() for s in slots]
+
+
+def resolve_pci_path(pci_path: str, sysfs: Path = Path("/sys")) -> Path | None:
+    """The sysfs directory of the device at ``pci_path``, or None while it is absent."""
+    bus = "0000:00"
+    here = sysfs / "devices" / PCI_ROOT_BUS
+    slots = parse_pci_path(pci_path)
+    for i, slot in enumerate(slots):
+        here = here / f"{bus}:{slot}.0"
+        if not here.is_dir():
+            return None
+        if i < len(slots) - 1:
+            # A bridge: its secondary bus is the one listed under pci_bus/.
+            buses = sorted((here / "pci_bus").glob("*")) if (here / "pci_bus").is_dir() else []
+            if not buses:
+                return None
+            bus = buses[0].name
+    return here
+
+
+def find_block_device(device_dir: Path) -> str | None:
+    """The block device name (e.g. "vda") of a virtio-blk PCI device directory."""
+    for block in sorted(device_dir.glob("virtio*/block/*")):
+        return block.name
+    for block in sorted(device_dir.glob("block/*")):
+        return block.name
+    return None
+
+
+async def wait_for_block_device(pci_path: str, *, sysfs: Path = Path("/sys"),
+                                devfs: Path = Path("/dev"),
+                                timeout: float = BLOCK_DEVICE_WAIT_S) -> Path:
+    """The /dev node of the virtio-blk disk at ``pci_path``, once it exists.
+
+    :raise DeadlineError: it did not appear within ``timeout`` (a hotplug that
+        failed, or a wrong PCI path).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        device_dir = resolve_pci_path(pci_path, sysfs)
+        name = find_block_device(device_dir) if device_dir is not None else None
+        if name is not None and (devfs / name).exists():
+            return devfs / name
+        if time.monotonic() >= deadline:
+            where = device_dir or f"{sysfs}/devices/{PCI_ROOT_BUS} (PCI path {pci_path})"
+            raise DeadlineError(f"no block device appeared for PCI path {pci_path} at {where} "
+                                f"within {timeout:.0f} s")
+        await asyncio.sleep(BLOCK_DEVICE_POLL_S)
+
+
+@dataclass
+class MountedStorage:
+    storage: Storage
+    device: str
+
+    def unmount(self) -> None:
+        umount(self.storage.mount_point)
+        log.info("unmounted %s", self.storage.mount_point)
+
+
+async def mount_storage(storage: Storage, *, sysfs: Path = Path("/sys"),
+                        devfs: Path = Path("/dev")) -> MountedStorage:
+    """Mount ``storage`` at its mount point (created if needed).
+
+    :raise InvalidArgumentError: the storage is malformed.
+    :raise DeadlineError: a block device did not appear.
+    :raise GuestError: the mount point or mount(2) failed.
+    """
+    storage.check()
+    options = list(storage.options)
+    if storage.driver == "blk":
+        source = str(await wait_for_block_device(storage.source, sysfs=sysfs, devfs=devfs))
+    else:
+        source = storage.source
+        if storage.driver == "9p":
+            for prefix, default in NINEP_DEFAULTS:
+                if not any(o.startswith(prefix) for o in options):
+                    options.append(default)
+    fstype = storage.fstype or DRIVER_FSTYPES[storage.driver]
+    flags, data = split_options(options)
+    try:
+        os.makedirs(storage.mount_point, exist_ok=True)
+        mount(source, storage.mount_point, fstype, flags, data)
+    except OSError as e:
+        raise GuestError(f"{storage.driver} storage {storage.source}: {e}") from e
+    log.info("mounted %s %s on %s (type %s, options %s)", storage.driver, source,
+             storage.mount_point, fstype, ",".join(options) or "-")
+    return MountedStorage(storage, source)
