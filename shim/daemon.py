@@ -51,7 +51,7 @@ def _setup_logging(shim_id: str, debug: bool) -> Path | None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format=LOG_FORMAT,
                         handlers=handlers or [logging.NullHandler()], force=True)
     if not debug:
-        logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
+        logging.getLogger("qemu.qmp").setLevel(logging.WARNING)  # one INFO line per disconnect
         logging.getLogger("grpc").setLevel(logging.WARNING)
     return log_file
 

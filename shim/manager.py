@@ -139,7 +139,7 @@ def delete(args: ShimArgs) -> int:
         run_dir = Path(run_dir_file.read_text().strip())
     except OSError:
         run_dir = None
-    if run_dir is not None and run_dir.is_absolute() and "/sandboxes/" in str(run_dir):
+    if run_dir is not None and run_dir.is_absolute() and run_dir.parent.name == "sb":
         from shim.util.mount import umount_all
 
         target = run_dir if run_dir.name == args.id else run_dir / "shared" / args.id

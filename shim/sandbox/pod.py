@@ -146,8 +146,9 @@ class Pod:
             io.open()
             proc = Process(container_id, "", io, pid=self.vm_pid)
             container = Container(container_id, bundle, proc, is_sandbox=False)
-            io.start_output(self.agent)
             proc.guest_pid = await self.agent.create_container(container_id, spec)
+            # The agent buffers output from creation on: nothing is lost by starting here.
+            io.start_output(self.agent)
             if not io.stdin:
                 # Every guest process gets a stdin pipe: without one it must read EOF.
                 await self.agent.close_stdin(container_id, "")
@@ -191,9 +192,9 @@ class Pod:
             return proc
         if exec_id:
             assert proc.spec is not None
-            proc.io.start_output(self.agent)
             try:
                 proc.guest_pid = await self.agent.exec_process(container_id, exec_id, proc.spec)
+                proc.io.start_output(self.agent)
                 if not proc.io.stdin:
                     await self.agent.close_stdin(container_id, exec_id)
             except BaseException:

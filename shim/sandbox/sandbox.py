@@ -1,6 +1,6 @@
 """Sandbox: one pod's VM, its shared directory and its agent connection.
 
-Owns the pod's run directory (``<state_dir>/sandboxes/<id>``) and the order
+Owns the pod's run directory (``<state_dir>/sb/<id>``; short, as socket paths in it have a length limit) and the order
 of bring-up and teardown: accelerator → VM (+ virtiofsd) → agent channel →
 CreateSandbox. Every step registers its undo, so a failure at any point
 leaves nothing behind. Containers live in shim.sandbox.container.
@@ -31,6 +31,7 @@ from shim.vm.vsock import VsockError, allocate_cid, vhost_vsock_available
 
 log = logging.getLogger(__name__)
 
+SANDBOXES_DIR = "sb"
 DESTROY_TIMEOUT_S = 10.0
 GUEST_LOG_TAIL_LINES = 8
 
@@ -58,7 +59,7 @@ class Sandbox:
 
     def __post_init__(self) -> None:
         check_id("sandbox", self.sandbox_id)
-        self.run_dir = Path(self.config.runtime.state_dir) / "sandboxes" / self.sandbox_id
+        self.run_dir = Path(self.config.runtime.state_dir) / SANDBOXES_DIR / self.sandbox_id
         self.shared = SharedDir(self.run_dir / "shared")
 
     @property

@@ -81,7 +81,9 @@ def rpc(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
         try:
             return await method(self, request)
         except errors.HuskError as exc:
-            log.warning("%s %s failed: %s", name, target, exc)
+            # containerd routinely kills what already exited: not worth a warning.
+            level = logging.INFO if isinstance(exc, errors.NotFoundError) else logging.WARNING
+            log.log(level, "%s %s failed: %s", name, target, exc)
             raise to_status(exc) from exc
         except ConfigError as exc:
             log.warning("%s %s failed: %s", name, target, exc)

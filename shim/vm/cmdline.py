@@ -49,7 +49,7 @@ class VmPaths:
 
     @property
     def agent_serial_socket(self) -> Path:
-        return self.run_dir / "agent-serial.sock"
+        return self.run_dir / "serial.sock"
 
     @property
     def agent_socket(self) -> Path:
@@ -58,7 +58,7 @@ class VmPaths:
 
     @property
     def virtiofsd_socket(self) -> Path:
-        return self.run_dir / "virtiofsd.sock"
+        return self.run_dir / "fs.sock"
 
     @property
     def console_log(self) -> Path:

@@ -60,7 +60,7 @@ def one_round(cri: CriClient, handler: str, state: Path, index: int) -> dict[str
     assert result.out == "pong\n", result
     sample = {}
     if handler == "husk":
-        marker = str(state / "sandboxes" / pod.id)
+        marker = str(state / "sb" / pod.id)
         sample = {"shim_rss_mib": _shim_rss_mib(pod.id),
                   "qemu_rss_mib": _rss_mib(marker, "qemu-system"),
                   "virtiofsd_rss_mib": _rss_mib(marker, "virtiofsd")}

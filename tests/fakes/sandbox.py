@@ -34,7 +34,7 @@ class FakeSandbox:
     def __init__(self, sandbox_id: str, config: Config, root: Path) -> None:
         self.sandbox_id = sandbox_id
         self.config = config
-        self.run_dir = root / "sandboxes" / sandbox_id
+        self.run_dir = root / "sb" / sandbox_id
         self.shared = SharedDir(self.run_dir / "shared")
         self.agent: FakeAgent | None = None
         self.vm: FakeVm | None = None

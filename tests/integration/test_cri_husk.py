@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.cri, pytest.mark.timeout(600)]
 
 def _assert_no_vm_left() -> None:
     assert our_processes(str(HUSK_STATE)) == [], "QEMU or virtiofsd still running"
-    sandboxes = HUSK_STATE / "sandboxes"
+    sandboxes = HUSK_STATE / "sb"
     assert not sandboxes.exists() or list(sandboxes.iterdir()) == [], "sandbox dirs left"
 
 

@@ -23,7 +23,7 @@ def _husk(config: Path, *args: str, **kw: object) -> subprocess.CompletedProcess
 def _assert_clean(state: Path) -> None:
     assert our_processes(str(state)) == []
     assert mounts_below(state) == []
-    sandboxes = state / "sandboxes"
+    sandboxes = state / "sb"
     assert not sandboxes.exists() or list(sandboxes.iterdir()) == []
 
 
