@@ -85,3 +85,19 @@ def test_hostile_annotation_is_refused(cri: CriClient) -> None:
     assert "io.husk.memory_mib" in str(exc.value)
     cri.remove_all_pods()
     _assert_no_vm_left()
+
+
+def test_killed_shim_leaves_nothing_behind(cri: CriClient) -> None:
+    import psutil
+
+    pod = cri.run_pod("husk-kill", handler="husk")
+    cri.run_container(pod, BUSYBOX_REF, ["sleep", "600"])
+    daemons = [p for p in psutil.process_iter(["cmdline"])
+               if "serve" in (p.info["cmdline"] or []) and pod.id in (p.info["cmdline"] or [])]
+    assert len(daemons) == 1, daemons
+    daemons[0].kill()  # SIGKILL: no chance to clean up; QEMU dies with it (PDEATHSIG)
+    daemons[0].wait(10)
+    # containerd notices the dead shim and runs `containerd-shim-husk-v2 delete`.
+    cri.stop_pod(pod.id)
+    cri.remove_pod(pod.id)
+    _assert_no_vm_left()
