@@ -123,6 +123,16 @@ def _kill_leftovers(run_dir: Path) -> None:
                 pass
 
 
+def _remove_dead_socket(bundle: Path) -> None:
+    """A daemon killed outright leaves its socket; remove it once nobody answers."""
+    try:
+        path = (bundle / ADDRESS_FILE).read_text().strip().removeprefix("unix://")
+    except OSError:
+        return
+    if path.startswith(SOCKET_DIR + "/") and os.path.exists(path) and not _can_connect(path):
+        os.unlink(path)
+
+
 def _read_pid(path: Path) -> int:
     try:
         return int(path.read_text().strip())
@@ -148,6 +158,7 @@ def delete(args: ShimArgs) -> int:
             _kill_leftovers(run_dir)
         warnings += umount_all(target)
         shutil.rmtree(target, ignore_errors=True)
+    _remove_dead_socket(bundle)
     for warning in warnings:
         print(f"husk delete {args.id}: {warning}", file=sys.stderr)
 
