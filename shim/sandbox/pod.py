@@ -20,7 +20,6 @@ from typing import Any
 
 from shim import errors
 from shim.agentclient.client import ContainerStats
-from shim.config import Config
 from shim.sandbox.process import Process, ProcessState
 from shim.sandbox.sandbox import Sandbox
 from shim.storage.share import RootfsMount, check_id

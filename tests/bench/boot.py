@@ -9,10 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import platform
 import secrets
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -24,6 +22,7 @@ import psutil
 from shim import oci
 from shim.config import load_config
 from shim.sandbox.sandbox import Sandbox
+from tests.bench import machine, medians
 from tests.conftest import GUEST_DIR, write_test_config
 from tests.rootfs import make_busybox_rootfs
 
@@ -74,14 +73,8 @@ async def main() -> int:
         for i in range(RUNS):
             runs.append(await one_boot(config, rootfs))
             print(f"run {i + 1}/{RUNS}: {json.dumps(runs[-1])}", file=sys.stderr)
-        numeric = [k for k, v in runs[0].items() if isinstance(v, float)]
-        result = {
-            "benchmark": "boot", "runs": RUNS, "accel": runs[0]["accel"],
-            "median": {k: round(statistics.median(r[k] for r in runs), 3) for k in numeric},
-            "guest_image": str(GUEST_DIR),
-            "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
-                        "mem_gib": round(psutil.virtual_memory().total / (1 << 30))},
-        }
+        result = {"benchmark": "boot", "runs": RUNS, "accel": runs[0]["accel"],
+                  "median": medians(runs), "guest_image": str(GUEST_DIR), "machine": machine()}
         print(json.dumps(result, indent=2))
         return 0
     finally:

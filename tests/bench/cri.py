@@ -8,11 +8,8 @@ QEMU and virtiofsd of a running pod.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import secrets
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -21,6 +18,7 @@ from typing import Any
 
 import psutil
 
+from tests.bench import machine, medians
 from tests.conftest import write_test_config
 from tests.cri.cri import CriClient
 from tests.cri.harness import Containerd, ContainerdOptions
@@ -78,24 +76,21 @@ def main() -> int:
     try:
         config = write_test_config(work / "husk.toml", state)
         options = ContainerdOptions(images=build_images(), husk_config=config, log_level="info")
-        medians: dict[str, dict[str, float]] = {}
+        results: dict[str, dict[str, float]] = {}
         with Containerd.started(options) as cd:
             for handler in HANDLERS:
                 rounds = []
                 for i in range(RUNS):
                     rounds.append(one_round(cd.cri, handler, state, i))
                     print(f"{handler} {i + 1}/{RUNS}: {json.dumps(rounds[-1])}", file=sys.stderr)
-                medians[handler] = {k: round(statistics.median(r[k] for r in rounds), 3)
-                                    for k in rounds[0]}
-        ratio = {k: round(medians["husk"][k] / medians["runc"][k], 1) for k in STEPS
-                 if medians["runc"][k] > 0}
+                results[handler] = medians(rounds)
+        ratio = {k: round(results["husk"][k] / results["runc"][k], 1) for k in STEPS
+                 if results["runc"][k] > 0}
         probe = state / "accel-probe.json"
         accel = json.loads(probe.read_text())["accel"] if probe.exists() else "unknown"
         result: dict[str, Any] = {
-            "benchmark": "cri", "runs": RUNS, "accel": accel, "median": medians,
-            "husk_over_runc": ratio,
-            "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
-                        "mem_gib": round(psutil.virtual_memory().total / (1 << 30))},
+            "benchmark": "cri", "runs": RUNS, "accel": accel, "median": results,
+            "husk_over_runc": ratio, "machine": machine(),
         }
         print(json.dumps(result, indent=2))
         return 0
