@@ -23,7 +23,7 @@ from shim.agentclient.client import ContainerStats
 from shim.sandbox.process import Process, ProcessState
 from shim.sandbox.sandbox import Sandbox
 from shim.storage.share import RootfsMount, check_id
-from shim.task.stdio import ProcessIO
+from shim.sandbox.stdio import ProcessIO
 
 log = logging.getLogger(__name__)
 

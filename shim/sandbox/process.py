@@ -14,7 +14,7 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from shim import errors
-from shim.task.stdio import ProcessIO
+from shim.sandbox.stdio import ProcessIO
 
 
 class ProcessState(enum.Enum):

@@ -32,7 +32,7 @@ from shim.sandbox.process import Process, ProcessState
 from shim.sandbox.sandbox import Sandbox
 from shim.storage.share import RootfsMount
 from shim.task.events import Publisher
-from shim.task.stdio import ProcessIO
+from shim.sandbox.stdio import ProcessIO
 from shim.ttrpc.errors import Code, TtrpcError
 
 log = logging.getLogger(__name__)

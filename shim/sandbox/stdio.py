@@ -1,4 +1,4 @@
-"""Copying a process's stdio between containerd and the agent.
+"""Copying a process's stdio between containerd and the agent (one ProcessIO per process).
 
 containerd names each stream by URI: "" (none), a bare path or ``fifo://``
 (a FIFO that containerd reads or writes), ``file://`` (append to a file) or
@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import subprocess
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import parse_qs, urlparse
@@ -34,17 +35,11 @@ class StdioAgent(Protocol):
     """The part of AgentClient that stdio needs (a seam for tests)."""
 
     def read_output(self, container_id: str, exec_id: str, stderr: bool = False
-                    ) -> "AsyncIteratorBytes": ...
+                    ) -> AsyncIterator[bytes]: ...
 
     async def write_stdin(self, container_id: str, exec_id: str, data: bytes) -> int: ...
 
     async def close_stdin(self, container_id: str, exec_id: str) -> None: ...
-
-
-class AsyncIteratorBytes(Protocol):
-    def __aiter__(self) -> "AsyncIteratorBytes": ...
-
-    async def __anext__(self) -> bytes: ...
 
 
 async def _wait_fd(fd: int, writable: bool) -> None:
@@ -69,20 +64,18 @@ async def write_all(fd: int, data: bytes) -> None:
             await _wait_fd(fd, writable=True)
 
 
-def _open_output(uri: str, container_id: str, namespace: str
-                 ) -> tuple[int, subprocess.Popen[bytes] | None]:
-    """An fd to write one output stream to, and the logger process if any.
+def _open_output(uri: str) -> int:
+    """An fd to write one output stream (a FIFO or a file) to.
 
     :raise errors.InvalidArgumentError: an unsupported scheme.
     """
     parsed = urlparse(uri)
     if parsed.scheme in ("", "fifo"):
-        return os.open(parsed.path or uri, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC), None
+        return os.open(parsed.path or uri, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     if parsed.scheme == "file":
         os.makedirs(os.path.dirname(parsed.path) or "/", exist_ok=True)
-        fd = os.open(parsed.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK
-                     | os.O_CLOEXEC, 0o640)
-        return fd, None
+        return os.open(parsed.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK
+                       | os.O_CLOEXEC, 0o640)
     raise errors.InvalidArgumentError(f"unsupported stdio URI scheme {parsed.scheme!r} in {uri}")
 
 
@@ -150,12 +143,10 @@ class ProcessIO:
                 self._fds += [self._out_fd, self._err_fd]
             else:
                 if self.stdout:
-                    self._out_fd, _ = _open_output(self.stdout, self.container_id,
-                                                   self.namespace)
+                    self._out_fd = _open_output(self.stdout)
                     self._fds.append(self._out_fd)
                 if self.stderr and not self.terminal:
-                    self._err_fd, _ = _open_output(self.stderr, self.container_id,
-                                                   self.namespace)
+                    self._err_fd = _open_output(self.stderr)
                     self._fds.append(self._err_fd)
             if self.stdin:
                 self._in_fd = os.open(urlparse(self.stdin).path or self.stdin,
