@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from shim.vm.cmdline import AGENT_VSOCK_PORT
@@ -34,13 +35,31 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
                 writer.write_eof()
 
 
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def dial_vsock(cid: int, port: int) -> Streams:
+    """:raise OSError: the guest does not accept on (cid, port) (yet)."""
+    vsock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    vsock.setblocking(False)
+    try:
+        loop = asyncio.get_running_loop()
+        await asyncio.wait_for(loop.sock_connect(vsock, (cid, port)), VSOCK_CONNECT_TIMEOUT_S)
+        return await asyncio.open_connection(sock=vsock)
+    except BaseException:
+        vsock.close()
+        raise
+
+
 class VsockBridge:
     """Unix socket → AF_VSOCK splice for one VM."""
 
-    def __init__(self, listen_path: Path, cid: int, port: int = AGENT_VSOCK_PORT) -> None:
+    def __init__(self, listen_path: Path, cid: int, port: int = AGENT_VSOCK_PORT,
+                 dial: Callable[[int, int], Awaitable[Streams]] = dial_vsock) -> None:
         self.listen_path = listen_path
         self.cid = cid
         self.port = port
+        self._dial = dial  # tests dial a unix socket instead
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -52,16 +71,10 @@ class VsockBridge:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
-        vsock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-        vsock.setblocking(False)
         try:
-            loop = asyncio.get_running_loop()
-            await asyncio.wait_for(loop.sock_connect(vsock, (self.cid, self.port)),
-                                   VSOCK_CONNECT_TIMEOUT_S)
-            g_reader, g_writer = await asyncio.open_connection(sock=vsock)
+            g_reader, g_writer = await self._dial(self.cid, self.port)
         except (OSError, asyncio.TimeoutError) as exc:
             log.debug("vsock %d:%d not reachable yet: %s", self.cid, self.port, exc)
-            vsock.close()
             writer.close()
             self._tasks.discard(task)
             return

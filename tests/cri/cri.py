@@ -329,6 +329,10 @@ class CriClient:
 
     # -- logs -----------------------------------------------------------------
 
+    def container_stats(self, container_id: str) -> api.ContainerStats:
+        resp = self._call("ContainerStats", api.ContainerStatsRequest(container_id=container_id))
+        return resp.stats  # type: ignore[attr-defined,no-any-return]
+
     def log_path(self, container_id: str) -> Path:
         """The container's CRI log file (the pod's log_directory joined with its log_path)."""
         return Path(self.container_status(container_id).log_path)

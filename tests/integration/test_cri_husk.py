@@ -39,6 +39,10 @@ def test_pod_with_two_containers(cri: CriClient) -> None:
     assert (result.exit_code, result.out) == (3, "42\n")
     assert cri.exec_sync(stubborn, ["cat", "/etc/hostname"]).out.strip() == "husk-two"
     assert cri.container_status(stubborn).state == 1  # CONTAINER_RUNNING
+    # Stats come from the container's cgroup inside the guest, as cgroups v1 Metrics.
+    stats = cri.container_stats(stubborn)
+    assert stats.memory.working_set_bytes.value > 0
+    assert stats.cpu.usage_core_nano_seconds.value > 0
     # Graceful stop: SIGTERM is handled.
     cri.stop_container(graceful, timeout=20)
     assert cri.container_status(graceful).exit_code == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -76,4 +77,17 @@ def test_missing_guest_image_is_a_clear_error(busybox_rootfs: Path, husk_state_d
     result = _husk(config, "run", "--rootfs", str(busybox_rootfs), "--", "true")
     assert result.returncode == 125
     assert "guest image file" in result.stderr and "make guest-image" in result.stderr
+    _assert_clean(husk_state_dir)
+
+
+def test_qemu_failure_is_reported_at_once(busybox_rootfs: Path, husk_state_dir: Path,
+                                          tmp_path: Path) -> None:
+    garbage = tmp_path / "not-a-kernel"
+    garbage.write_bytes(b"\0" * 4096)
+    config = write_test_config(tmp_path / "husk.toml", husk_state_dir, kernel=str(garbage))
+    started = time.monotonic()
+    result = _husk(config, "run", "--rootfs", str(busybox_rootfs), "--", "true")
+    assert result.returncode == 125
+    assert "QEMU exited with status" in result.stderr
+    assert time.monotonic() - started < 30, "a dead QEMU must not wait for the agent timeout"
     _assert_clean(husk_state_dir)
