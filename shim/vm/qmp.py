@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import ConnectError, ExecuteError, QMPClient
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,12 @@ class Qmp:
                 try:
                     await asyncio.wait_for(self._client.connect(str(path)), QMP_TIMEOUT_S)
                     return
-                except (OSError, asyncio.TimeoutError) as exc:
-                    if loop.time() > deadline:
+                except (OSError, asyncio.TimeoutError, ConnectError) as exc:
+                    # QEMU may be dying as we connect: the loop's exit check names that.
+                    await asyncio.sleep(SOCKET_POLL_S)
+                    if proc.returncode is None and loop.time() > deadline:
                         raise QmpError(f"cannot connect to QMP at {path}: {exc}") from exc
+                    continue
             if loop.time() > deadline:
                 raise QmpError(f"QEMU did not create its QMP socket {path} within {timeout_s:.0f}s")
             await asyncio.sleep(SOCKET_POLL_S)
