@@ -80,8 +80,8 @@ def test_one_line_sources_with_options(tmp_path: Path) -> None:
 
 def test_missing_release_suite_is_an_error() -> None:
     sources = imagetool.parse_deb822(DEB822)
-    with pytest.raises(imagetool.ImageToolError, match="trixie"):
-        imagetool.debian_mirror_lines(sources, "trixie")
+    with pytest.raises(imagetool.ImageToolError, match="bullseye"):
+        imagetool.debian_mirror_lines(sources, "bullseye")
 
 
 # Section: pins
