@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="husk: %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("qemu.qmp").setLevel(logging.INFO)  # its DEBUG is every QMP message
     if args.action == "probe-accel":
         return _main_probe(args)
     return _main_run(args)

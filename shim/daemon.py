@@ -50,8 +50,9 @@ def _setup_logging(shim_id: str, debug: bool) -> Path | None:
         log_file = None
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format=LOG_FORMAT,
                         handlers=handlers or [logging.NullHandler()], force=True)
+    # qemu.qmp logs every QMP message at DEBUG and each disconnect at INFO: too much.
+    logging.getLogger("qemu.qmp").setLevel(logging.INFO if debug else logging.WARNING)
     if not debug:
-        logging.getLogger("qemu.qmp").setLevel(logging.WARNING)  # one INFO line per disconnect
         logging.getLogger("grpc").setLevel(logging.WARNING)
     return log_file
 

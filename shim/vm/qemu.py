@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 QMP_READY_TIMEOUT_S = 30.0
 QUIT_GRACE_S = 5.0
-GUEST_OPEN_POLL_S = 0.02
+GUEST_OPEN_POLL_S = 0.05
 
 
 class VmError(Exception):
