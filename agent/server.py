@@ -47,7 +47,7 @@ async def start_server(service: AgentService, address: str = DEFAULT_LISTEN) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)  # a stale socket from an earlier agent
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    agent_pb2_grpc.add_AgentServiceServicer_to_server(service, server)
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(service, server)  # type: ignore[no-untyped-call]  # generated
     if server.add_insecure_port(f"unix:{path}") == 0:
         raise RuntimeError(f"cannot listen on {address}")
     await server.start()

@@ -53,7 +53,7 @@ Resp = TypeVar("Resp")
 def status_code(error: AgentError) -> grpc.StatusCode:
     for cls in type(error).__mro__:
         if cls in _CODES:
-            return _CODES[cls]  # type: ignore[index]
+            return _CODES[cls]
     return grpc.StatusCode.UNKNOWN
 
 

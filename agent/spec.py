@@ -14,7 +14,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from agent.errors import InvalidArgumentError
 
@@ -112,7 +112,7 @@ def _check_process(process: Any, what: str) -> dict[str, Any]:
         gids = user.get("additionalGids", [])
         if not isinstance(gids, list) or not all(isinstance(g, int) and g >= 0 for g in gids):
             raise InvalidArgumentError(f"{what}.user.additionalGids must be a list of integers")
-    return process
+    return cast(dict[str, Any], process)
 
 
 def _strip_process(process: dict[str, Any]) -> dict[str, Any]:
@@ -151,12 +151,12 @@ def _rewrite_mount(mount: Any, index: int, allowed_roots: Sequence[str]) -> dict
     if mount_type is not None and not isinstance(mount_type, str):
         raise InvalidArgumentError(f"{what}.type must be a string")
     if mount_type in SOURCELESS_TYPES and not _is_bind(mount):
-        return mount
+        return cast(dict[str, Any], mount)
     source = mount.get("source")
     where = f"mount {destination}: source"
     check_absolute_path(source, where)
     if _well_known(source):
-        return mount
+        return cast(dict[str, Any], mount)
     resolved = resolve_within(source, allowed_roots)
     if resolved is None:
         raise InvalidArgumentError(

@@ -136,7 +136,7 @@ def _main_run(args: argparse.Namespace) -> int:
         async def wrapper() -> int:
             task = asyncio.current_task()
             assert task is not None
-            task_holder.append(task)  # type: ignore[arg-type]
+            task_holder.append(task)
             return await run_container(args)
         return loop_runner.run(wrapper())
     except (KeyboardInterrupt, asyncio.CancelledError):

@@ -106,7 +106,7 @@ class Config:
         :raise ConfigError: an unknown ``io.husk.`` key or an out-of-range value.
         """
         hv = self.hypervisor
-        changes: dict[str, int] = {}
+        changes: dict[str, Any] = {}
         for key, value in annotations.items():
             if not key.startswith(ANNOTATION_PREFIX):
                 continue

@@ -98,7 +98,7 @@ class AgentClient:
         self.target = target
         self.timeout_s = timeout_s
         self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
-        self._stub = pb_grpc.AgentServiceStub(self._channel)
+        self._stub = pb_grpc.AgentServiceStub(self._channel)  # type: ignore[no-untyped-call]
 
     async def close(self) -> None:
         await self._channel.close(grace=None)
@@ -188,7 +188,7 @@ class AgentClient:
                 pb.ProcessRequest(container_id=container_id, exec_id=exec_id))
         except grpc.aio.AioRpcError as exc:
             raise _translate("WaitProcess", exc) from None
-        status = reply.exit_status
+        status = int(reply.exit_status)
         if not 0 <= status <= 255:
             raise errors.InternalError(f"agent returned an invalid exit status {status}")
         return status
@@ -196,7 +196,7 @@ class AgentClient:
     async def write_stdin(self, container_id: str, exec_id: str, data: bytes) -> int:
         reply = await self._call("WriteStdin", pb.WriteStdinRequest(
             container_id=container_id, exec_id=exec_id, data=data))
-        return min(reply.written, len(data))
+        return min(int(reply.written), len(data))
 
     async def close_stdin(self, container_id: str, exec_id: str) -> None:
         await self._call("CloseStdin", pb.ProcessRequest(container_id=container_id,

@@ -61,7 +61,7 @@ class Qmp:
         try:
             return await asyncio.wait_for(self._client.execute(command, arguments), timeout_s)
         except ExecuteError as exc:
-            raise QmpError(f"QMP {command} failed: {exc.error.desc}") from exc
+            raise QmpError(f"QMP {command} failed: {exc} ({exc.error_class})") from exc
         except asyncio.TimeoutError:
             raise QmpError(f"QMP {command} got no answer within {timeout_s:.0f}s") from None
         except Exception as exc:  # connection lost, protocol errors
