@@ -68,6 +68,19 @@ async def _copy_stdin(sandbox: Sandbox) -> None:
         transport.close()
 
 
+def _forward_window_size(sandbox: Sandbox) -> None:
+    """Send the terminal's size now and on every SIGWINCH."""
+    loop = asyncio.get_running_loop()
+
+    def resize() -> None:
+        assert sandbox.agent is not None
+        size = os.get_terminal_size(0)
+        loop.create_task(sandbox.agent.tty_resize(CONTAINER_ID, "", size.lines, size.columns))
+
+    resize()
+    loop.add_signal_handler(signal.SIGWINCH, resize)
+
+
 async def run_container(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     overrides = {k: str(v) for k, v in (("io.husk.vcpus", args.vcpus),
@@ -99,8 +112,7 @@ async def run_container(args: argparse.Namespace) -> int:
         times.container_started_s = time.monotonic() - spawned
         stdin_task = asyncio.create_task(_copy_stdin(sandbox)) if args.interactive else None
         if args.tty and sys.stdin.isatty():
-            rows, cols = os.get_terminal_size(0)
-            await sandbox.agent.tty_resize(CONTAINER_ID, "", rows, cols)
+            _forward_window_size(sandbox)
         status = await sandbox.agent.wait_process(CONTAINER_ID, "")
         await asyncio.gather(*copies)
         if stdin_task:
@@ -191,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="husk: %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("qemu.qmp").setLevel(logging.INFO)  # its DEBUG is every QMP message
+    # qemu.qmp logs every QMP message at DEBUG and each disconnect at INFO.
+    logging.getLogger("qemu.qmp").setLevel(logging.INFO if args.debug else logging.WARNING)
     if args.action == "probe-accel":
         return _main_probe(args)
     return _main_run(args)
