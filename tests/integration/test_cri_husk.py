@@ -105,3 +105,22 @@ def test_killed_shim_leaves_nothing_behind(cri: CriClient) -> None:
     cri.stop_pod(pod.id)
     cri.remove_pod(pod.id)
     _assert_no_vm_left()
+
+
+def test_vm_killed_under_a_running_pod(cri: CriClient) -> None:
+    import psutil
+
+    pod = cri.run_pod("husk-vmkill", handler="husk")
+    cid = cri.run_container(pod, BUSYBOX_REF, ["sleep", "600"])
+    qemu = [p for p in psutil.process_iter(["cmdline"])
+            if "qemu-system" in " ".join(p.info["cmdline"] or [])
+            and f"/sb/{pod.id}/" in " ".join(p.info["cmdline"] or [])]
+    assert len(qemu) == 1, qemu
+    qemu[0].kill()
+    # The container is reported gone (255), not left "running" forever.
+    status = cri.wait_container_exit(cid, timeout=30)
+    assert status.exit_code == 255
+    cri.remove_container(cid)
+    cri.stop_pod(pod.id)
+    cri.remove_pod(pod.id)
+    _assert_no_vm_left()
