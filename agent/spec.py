@@ -28,6 +28,11 @@ BIND_OPTIONS = frozenset({"bind", "rbind"})
 WELL_KNOWN_EXACT = ("/dev", "/proc", "/sys")
 WELL_KNOWN_TREES = ("/dev", "/sys")
 DROPPED_NAMESPACES = frozenset({"network"})
+# A namespace entry with a path means "share the pod's". The VM is the pod, so
+# the pod's IPC and UTS namespaces are the guest's own (the agent's): its
+# hostname is the pod's. Other shared kinds (pid: the agent is PID 1) are not
+# shared; the container gets a new one.
+POD_SHARED_NAMESPACES = frozenset({"ipc", "uts"})
 
 
 def check_id(kind: str, value: str) -> str:
@@ -208,7 +213,10 @@ def rewrite_spec(spec_json: str, *, container_id: str, shared_root: str,
         if ns["type"] in DROPPED_NAMESPACES:
             continue
         # Namespace paths are the host's (the pause container's): meaningless here.
-        kept.append({"type": ns["type"]})
+        if "path" in ns and ns["type"] in POD_SHARED_NAMESPACES:
+            kept.append({"type": ns["type"], "path": f"/proc/{os.getpid()}/ns/{ns['type']}"})
+        else:
+            kept.append({"type": ns["type"]})
     linux["namespaces"] = kept
     linux["cgroupsPath"] = f"/{cgroup_parent}/{container_id}"
     linux.pop("mountLabel", None)

@@ -38,6 +38,11 @@ def test_pod_with_two_containers(cri: CriClient) -> None:
     result = cri.exec_sync(graceful, ["sh", "-c", "echo $((6*7)); exit 3"], timeout=60)
     assert (result.exit_code, result.out) == (3, "42\n")
     assert cri.exec_sync(stubborn, ["cat", "/etc/hostname"]).out.strip() == "husk-two"
+    # Containers of a pod share its IPC and UTS namespaces, as with runc.
+    ns = "readlink /proc/self/ns/ipc /proc/self/ns/uts; hostname"
+    assert cri.exec_sync(graceful, ["sh", "-c", ns]).out == \
+        cri.exec_sync(stubborn, ["sh", "-c", ns]).out
+    assert cri.exec_sync(stubborn, ["hostname"]).out == "husk-two\n"
     assert cri.container_status(stubborn).state == 1  # CONTAINER_RUNNING
     # Stats come from the container's cgroup inside the guest, as cgroups v1 Metrics.
     stats = cri.container_stats(stubborn)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,10 @@ def rewrite(shared: Path, spec: dict[str, Any] | str, volumes: tuple[str, ...] =
 def test_rewrite_drops_host_parts_and_keeps_the_rest(shared: Path) -> None:
     out = rewrite(shared, base_spec(shared))
     assert "hooks" not in out
-    assert out["linux"]["namespaces"] == [{"type": "pid"}, {"type": "ipc"}, {"type": "mount"}]
+    # The pod's IPC namespace (a host path) becomes the guest's own; network is dropped.
+    assert out["linux"]["namespaces"] == [
+        {"type": "pid"}, {"type": "ipc", "path": f"/proc/{os.getpid()}/ns/ipc"},
+        {"type": "mount"}]
     assert out["linux"]["cgroupsPath"] == "/husk/c1"
     assert "mountLabel" not in out["linux"]
     proc = out["process"]
