@@ -22,6 +22,7 @@ import termios
 import time
 import tty
 from pathlib import Path
+from collections.abc import Coroutine
 from typing import Any
 
 from shim import errors, oci
@@ -127,6 +128,14 @@ async def run_container(args: argparse.Namespace) -> int:
         await asyncio.shield(sandbox.stop())
 
 
+async def _until_signalled(work: Coroutine[Any, Any, int]) -> int:
+    """Run ``work``; SIGTERM cancels it like Ctrl-C does (its cleanup still runs)."""
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    return await work
+
+
 def _main_run(args: argparse.Namespace) -> int:
     if not args.command:
         print("husk run: no command given (husk run --rootfs DIR -- CMD...)", file=sys.stderr)
@@ -135,22 +144,9 @@ def _main_run(args: argparse.Namespace) -> int:
     if args.tty and sys.stdin.isatty():
         saved_tty = termios.tcgetattr(0)
         tty.setraw(0)
-    loop_runner = asyncio.Runner()
-    main = loop_runner.get_loop()
-    task_holder: list[asyncio.Task[int]] = []
-
-    def on_term() -> None:
-        for t in task_holder:
-            t.cancel()
-
-    main.add_signal_handler(signal.SIGTERM, on_term)
+    runner = asyncio.Runner()
     try:
-        async def wrapper() -> int:
-            task = asyncio.current_task()
-            assert task is not None
-            task_holder.append(task)
-            return await run_container(args)
-        return loop_runner.run(wrapper())
+        return runner.run(_until_signalled(run_container(args)))
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("husk run: interrupted; the VM was stopped", file=sys.stderr)
         return 130
@@ -161,7 +157,7 @@ def _main_run(args: argparse.Namespace) -> int:
         print(f"husk run: {exc}", file=sys.stderr)
         return 125
     finally:
-        loop_runner.close()
+        runner.close()
         if saved_tty is not None:
             termios.tcsetattr(0, termios.TCSADRAIN, saved_tty)
 

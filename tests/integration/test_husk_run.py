@@ -50,8 +50,9 @@ def test_run_over_9p(guest_image: Path, busybox_rootfs: Path, husk_state_dir: Pa
     _assert_clean(husk_state_dir)
 
 
-def test_ctrl_c_cleans_up(guest_image: Path, busybox_rootfs: Path, husk_state_dir: Path,
-                          tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupt_cleans_up(sig: int, guest_image: Path, busybox_rootfs: Path,
+                             husk_state_dir: Path, tmp_path: Path) -> None:
     config = write_test_config(tmp_path / "husk.toml", husk_state_dir)
     proc = subprocess.Popen([*HUSK, "--config", str(config), "run", "--rootfs",
                              str(busybox_rootfs), "--", "sh", "-c", "echo up; sleep 600"],
@@ -60,7 +61,7 @@ def test_ctrl_c_cleans_up(guest_image: Path, busybox_rootfs: Path, husk_state_di
         assert proc.stdout is not None
         assert proc.stdout.readline() == "up\n"  # the container runs in its VM
         assert our_processes(str(husk_state_dir)), "expected QEMU to be running"
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         assert proc.wait(timeout=60) == 130
     finally:
         if proc.poll() is None:
