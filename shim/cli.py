@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="husk: %(levelname)s %(name)s: %(message)s")
     # qemu.qmp logs every QMP message at DEBUG and each disconnect at INFO.
     logging.getLogger("qemu.qmp").setLevel(logging.INFO if args.debug else logging.WARNING)
+    logging.getLogger("grpc").setLevel(logging.INFO)  # its DEBUG is a line per call
     if args.action == "probe-accel":
         return _main_probe(args)
     return _main_run(args)

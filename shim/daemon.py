@@ -52,8 +52,8 @@ def _setup_logging(shim_id: str, debug: bool) -> Path | None:
                         handlers=handlers or [logging.NullHandler()], force=True)
     # qemu.qmp logs every QMP message at DEBUG and each disconnect at INFO: too much.
     logging.getLogger("qemu.qmp").setLevel(logging.INFO if debug else logging.WARNING)
-    if not debug:
-        logging.getLogger("grpc").setLevel(logging.WARNING)
+    # grpc's DEBUG is a line per call ("Loaded running loop").
+    logging.getLogger("grpc").setLevel(logging.INFO if debug else logging.WARNING)
     return log_file
 
 

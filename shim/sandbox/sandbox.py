@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 SANDBOXES_DIR = "sb"
 DESTROY_TIMEOUT_S = 10.0
 GUEST_LOG_TAIL_LINES = 8
+KEPT_GUEST_LOG_BYTES = 64 * 1024
 
 
 @dataclass
@@ -88,6 +89,8 @@ class Sandbox:
         hv = self.config.hypervisor
         async with AsyncExitStack() as undo:
             undo.callback(self._remove_run_dir)
+            if self.config.runtime.debug:
+                undo.callback(self._keep_guest_logs)  # LIFO: after the VM stopped, before removal
             self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             self.shared.create()
             self.accel = await choose_accel(hv.accel, hv.qemu_path,
@@ -175,6 +178,19 @@ class Sandbox:
         log.error("sandbox %s guest console: %s", self.sandbox_id, console or "(empty)")
         log.error("sandbox %s agent log: %s", self.sandbox_id, agent or "(empty)")
         return f"guest console: {console or '(empty)'}; agent log: {agent or '(empty)'}"
+
+    def _keep_guest_logs(self) -> None:
+        """Debug: copy the end of the guest's logs into the shim log before they go."""
+        paths = VmPaths(self.run_dir)
+        for name, path in (("console", paths.console_log), ("agent", paths.guest_log)):
+            try:
+                with open(path, "rb") as f:
+                    f.seek(0, 2)
+                    f.seek(max(0, f.tell() - KEPT_GUEST_LOG_BYTES))
+                    text = f.read().decode(errors="replace")
+            except OSError:
+                continue
+            log.debug("sandbox %s guest %s log:\n%s", self.sandbox_id, name, text)
 
     def _remove_run_dir(self) -> None:
         self.shared.destroy()
