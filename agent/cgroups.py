@@ -29,6 +29,7 @@ class CgroupStats:
     memory_rss_bytes: int = 0
     pids_current: int = 0
     pids_limit: int = 0  # 0: unlimited
+    oom_kills: int = 0
 
 
 def _read(path: Path) -> str | None:
@@ -105,8 +106,20 @@ class Cgroup:
         text = _read(directory / "cgroup.procs") or ""
         return [int(p) for p in text.split() if p.isdigit()]
 
+    def oom_kills(self) -> int:
+        """How many processes the OOM killer took in this cgroup so far."""
+        if self.unified:
+            return _keyed(self.root / self.relative / "memory.events").get("oom_kill", 0)
+        memory = self._v1_dir("memory")
+        if memory is None:
+            return 0
+        # memory.oom_control is "key value" lines too; oom_kill appeared in Linux 4.13.
+        return _keyed(memory / "memory.oom_control").get("oom_kill", 0)
+
     def stats(self) -> CgroupStats:
-        return self._stats_v2() if self.unified else self._stats_v1()
+        stats = self._stats_v2() if self.unified else self._stats_v1()
+        stats.oom_kills = self.oom_kills()
+        return stats
 
     def _stats_v2(self) -> CgroupStats:
         d = self.root / self.relative

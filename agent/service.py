@@ -33,6 +33,8 @@ from proto.gen import agent_pb2_grpc
 log = logging.getLogger(__name__)
 
 OUTPUT_CHUNK = 64 * 1024
+# Reading memory.events of a few containers twice a second costs next to nothing.
+OOM_POLL_S = 0.5
 SIGNAL_MAX = 64
 WINSIZE_MAX = 0xFFFF
 
@@ -93,6 +95,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         self._sandbox: Sandbox | None = None
         self._sandbox_lock = asyncio.Lock()
         self._oci_version: str | None = None
+        self._oom_kills: dict[str, int] = {}  # OOM kills already reported, per container
 
     # Section: lookups
 
@@ -183,7 +186,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             memory_usage_bytes=s.memory_usage_bytes, memory_limit_bytes=s.memory_limit_bytes,
             memory_max_usage_bytes=s.memory_max_usage_bytes, pids_current=s.pids_current,
             pids_limit=s.pids_limit, memory_cache_bytes=s.memory_cache_bytes,
-            memory_rss_bytes=s.memory_rss_bytes)
+            memory_rss_bytes=s.memory_rss_bytes, oom_kills=s.oom_kills)
 
     @unary
     async def ListProcesses(self, request: pb.ContainerRequest) -> pb.ListProcessesResponse:
@@ -250,6 +253,19 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         return pb.Empty()
 
     # Section: guest
+
+    @unary
+    async def GetOOMEvent(self, request: pb.Empty) -> pb.OOMEvent:
+        """Return the next container whose OOM-kill count went up (polls the cgroups)."""
+        while True:
+            sandbox = self._sandbox
+            for container in list(sandbox.containers.values()) if sandbox else []:
+                kills = container.cgroup.oom_kills()
+                if kills > self._oom_kills.get(container.id, 0):
+                    self._oom_kills[container.id] = kills
+                    log.info("container %s: OOM kill (%d so far)", container.id, kills)
+                    return pb.OOMEvent(container_id=container.id)
+            await asyncio.sleep(OOM_POLL_S)
 
     @unary
     async def Check(self, request: pb.CheckRequest) -> pb.CheckResponse:

@@ -169,7 +169,7 @@ class TtyWinResizeRequest(_message.Message):
     def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., rows: _Optional[int] = ..., columns: _Optional[int] = ...) -> None: ...
 
 class StatsContainerResponse(_message.Message):
-    __slots__ = ("cpu_usage_ns", "cpu_user_ns", "cpu_system_ns", "memory_usage_bytes", "memory_limit_bytes", "memory_max_usage_bytes", "pids_current", "pids_limit", "memory_cache_bytes", "memory_rss_bytes")
+    __slots__ = ("cpu_usage_ns", "cpu_user_ns", "cpu_system_ns", "memory_usage_bytes", "memory_limit_bytes", "memory_max_usage_bytes", "pids_current", "pids_limit", "memory_cache_bytes", "memory_rss_bytes", "oom_kills")
     CPU_USAGE_NS_FIELD_NUMBER: _ClassVar[int]
     CPU_USER_NS_FIELD_NUMBER: _ClassVar[int]
     CPU_SYSTEM_NS_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +180,7 @@ class StatsContainerResponse(_message.Message):
     PIDS_LIMIT_FIELD_NUMBER: _ClassVar[int]
     MEMORY_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OOM_KILLS_FIELD_NUMBER: _ClassVar[int]
     cpu_usage_ns: int
     cpu_user_ns: int
     cpu_system_ns: int
@@ -190,13 +191,20 @@ class StatsContainerResponse(_message.Message):
     pids_limit: int
     memory_cache_bytes: int
     memory_rss_bytes: int
-    def __init__(self, cpu_usage_ns: _Optional[int] = ..., cpu_user_ns: _Optional[int] = ..., cpu_system_ns: _Optional[int] = ..., memory_usage_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., memory_max_usage_bytes: _Optional[int] = ..., pids_current: _Optional[int] = ..., pids_limit: _Optional[int] = ..., memory_cache_bytes: _Optional[int] = ..., memory_rss_bytes: _Optional[int] = ...) -> None: ...
+    oom_kills: int
+    def __init__(self, cpu_usage_ns: _Optional[int] = ..., cpu_user_ns: _Optional[int] = ..., cpu_system_ns: _Optional[int] = ..., memory_usage_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., memory_max_usage_bytes: _Optional[int] = ..., pids_current: _Optional[int] = ..., pids_limit: _Optional[int] = ..., memory_cache_bytes: _Optional[int] = ..., memory_rss_bytes: _Optional[int] = ..., oom_kills: _Optional[int] = ...) -> None: ...
 
 class ListProcessesResponse(_message.Message):
     __slots__ = ("pids",)
     PIDS_FIELD_NUMBER: _ClassVar[int]
     pids: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, pids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class OOMEvent(_message.Message):
+    __slots__ = ("container_id",)
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    def __init__(self, container_id: _Optional[str] = ...) -> None: ...
 
 class CheckRequest(_message.Message):
     __slots__ = ()

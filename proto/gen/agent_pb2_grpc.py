@@ -119,6 +119,11 @@ class AgentServiceStub:
                 request_serializer=agent__pb2.TtyWinResizeRequest.SerializeToString,
                 response_deserializer=agent__pb2.Empty.FromString,
                 _registered_method=True)
+        self.GetOOMEvent = channel.unary_unary(
+                '/husk.agent.AgentService/GetOOMEvent',
+                request_serializer=agent__pb2.Empty.SerializeToString,
+                response_deserializer=agent__pb2.OOMEvent.FromString,
+                _registered_method=True)
         self.Check = channel.unary_unary(
                 '/husk.agent.AgentService/Check',
                 request_serializer=agent__pb2.CheckRequest.SerializeToString,
@@ -240,6 +245,13 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetOOMEvent(self, request, context):
+        """Waits until a container's cgroup records an OOM kill (long poll).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Check(self, request, context):
         """Guest.
         """
@@ -340,6 +352,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.TtyWinResize,
                     request_deserializer=agent__pb2.TtyWinResizeRequest.FromString,
                     response_serializer=agent__pb2.Empty.SerializeToString,
+            ),
+            'GetOOMEvent': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOOMEvent,
+                    request_deserializer=agent__pb2.Empty.FromString,
+                    response_serializer=agent__pb2.OOMEvent.SerializeToString,
             ),
             'Check': grpc.unary_unary_rpc_method_handler(
                     servicer.Check,
@@ -811,6 +828,33 @@ class AgentService:
             '/husk.agent.AgentService/TtyWinResize',
             agent__pb2.TtyWinResizeRequest.SerializeToString,
             agent__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOOMEvent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/husk.agent.AgentService/GetOOMEvent',
+            agent__pb2.Empty.SerializeToString,
+            agent__pb2.OOMEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,6 +28,7 @@ CHECK_TIMEOUT_S = 2.0
 # A reply larger than this is a misbehaving guest, not data we want.
 MAX_MESSAGE_BYTES = 8 << 20
 MAX_PID = 1 << 22
+MAX_ID_LENGTH = 128
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -89,6 +90,7 @@ class ContainerStats:
     memory_rss_bytes: int
     pids_current: int
     pids_limit: int
+    oom_kills: int = 0
 
 
 class AgentClient:
@@ -193,6 +195,14 @@ class AgentClient:
             raise errors.InternalError(f"agent returned an invalid exit status {status}")
         return status
 
+    async def get_oom_event(self) -> str:
+        """The next container the guest's OOM killer hit; waits without a deadline."""
+        try:
+            reply = await self._stub.GetOOMEvent(pb.Empty())
+        except grpc.aio.AioRpcError as exc:
+            raise _translate("GetOOMEvent", exc) from None
+        return str(reply.container_id)[:MAX_ID_LENGTH]
+
     async def write_stdin(self, container_id: str, exec_id: str, data: bytes) -> int:
         reply = await self._call("WriteStdin", pb.WriteStdinRequest(
             container_id=container_id, exec_id=exec_id, data=data))
@@ -242,4 +252,4 @@ class AgentClient:
             memory_limit_bytes=r.memory_limit_bytes,
             memory_max_usage_bytes=r.memory_max_usage_bytes,
             memory_cache_bytes=r.memory_cache_bytes, memory_rss_bytes=r.memory_rss_bytes,
-            pids_current=r.pids_current, pids_limit=r.pids_limit)
+            pids_current=r.pids_current, pids_limit=r.pids_limit, oom_kills=r.oom_kills)

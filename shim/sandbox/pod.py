@@ -34,6 +34,7 @@ BIND_TYPES = ("bind", "rbind")
 VM_GONE_STATUS = 255
 
 ExitCallback = Callable[[Process], None]
+OomCallback = Callable[[str], None]
 
 
 @dataclass
@@ -59,12 +60,15 @@ def _is_bind(mount: dict[str, Any]) -> bool:
 
 
 class Pod:
-    def __init__(self, sandbox: Sandbox, on_exit: ExitCallback) -> None:
+    def __init__(self, sandbox: Sandbox, on_exit: ExitCallback,
+                 on_oom: OomCallback = lambda container_id: None) -> None:
         self.sandbox = sandbox
         self.containers: dict[str, Container] = {}
         self._on_exit = on_exit
+        self._on_oom = on_oom
+        self._ooms_reported: dict[str, int] = {}  # TaskOOM events sent, per container
         self._monitors: set[asyncio.Task[None]] = set()
-        self._vm_watch: asyncio.Task[None] | None = None
+        self._watchers: list[asyncio.Task[None]] = []
 
     @property
     def agent(self) -> Any:
@@ -87,7 +91,34 @@ class Pod:
     async def boot(self, hostname: str, dns: list[str]) -> None:
         await self.sandbox.start(hostname=hostname, dns=dns)
         assert self.sandbox.vm is not None
-        self._vm_watch = asyncio.create_task(self._watch_vm(), name="vm-watch")
+        self._watchers = [asyncio.create_task(self._watch_vm(), name="vm-watch"),
+                          asyncio.create_task(self._watch_oom(), name="oom-watch")]
+
+    async def _watch_oom(self) -> None:
+        while True:
+            try:
+                container_id = await self.agent.get_oom_event()
+            except errors.HuskError as exc:
+                log.debug("no more OOM events from the guest: %s", exc)
+                return
+            # From the guest: only a container we know is worth an event.
+            if container_id in self.containers:
+                self._report_oom(container_id)
+
+    def _report_oom(self, container_id: str) -> None:
+        log.warning("container %s: the guest's OOM killer took a process", container_id)
+        self._ooms_reported[container_id] = self._ooms_reported.get(container_id, 0) + 1
+        self._on_oom(container_id)
+
+    async def _check_oom_at_exit(self, container_id: str) -> None:
+        """An init killed by SIGKILL may be an OOM kill the watcher has not seen yet:
+        containerd deletes the task right after its exit, so ask now, before TaskExit."""
+        try:
+            stats = await self.agent.stats_container(container_id)
+        except errors.HuskError:
+            return
+        if stats.oom_kills > self._ooms_reported.get(container_id, 0):
+            self._report_oom(container_id)
 
     async def _watch_vm(self) -> None:
         assert self.sandbox.vm is not None
@@ -100,9 +131,10 @@ class Pod:
                     self._exited(proc, VM_GONE_STATUS)
 
     async def shutdown(self) -> None:
-        if self._vm_watch is not None:
-            self._vm_watch.cancel()
-            self._vm_watch = None
+        for watcher in self._watchers:
+            watcher.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+        self._watchers = []
         for task in list(self._monitors):
             task.cancel()
         await asyncio.gather(*self._monitors, return_exceptions=True)
@@ -214,6 +246,8 @@ class Pod:
         except errors.HuskError as exc:
             log.error("waiting for %s failed: %s", proc.name, exc)
             status = VM_GONE_STATUS
+        if status == 128 + signal.SIGKILL and not proc.exec_id:
+            await self._check_oom_at_exit(proc.container_id)
         await proc.io.finish()
         self._exited(proc, status)
 

@@ -178,7 +178,8 @@ class TaskService:
             config = _with_debug(config)
         sandbox = self._sandbox_factory(request.id, config)
         sandbox.cgroup_path = _cgroups_path(spec)
-        pod = Pod(sandbox, self._publish_exit)
+        pod = Pod(sandbox, self._publish_exit,
+                  lambda cid: self.publisher.publish(ev.TaskOOM(container_id=cid)))
         hostname = spec.get("hostname") if isinstance(spec.get("hostname"), str) else ""
         hostname = (hostname or annotations.get("io.kubernetes.cri.sandbox-name", ""))[:63]
         try:

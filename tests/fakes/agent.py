@@ -34,6 +34,8 @@ class FakeAgent:
         self.paused: set[str] = set()
         self.signals: list[tuple[str, str, int, bool]] = []
         self._next_pid = 100
+        self.oom_events: asyncio.Queue[str] = asyncio.Queue()
+        self.oom_kills: dict[str, int] = {}
 
     def _new(self, key: tuple[str, str], spec: dict[str, Any]) -> int:
         self._next_pid += 1
@@ -121,7 +123,11 @@ class FakeAgent:
 
     async def stats_container(self, container_id: str) -> ContainerStats:
         self.proc(container_id)
-        return ContainerStats(5000, 3000, 2000, 1 << 20, 1 << 30, 2 << 20, 4096, 8192, 3, 100)
+        return ContainerStats(5000, 3000, 2000, 1 << 20, 1 << 30, 2 << 20, 4096, 8192, 3, 100,
+                              oom_kills=self.oom_kills.get(container_id, 0))
+
+    async def get_oom_event(self) -> str:
+        return await self.oom_events.get()
 
     async def destroy_sandbox(self, sandbox_id: str, timeout_s: float | None = None) -> None:
         pass

@@ -129,3 +129,23 @@ def test_vm_killed_under_a_running_pod(cri: CriClient) -> None:
     cri.stop_pod(pod.id)
     cri.remove_pod(pod.id)
     _assert_no_vm_left()
+
+
+def test_oom_kill_is_reported(cri: CriClient) -> None:
+    from cri_api.v1 import api_pb2 as api
+
+    from tests.cri.cri import wait_for
+
+    pod = cri.run_pod("husk-oom", handler="husk")
+    hog = cri.run_container(pod, BUSYBOX_REF, ["dd", "if=/dev/zero", "of=/dev/null", "bs=96M",
+                                               "count=1"],
+                            resources=api.LinuxContainerResources(memory_limit_in_bytes=32 << 20))
+    status = cri.wait_container_exit(hog, timeout=60)
+    assert status.exit_code == 137
+    # The guest's OOM kill reaches containerd as a TaskOOM event.
+    wait_for("OOMKilled reason", lambda: cri.container_status(hog).reason == "OOMKilled" or None,
+             timeout=15)
+    cri.remove_container(hog)
+    cri.stop_pod(pod.id)
+    cri.remove_pod(pod.id)
+    _assert_no_vm_left()

@@ -63,3 +63,15 @@ def test_cgroup_v1_stats(tmp_path: Path) -> None:
     assert (s.memory_cache_bytes, s.memory_rss_bytes) == (11, 21)
     assert (s.pids_current, s.pids_limit) == (2, 0)
     assert cgroup.pids() == [5, 6]
+
+
+def test_oom_kill_counters(tmp_path: Path) -> None:
+    v2 = tmp_path / "v2"
+    write(v2 / "cgroup.controllers", "memory\n")
+    write(v2 / "husk" / "c1" / "memory.events", "low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n")
+    assert Cgroup(v2, "husk/c1").oom_kills() == 1
+    assert Cgroup(v2, "husk/gone").oom_kills() == 0
+    v1 = tmp_path / "v1"
+    write(v1 / "memory" / "husk" / "c1" / "memory.oom_control",
+          "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
+    assert Cgroup(v1, "husk/c1").oom_kills() == 2

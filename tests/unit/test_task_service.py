@@ -207,3 +207,30 @@ async def test_vm_crash_fails_running_processes(env: Any) -> None:
     reply = await asyncio.wait_for(env.service.wait(api.WaitRequest(id=SANDBOX)), 5)
     assert reply.exit_status == 255
     assert (await env.service.state(api.StateRequest(id="c1"))).status == task_types.STOPPED
+
+
+async def test_guest_oom_becomes_a_task_oom_event(env: Any) -> None:
+    await _run_pod(env)
+    await _create(env, "c1")
+    agent = env.sandboxes[0].agent
+    agent.oom_events.put_nowait("not-a-container")  # from the guest: ignored
+    agent.oom_events.put_nowait("c1")
+    for _ in range(50):
+        if "TaskOOM" in env.publisher.topics():
+            break
+        await asyncio.sleep(0.01)
+    ooms = [e for e in env.publisher.events if type(e).__name__ == "TaskOOM"]
+    assert [e.container_id for e in ooms] == ["c1"]
+
+
+async def test_oom_kill_at_exit_is_reported_before_the_exit(env: Any) -> None:
+    await _run_pod(env)
+    await _create(env, "c1")
+    await env.service.start(api.StartRequest(id="c1"))
+    agent = env.sandboxes[0].agent
+    agent.oom_kills["c1"] = 1  # the guest's cgroup counted an OOM kill...
+    agent.exit("c1", 137)      # ...and the init died of SIGKILL before the watcher polled
+    await asyncio.wait_for(env.service.wait(api.WaitRequest(id="c1")), 5)
+    topics = env.publisher.topics()
+    assert topics.count("TaskOOM") == 1
+    assert topics.index("TaskOOM") < len(topics) - 1 and topics[-1] == "TaskExit"
