@@ -234,3 +234,23 @@ async def test_oom_kill_at_exit_is_reported_before_the_exit(env: Any) -> None:
     topics = env.publisher.topics()
     assert topics.count("TaskOOM") == 1
     assert topics.index("TaskOOM") < len(topics) - 1 and topics[-1] == "TaskExit"
+
+
+async def test_file_uri_stdio(env: Any) -> None:
+    await _run_pod(env)
+    target = env.root / "logs" / "c1.out"
+    await _create(env, "c1", stdout=f"file://{target}")
+    await env.service.start(api.StartRequest(id="c1"))
+    agent = env.sandboxes[0].agent
+    agent.emit("c1", b"to a file\n")
+    agent.exit("c1", 0)
+    await asyncio.wait_for(env.service.wait(api.WaitRequest(id="c1")), 5)
+    assert target.read_text() == "to a file\n"
+
+
+async def test_unsupported_stdio_scheme_is_refused(env: Any) -> None:
+    await _run_pod(env)
+    with pytest.raises(TtrpcError) as exc:
+        await _create(env, "c1", stdout="tcp://10.0.0.1:1")
+    assert exc.value.code == Code.INVALID_ARGUMENT and "tcp" in exc.value.message
+    assert not env.sandboxes[0].shared.container_dir("c1").exists()
