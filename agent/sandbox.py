@@ -108,9 +108,13 @@ class Sandbox:
                 storage.check()
             volumes = await mount_all(self._runtime, storages)
             try:
+                # Bind sources may be the container's volumes or the pod's
+                # ephemeral storages (its shared /dev/shm).
+                roots = [v.storage.mount_point for v in volumes] + [
+                    m.storage.mount_point for m in self.storages
+                    if m.storage.driver == "ephemeral"]
                 spec = rewrite_spec(spec_json, container_id=container_id,
-                                    shared_root=self.shared_root,
-                                    volume_roots=[v.storage.mount_point for v in volumes],
+                                    shared_root=self.shared_root, volume_roots=roots,
                                     cgroup_parent=self._runtime.config.cgroup_parent)
                 container = await Container.create(self._runtime, container_id, spec, volumes)
             except BaseException:

@@ -8,6 +8,7 @@ Drivers (the Storage.driver strings, as in Kata):
 - ``9p``: source is the 9p mount tag, options like trans=virtio,version=9p2000.L,msize=N.
 - ``blk``: source is a PCI path "bridge/slot" (two hex digits each, function 0)
   under the root bus; it is resolved to /dev/vdX and mounted with ``fstype``.
+- ``ephemeral``: a tmpfs in guest memory (the pod's shared /dev/shm).
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ FLAG_OPTIONS: dict[str, tuple[int, int]] = {
     "strictatime": (MS_STRICTATIME, 0),
     "defaults": (0, 0),
 }
-DRIVER_FSTYPES = {"virtio-fs": "virtiofs", "9p": "9p", "blk": ""}
+DRIVER_FSTYPES = {"virtio-fs": "virtiofs", "9p": "9p", "blk": "", "ephemeral": "tmpfs"}
 NINEP_DEFAULTS = (("trans=", "trans=virtio"), ("version=", "version=9p2000.L"))
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)

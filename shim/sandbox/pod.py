@@ -21,14 +21,12 @@ from typing import Any
 from shim import errors
 from shim.agentclient.client import ContainerStats
 from shim.sandbox.process import Process, ProcessState
-from shim.sandbox.sandbox import Sandbox
+from shim.sandbox.sandbox import POD_SHM_STORAGE, Sandbox
 from shim.storage.share import RootfsMount, check_id
 from shim.sandbox.stdio import ProcessIO
 
 log = logging.getLogger(__name__)
 
-SANDBOX_SHM_TMPFS = {"type": "tmpfs", "source": "shm",
-                     "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}
 BIND_TYPES = ("bind", "rbind")
 # Exit status reported when the VM disappears under a running process.
 VM_GONE_STATUS = 255
@@ -202,8 +200,11 @@ class Pod:
                 shared.append(mount)
                 continue
             if mount["destination"] == "/dev/shm":
-                # The host's per-pod shm would not be shared memory across a VM boundary.
-                shared.append({"destination": "/dev/shm", **SANDBOX_SHM_TMPFS})
+                # The host's per-pod shm would not be shared memory across a VM
+                # boundary: the pod's own tmpfs in the guest stands in for it.
+                shared.append({"destination": "/dev/shm", "type": "bind",
+                               "source": POD_SHM_STORAGE.mount_point,
+                               "options": ["rbind", "nosuid", "nodev", "noexec"]})
                 continue
             source = mount.get("source")
             if not isinstance(source, str) or not source.startswith("/"):

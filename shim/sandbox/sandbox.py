@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 SANDBOXES_DIR = "sb"
 DESTROY_TIMEOUT_S = 10.0
+# The pod's /dev/shm: one tmpfs in guest memory that all its containers bind.
+POD_SHM_STORAGE = Storage("ephemeral", "shm", "tmpfs", "/run/husk/pod-shm",
+                          ("nosuid", "nodev", "noexec", "mode=1777", "size=64m"))
 GUEST_LOG_TAIL_LINES = 8
 KEPT_GUEST_LOG_BYTES = 64 * 1024
 
@@ -155,7 +158,7 @@ class Sandbox:
             log.info("sandbox %s: agent ready after %.3fs (%s)", self.sandbox_id,
                      self.times.agent_ready_s, details)
             await self.agent.create_sandbox(self.sandbox_id, hostname, dns or [],
-                                            [self._shared_storage()])
+                                            [self._shared_storage(), POD_SHM_STORAGE])
             self.times.sandbox_ready_s = time.monotonic() - self.vm.times.spawned_at
             self._undo = undo.pop_all()
 

@@ -43,6 +43,9 @@ def test_pod_with_two_containers(cri: CriClient) -> None:
     assert cri.exec_sync(graceful, ["sh", "-c", ns]).out == \
         cri.exec_sync(stubborn, ["sh", "-c", ns]).out
     assert cri.exec_sync(stubborn, ["hostname"]).out == "husk-two\n"
+    # ...and its /dev/shm.
+    cri.exec_sync(graceful, ["sh", "-c", "echo shared > /dev/shm/note"])
+    assert cri.exec_sync(stubborn, ["cat", "/dev/shm/note"]).out == "shared\n"
     assert cri.container_status(stubborn).state == 1  # CONTAINER_RUNNING
     # Stats come from the container's cgroup inside the guest, as cgroups v1 Metrics.
     stats = cri.container_stats(stubborn)

@@ -140,3 +140,18 @@ def test_blk_volume_mounts_for_real(tmp_path: Path) -> None:
     assert fields[fields.index("-") + 1] == "ext4"
     assert result["after"] is False
     assert not os.path.ismount(target)
+
+
+async def test_ephemeral_storage_is_a_real_tmpfs(tmp_path: Path) -> None:
+    target = tmp_path / "pod-shm"
+    mounted = await mount_storage(Storage(driver="ephemeral", source="shm", fstype="",
+                                          options=["mode=1777", "size=1m"],
+                                          mount_point=str(target)))
+    try:
+        with open("/proc/self/mountinfo") as f:
+            line = next(x for x in f if x.split()[4] == str(target))
+        assert " - tmpfs " in line
+        (target / "x").write_text("ok")
+    finally:
+        mounted.unmount()
+    assert not (target / "x").exists()

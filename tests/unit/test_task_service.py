@@ -112,7 +112,7 @@ async def test_container_output_exit_and_cleanup(env: Any) -> None:
     spec = agent.proc("c1").spec
     assert spec["root"]["path"] == "/run/husk/shared/c1/rootfs"
     assert spec["mounts"][0]["source"] == "/run/husk/shared/c1/mounts/0"
-    assert spec["mounts"][1]["type"] == "tmpfs"
+    assert spec["mounts"][1]["source"] == "/run/husk/pod-shm"  # the pod's shm in the guest
     shared_hosts = env.sandboxes[0].shared.container_dir("c1") / "mounts" / "0"
     assert shared_hosts.read_text() == "127.0.0.1 localhost\n"
     await env.service.start(api.StartRequest(id="c1"))
