@@ -15,6 +15,7 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent
 OUT = ROOT / "gen"
+GRPC_SERVICES = {Path("agent.proto")}
 
 
 def _sources() -> list[Path]:
@@ -30,9 +31,12 @@ def main() -> int:
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir()
     well_known = Path(protoc.__file__).parent / "_proto"
-    args = ["protoc", f"-I{ROOT}", f"-I{well_known}", f"--python_out={OUT}",
-            f"--pyi_out={OUT}", f"--grpc_python_out={OUT}"]
+    args = ["protoc", f"-I{ROOT}", f"-I{well_known}", f"--python_out={OUT}", f"--pyi_out={OUT}"]
     if protoc.main(args + [str(p) for p in sources]) != 0:
+        return 1
+    # Only the agent API is served over gRPC; containerd's services go over ttrpc.
+    grpc_sources = [str(p) for p in sources if p.relative_to(ROOT) in GRPC_SERVICES]
+    if protoc.main([*args[:3], f"--grpc_python_out={OUT}", *grpc_sources]) != 0:
         return 1
     ours = "|".join(sorted(re.escape(p) for p in _top_level_packages(sources)))
     rewrite = re.compile(rf"^(from|import) ((?:{ours})(?:_pb2\w*)?)\b", re.M)
