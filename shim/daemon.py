@@ -7,12 +7,13 @@ per-sandbox file, and exits after Shutdown or SIGTERM once the VM is down.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
 import socket
+import stat
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from proto.gen.containerd.task.v2 import shim_pb2
@@ -28,6 +29,60 @@ log = logging.getLogger("shim")
 LOG_FIFO = "log"
 LOG_DIR = Path("/var/log/husk")
 LOG_FORMAT = "%(asctime)s husk[%(process)d] %(levelname)s %(name)s: %(message)s"
+# Only containerd (same uid; the server checks peer credentials as well) may connect.
+SOCKET_MODE = 0o600
+
+
+@dataclass(frozen=True)
+class SocketFile:
+    """The socket file this daemon serves, by identity: its path may be re-bound
+    by another daemon (a new pod with the same address) after this one stops."""
+
+    path: str
+    dev: int
+    ino: int
+
+
+def claim_socket_file(path: str) -> SocketFile:
+    """Record the identity of the socket file at `path` and make it mode SOCKET_MODE.
+
+    :raise OSError: `path` cannot be examined or changed, or is not a socket.
+    """
+    st = os.lstat(path)
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(f"{path} is not a socket")
+    if stat.S_IMODE(st.st_mode) != SOCKET_MODE:
+        # chmod follows symlinks; the lstat just before has seen a socket, and the
+        # socket directory is writable by root only.
+        os.chmod(path, SOCKET_MODE)
+        log.info("socket %s was mode %o; now %o", path, stat.S_IMODE(st.st_mode), SOCKET_MODE)
+    return SocketFile(path, st.st_dev, st.st_ino)
+
+
+def unlink_socket_file(owned: SocketFile) -> bool:
+    """Remove `owned.path` if it still is the socket that was claimed; return whether it was.
+
+    Anything else found there (another daemon's socket, a file, nothing) stays.
+
+    :raise OSError: the file cannot be examined or removed.
+    """
+    try:
+        st = os.lstat(owned.path)
+    except FileNotFoundError:
+        return False
+    if not (stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == (owned.dev, owned.ino)):
+        log.info("socket %s has been replaced since this daemon started; leaving it", owned.path)
+        return False
+    os.unlink(owned.path)
+    return True
+
+
+def _socket_path(sock: socket.socket) -> str | None:
+    """The file a unix socket is bound to; None for an abstract or unnamed one."""
+    name = sock.getsockname()
+    if isinstance(name, str) and name and not name.startswith("\0"):
+        return name
+    return None
 
 
 def _setup_logging(shim_id: str, debug: bool) -> Path | None:
@@ -64,7 +119,7 @@ async def serve(args: ShimArgs) -> int:
     publisher = Publisher(ttrpc_address, args.namespace)
     publisher.start()
     done = asyncio.Event()
-    socket_path = ""
+    owned: SocketFile | None = None
     try:
         config_path = None
         service = TaskService(args.id, args.namespace, publisher, done.set, config_path)
@@ -75,7 +130,13 @@ async def serve(args: ShimArgs) -> int:
             log.info("Task RPCs answered Unimplemented: %s", ", ".join(unsupported))
         server = Server(registry)
         sock = socket.socket(fileno=int(args.socket))
-        socket_path = sock.getsockname()
+        socket_path = _socket_path(sock)
+        if socket_path is not None:
+            try:
+                owned = claim_socket_file(socket_path)
+            except OSError as exc:
+                # Still serve (the manager bound it for us); just never remove it.
+                log.warning("cannot claim socket file %s: %s", socket_path, exc)
         await server.serve_socket(sock)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -89,9 +150,12 @@ async def serve(args: ShimArgs) -> int:
     finally:
         await publisher.close()
         # The manager bound it; nobody else removes it once this daemon is gone.
-        if socket_path:
-            with contextlib.suppress(OSError):
-                os.unlink(socket_path)
+        # By identity: another daemon may have bound the same path meanwhile.
+        if owned is not None:
+            try:
+                unlink_socket_file(owned)
+            except OSError as exc:
+                log.warning("cannot remove socket %s: %s", owned.path, exc)
     log.info("shim %s exiting", args.id)
     return 0
 

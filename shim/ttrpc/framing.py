@@ -1,14 +1,15 @@
 """ttrpc message framing: bytes in, frames out.
 
-Owns the 10-byte header layout and the message size limit. Knows nothing
-about sockets, protobuf or service names: `read_frame` takes anything with an
-``async readexactly(n)`` (an ``asyncio.StreamReader``), `encode_frame` returns
-bytes for the caller to write.
+Owns the 10-byte header layout, the message size limit and the per-frame read
+deadline. Knows nothing about sockets, protobuf or service names: `read_frame`
+takes anything with an ``async readexactly(n)`` (an ``asyncio.StreamReader``),
+`encode_frame` returns bytes for the caller to write.
 
 Header (big endian): u32 payload length, u32 stream id, u8 message type, u8 flags.
 """
 from __future__ import annotations
 
+import asyncio
 import enum
 import struct
 from asyncio import IncompleteReadError
@@ -22,6 +23,7 @@ __all__ = [
     "ByteReader",
     "Flags",
     "Frame",
+    "FrameTimeoutError",
     "FramingError",
     "MessageType",
     "OversizedFrameError",
@@ -81,6 +83,17 @@ class TruncatedFrameError(FramingError, EOFError):
     """The stream ended in the middle of a frame."""
 
 
+class FrameTimeoutError(FramingError):
+    """A frame had started but was not complete within the deadline given to `read_frame`.
+
+    The stream is left in the middle of that frame: the connection cannot go on.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"frame not complete {timeout:g}s after its first byte")
+        self.timeout = timeout
+
+
 class OversizedFrameError(FramingError):
     """A payload exceeds MESSAGE_LENGTH_MAX.
 
@@ -118,21 +131,43 @@ def decode_header(header: bytes) -> tuple[int, int, int, int]:
     return length, stream_id, msg_type, flags
 
 
-async def read_frame(reader: ByteReader) -> Frame:
+async def read_frame(reader: ByteReader, frame_timeout: float | None = None) -> Frame:
     """Read the next frame.
+
+    Waiting for a frame to start takes as long as it takes (an idle connection
+    is fine); once its first byte has arrived, the rest of it (header, then
+    payload or the discarding of an oversized one) must follow within
+    `frame_timeout` seconds when that is not None.
 
     :raise PeerClosedError: end of stream before a header byte.
     :raise TruncatedFrameError: end of stream inside a frame.
+    :raise FrameTimeoutError: the frame was not complete in time.
     :raise OversizedFrameError: the payload was too long and has been discarded;
         the reader stays usable.
     """
+    # One byte first, so that the deadline starts when the frame does.
     try:
-        header = await reader.readexactly(HEADER_LENGTH)
+        first = await reader.readexactly(1)
+    except IncompleteReadError:
+        raise PeerClosedError("peer closed the connection") from None
+    if frame_timeout is None:
+        return await _read_rest(reader, first)
+    deadline = asyncio.timeout(frame_timeout)
+    try:
+        async with deadline:
+            return await _read_rest(reader, first)
+    except TimeoutError:
+        if deadline.expired():
+            raise FrameTimeoutError(frame_timeout) from None
+        raise
+
+
+async def _read_rest(reader: ByteReader, first: bytes) -> Frame:
+    try:
+        header = first + await reader.readexactly(HEADER_LENGTH - 1)
     except IncompleteReadError as exc:
-        if not exc.partial:
-            raise PeerClosedError("peer closed the connection") from None
         raise TruncatedFrameError(
-            f"connection closed after {len(exc.partial)} of {HEADER_LENGTH} header bytes"
+            f"connection closed after {1 + len(exc.partial)} of {HEADER_LENGTH} header bytes"
         ) from None
     length, stream_id, msg_type, flags = decode_header(header)
     if length > MESSAGE_LENGTH_MAX:

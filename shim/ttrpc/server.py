@@ -5,6 +5,12 @@ that decodes frames, one task per request (a Wait that blocks for hours never
 stalls the other streams on the connection) and one writer task draining a
 queue, so frames are written whole and in one place. Request routing and error
 → status mapping are in `services`; bytes are in `framing`.
+
+Whoever can connect must not be able to exhaust the shim, so everything a peer
+can make the server hold has a bound (`Limits`, defaults below): connections,
+requests in flight per connection and the bytes they hold, responses waiting
+for a peer that does not read them, and the time a frame may take once it has
+started. Peers whose uid is not the server's are refused outright.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ import socket
 import stat
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from google.protobuf import message as pb_message
 
@@ -25,6 +31,7 @@ from proto.gen import ttrpc_pb2
 
 from .errors import Code
 from .framing import (
+    FrameTimeoutError,
     MessageType,
     OversizedFrameError,
     PeerClosedError,
@@ -34,14 +41,52 @@ from .framing import (
 )
 from .services import Call, ServiceRegistry
 
-__all__ = ["SHUTDOWN_TIMEOUT_S", "ConnectionInfo", "Server"]
+__all__ = [
+    "FRAME_READ_TIMEOUT_S",
+    "MAX_CONNECTIONS",
+    "MAX_IN_FLIGHT_REQUESTS",
+    "MAX_IN_FLIGHT_REQUEST_BYTES",
+    "MAX_PENDING_WRITE_BYTES",
+    "SHUTDOWN_TIMEOUT_S",
+    "ConnectionInfo",
+    "Limits",
+    "Server",
+]
 
 logger = logging.getLogger(__name__)
 
 # How long shutdown() lets in-flight requests finish before cancelling them.
 SHUTDOWN_TIMEOUT_S = 5.0
-# How long a closing connection may take to flush responses already queued.
+# How long a closing connection may take to flush responses already queued;
+# after that the peer is not reading and what is left is dropped.
 FLUSH_TIMEOUT_S = 1.0
+
+# Bounds on what a peer can make the server hold. containerd opens one or a few
+# connections and has a handful of calls in flight, so these are far above
+# normal use: they only stop a peer that floods.
+#
+# Connections open at once; each costs two tasks and its buffers.
+MAX_CONNECTIONS = 64
+# Requests being served per connection; each is a task holding its request.
+MAX_IN_FLIGHT_REQUESTS = 256
+# Request bytes those tasks may hold per connection (otherwise up to
+# MAX_IN_FLIGHT_REQUESTS × MESSAGE_LENGTH_MAX = 1 GiB).
+MAX_IN_FLIGHT_REQUEST_BYTES = 16 << 20
+# Response bytes queued for writing plus those in the transport's buffer, per
+# connection: a peer that sends requests but never reads the answers is cut
+# off here instead of growing the shim. Must exceed one whole frame.
+MAX_PENDING_WRITE_BYTES = 16 << 20
+# Once a frame's first byte is in, the rest of it must follow within this, so
+# that a peer cannot hold a connection and its read buffer with a frame it never
+# finishes. Idle connections are not timed: containerd keeps its own open for
+# the pod's life.
+FRAME_READ_TIMEOUT_S = 10.0
+# asyncio's StreamReader stops reading the socket above twice this, except
+# while one frame's payload (at most MESSAGE_LENGTH_MAX) is being read whole.
+READ_BUFFER_LIMIT = 64 << 10
+# Refused connections are logged at most once per this many seconds (per
+# reason), with a count of the ones not logged: refusals must not flood the log.
+REFUSAL_LOG_INTERVAL_S = 5.0
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -58,12 +103,54 @@ class ConnectionInfo:
 ConnectionHook = Callable[[ConnectionInfo], None]
 
 
+@dataclass(frozen=True)
+class Limits:
+    """A server's bounds; the defaults are the module constants."""
+
+    max_connections: int = MAX_CONNECTIONS
+    max_in_flight_requests: int = MAX_IN_FLIGHT_REQUESTS
+    max_in_flight_request_bytes: int = MAX_IN_FLIGHT_REQUEST_BYTES
+    max_pending_write_bytes: int = MAX_PENDING_WRITE_BYTES
+    frame_read_timeout_s: float = FRAME_READ_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if value <= 0:
+                raise ValueError(f"ttrpc server limit {name} must be positive, not {value}")
+
+
+@dataclass
+class _RateLimitedWarning:
+    """Logs at most one warning per `interval` seconds and counts the ones it drops."""
+
+    interval: float
+    _next_at: float = field(default=float("-inf"), init=False)
+    _suppressed: int = field(default=0, init=False)
+
+    def warning(self, now: float, msg: str, *args: object) -> bool:
+        """Log unless one was logged less than `interval` ago; return whether it was."""
+        if now < self._next_at:
+            self._suppressed += 1
+            return False
+        if self._suppressed:
+            msg += " (%d more like this not logged)"
+            args = (*args, self._suppressed)
+        logger.warning(msg, *args)
+        self._next_at = now + self.interval
+        self._suppressed = 0
+        return True
+
+
 class Server:
     """Serves a ServiceRegistry over ttrpc.
 
     Call `listen(path)` or `serve_socket(sock)` once, then `shutdown()`.
     `on_connection_closed` runs (in the event loop) after each connection has
-    closed, whichever side closed it.
+    closed, whichever side closed it; not for connections refused at once.
+
+    Only peers whose uid (SO_PEERCRED) is `allowed_uid` are served, by default
+    the server's effective uid (as containerd's shims do). `limits` bounds what
+    peers can make the server hold.
     """
 
     def __init__(
@@ -71,9 +158,15 @@ class Server:
         registry: ServiceRegistry,
         *,
         on_connection_closed: ConnectionHook | None = None,
+        allowed_uid: int | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.registry = registry
         self._on_connection_closed = on_connection_closed
+        self.allowed_uid = os.geteuid() if allowed_uid is None else allowed_uid
+        self.limits = limits if limits is not None else Limits()
+        self._refused_uid_log = _RateLimitedWarning(REFUSAL_LOG_INTERVAL_S)
+        self._refused_full_log = _RateLimitedWarning(REFUSAL_LOG_INTERVAL_S)
         self._server: asyncio.AbstractServer | None = None
         self._path: str | None = None  # unlinked at shutdown when we created it
         self._connections: set[_Connection] = set()
@@ -91,7 +184,8 @@ class Server:
         :raise OSError: the socket cannot be bound.
         """
         self._check_idle()
-        self._server = await asyncio.start_unix_server(self._accept, path=path)
+        self._server = await asyncio.start_unix_server(
+            self._accept, path=path, limit=READ_BUFFER_LIMIT)
         if not path.startswith("\0"):
             self._path = path
         logger.info("ttrpc server listening on %s", path)
@@ -105,7 +199,8 @@ class Server:
         :raise RuntimeError: already serving.
         """
         self._check_idle()
-        self._server = await asyncio.start_unix_server(self._accept, sock=sock)
+        self._server = await asyncio.start_unix_server(
+            self._accept, sock=sock, limit=READ_BUFFER_LIMIT)
         logger.info("ttrpc server serving socket %s", sock.getsockname())
 
     async def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
@@ -165,7 +260,21 @@ class Server:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         info = ConnectionInfo(next(self._ids), *_peer_credentials(writer))
+        now = asyncio.get_running_loop().time()
+        if info.peer_uid != self.allowed_uid:
+            # Unknown credentials (None) are refused too.
+            self._refused_uid_log.warning(
+                now, "refusing connection %d from pid %s uid %s: only uid %d may connect",
+                info.id, info.peer_pid, info.peer_uid, self.allowed_uid)
+            writer.close()
+            return
         if self._shutting_down:
+            writer.close()
+            return
+        if len(self._connections) >= self.limits.max_connections:
+            self._refused_full_log.warning(
+                now, "refusing connection %d from pid %s: %d connections are open, "
+                "the maximum (MAX_CONNECTIONS)", info.id, info.peer_pid, len(self._connections))
             writer.close()
             return
         conn = _Connection(self, info, reader, writer)
@@ -197,11 +306,18 @@ class _Connection:
         self.info = info
         self._reader = reader
         self._writer = writer
+        self._limits = server.limits
+        # Unbounded as a queue, but bounded in bytes by _send_response.
         self._outgoing: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._queued_bytes = 0  # of the frames in _outgoing
+        # The most ever pending (queued + transport buffer): for logs and tests.
+        self.peak_pending_write_bytes = 0
         # Stream id → its request task; a task removes itself when done.
         self._requests: dict[int, asyncio.Task[None]] = {}
+        self._in_flight_bytes = 0  # of the requests in _requests
         self._last_stream_id = 0
         self._accepting = True
+        self._aborted = False  # dropped by _abort(): nothing more is read or written
         self._writer_task: asyncio.Task[None] | None = None
         self._closed = asyncio.Event()  # set when run() has cleaned up
 
@@ -211,13 +327,23 @@ class _Connection:
     def stop_accepting(self) -> None:
         self._accepting = False
 
+    @property
+    def pending_write_bytes(self) -> int:
+        """Response bytes not yet handed to the kernel: queued, or in the transport's buffer."""
+        return self._queued_bytes + self._writer.transport.get_write_buffer_size()
+
     async def close(self) -> None:
         """Flush the responses already queued, close, and return once run() has finished."""
         self._accepting = False
         self._outgoing.put_nowait(None)  # the writer stops after what is queued before it
         if self._writer_task is not None:
-            await asyncio.wait([self._writer_task], timeout=FLUSH_TIMEOUT_S)
-        self._writer.close()  # the reader loop then sees EOF and run() winds down
+            _, pending = await asyncio.wait([self._writer_task], timeout=FLUSH_TIMEOUT_S)
+            if pending:
+                # The peer is not reading: what is queued cannot go out.
+                logger.info("connection %d: dropping %d response bytes the peer did not read",
+                            self.info.id, self.pending_write_bytes)
+                self._abort()
+        await self._close_transport()  # the reader loop then sees EOF and run() winds down
         await self._closed.wait()
 
     async def run(self) -> None:
@@ -234,17 +360,46 @@ class _Connection:
             await asyncio.gather(*tasks, return_exceptions=True)
             self._writer_task.cancel()
             await asyncio.gather(self._writer_task, return_exceptions=True)
-            self._writer.close()
-            with contextlib.suppress(OSError):
-                await self._writer.wait_closed()
+            await self._close_transport()
             self._closed.set()
+
+    async def _close_transport(self) -> None:
+        """Close, letting the transport flush its buffer for up to FLUSH_TIMEOUT_S.
+
+        A peer that does not read would otherwise keep the connection, and the
+        buffer, forever: a transport's close() completes once its buffer is written.
+        """
+        self._writer.close()
+        closed = asyncio.create_task(self._writer.wait_closed())
+        _, pending = await asyncio.wait([closed], timeout=FLUSH_TIMEOUT_S)
+        if pending:
+            self._writer.transport.abort()
+        with contextlib.suppress(OSError):
+            await closed
+
+    def _abort(self) -> None:
+        """Drop the connection now, with whatever is queued or buffered for it.
+
+        The reader loop then sees end of stream (or the flag) and run() cancels
+        the requests in flight.
+        """
+        if self._aborted:
+            return
+        self._aborted = True
+        self._accepting = False
+        while not self._outgoing.empty():
+            self._outgoing.get_nowait()
+        self._queued_bytes = 0
+        if self._writer_task is not None:
+            self._writer_task.cancel()
+        self._writer.transport.abort()
 
     # Section: reading
 
     async def _read_loop(self) -> None:
-        while True:
+        while not self._aborted:
             try:
-                frame = await read_frame(self._reader)
+                frame = await read_frame(self._reader, self._limits.frame_read_timeout_s)
             except OversizedFrameError as exc:
                 # Already discarded; the connection survives, the stream gets an error.
                 logger.warning("connection %d: %s", self.info.id, exc)
@@ -253,9 +408,16 @@ class _Connection:
                 continue
             except PeerClosedError:
                 return
-            except (TruncatedFrameError, OSError) as exc:
-                logger.warning("connection %d lost: %s", self.info.id, exc)
+            except FrameTimeoutError as exc:
+                logger.warning("connection %d (peer pid %s): %s (FRAME_READ_TIMEOUT_S); closing it",
+                               self.info.id, self.info.peer_pid, exc)
                 return
+            except (TruncatedFrameError, OSError) as exc:
+                if not self._aborted:  # an abort has been logged already
+                    logger.warning("connection %d lost: %s", self.info.id, exc)
+                return
+            if self._aborted:
+                return  # frames read before the abort took effect are dropped
             if frame.type == MessageType.REQUEST:
                 self._on_request(frame.stream_id, frame.payload)
             elif frame.type == MessageType.DATA:
@@ -283,13 +445,41 @@ class _Connection:
         if not self._accepting:
             self._send_status(stream_id, Code.UNAVAILABLE, "ttrpc server is shutting down")
             return
+        # Over a bound: answered here, without a task, and the connection goes on.
+        limit = self._limits.max_in_flight_requests
+        if len(self._requests) >= limit:
+            logger.debug("connection %d: stream %d refused: %d requests in flight",
+                         self.info.id, stream_id, len(self._requests))
+            self._send_status(
+                stream_id, Code.RESOURCE_EXHAUSTED,
+                f"too many requests in flight on this connection (at most {limit}); "
+                "retry once some have completed",
+            )
+            return
+        size = len(payload)
+        byte_limit = self._limits.max_in_flight_request_bytes
+        if self._in_flight_bytes + size > byte_limit:
+            logger.debug("connection %d: stream %d refused: %d request bytes in flight",
+                         self.info.id, stream_id, self._in_flight_bytes)
+            self._send_status(
+                stream_id, Code.RESOURCE_EXHAUSTED,
+                f"requests in flight on this connection would hold "
+                f"{self._in_flight_bytes + size} bytes, over the bound of {byte_limit}; "
+                "retry once some have completed",
+            )
+            return
         call = Call.from_request(request, stream_id, asyncio.get_running_loop().time())
         task = asyncio.create_task(
             self._serve(stream_id, request, call),
             name=f"ttrpc-{self.info.id}-{stream_id}-{request.method}",
         )
         self._requests[stream_id] = task
-        task.add_done_callback(lambda _: self._requests.pop(stream_id, None))
+        self._in_flight_bytes += size
+        task.add_done_callback(lambda _: self._request_done(stream_id, size))
+
+    def _request_done(self, stream_id: int, size: int) -> None:
+        self._requests.pop(stream_id, None)
+        self._in_flight_bytes -= size
 
     async def _serve(self, stream_id: int, request: ttrpc_pb2.Request, call: Call) -> None:
         response = await self._server.registry.handle(request, call)
@@ -303,6 +493,8 @@ class _Connection:
         )
 
     def _send_response(self, stream_id: int, response: ttrpc_pb2.Response) -> None:
+        if self._aborted:
+            return  # nobody will read it
         try:
             frame = encode_frame(stream_id, MessageType.RESPONSE, 0, response.SerializeToString())
         except OversizedFrameError as exc:
@@ -312,14 +504,30 @@ class _Connection:
                 stream_id, MessageType.RESPONSE, 0,
                 ttrpc_pb2.Response(status=status).SerializeToString(),
             )
+        pending = self.pending_write_bytes + len(frame)
+        limit = self._limits.max_pending_write_bytes
+        if pending > limit:
+            # Checked before queueing, so the bound is never exceeded, not even by one frame.
+            logger.warning(
+                "connection %d (peer pid %s) is not reading its responses: %d bytes would be "
+                "waiting, over the bound of %d (MAX_PENDING_WRITE_BYTES); closing it",
+                self.info.id, self.info.peer_pid, pending, limit)
+            self._abort()
+            return
+        self._queued_bytes += len(frame)
+        self.peak_pending_write_bytes = max(self.peak_pending_write_bytes, pending)
         self._outgoing.put_nowait(frame)
 
     async def _write_loop(self) -> None:
         try:
             while (frame := await self._outgoing.get()) is not None:
+                # From the queue to the transport's buffer: still pending, counted there.
+                self._queued_bytes -= len(frame)
                 self._writer.write(frame)
                 await self._writer.drain()
         except OSError as exc:
+            if self._aborted:
+                return
             logger.warning("connection %d: write failed: %s", self.info.id, exc)
             # Nothing more can be answered; make the reader loop end too.
             self._writer.close()

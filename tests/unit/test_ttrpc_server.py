@@ -5,8 +5,9 @@ import asyncio
 import os
 import shutil
 import socket
+import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,15 @@ from shim.ttrpc import (
     TtrpcError,
     current_call,
 )
-from shim.ttrpc.framing import encode_frame, read_frame
+from shim.ttrpc.framing import HEADER_LENGTH, FrameTimeoutError, encode_frame, read_frame
+from shim.ttrpc.server import (
+    FRAME_READ_TIMEOUT_S,
+    MAX_CONNECTIONS,
+    MAX_IN_FLIGHT_REQUESTS,
+    MAX_PENDING_WRITE_BYTES,
+    Limits,
+    _RateLimitedWarning,
+)
 
 TASK = shim_pb2.DESCRIPTOR.services_by_name["Task"]
 SVC = TASK.full_name
@@ -326,3 +335,364 @@ async def test_serve_an_already_bound_socket(sock_dir: Path) -> None:
     finally:
         await server.shutdown(timeout=0.1)
     assert os.path.exists(path)  # the owner of a handed-over socket removes its file
+
+
+# Section: bounds on what a peer can make the server hold
+
+
+async def serve_with(sock_dir: Path, *, allowed_uid: int | None = None,
+                     limits: Limits | None = None) -> Served:
+    task = FakeTask()
+    registry = ServiceRegistry()
+    registry.register_service(TASK, task)
+    closed: list[ConnectionInfo] = []
+    server = Server(registry, on_connection_closed=closed.append, allowed_uid=allowed_uid,
+                    limits=limits)
+    path = str(sock_dir / "bounded.sock")
+    await server.listen(path)
+    return Served(server, task, path, closed)
+
+
+async def eventually(predicate: Callable[[], bool], what: str) -> None:
+    for _ in range(int(STEP_S / 0.01)):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not within {STEP_S}s: {what}")
+
+
+async def assert_closed_by_server(reader: asyncio.StreamReader) -> None:
+    try:
+        assert await asyncio.wait_for(reader.read(), STEP_S) == b""
+    except ConnectionError:
+        pass  # reset (our bytes unread) or a failed write of ours: just as closed
+
+
+def state_frame(stream_id: int, container_id: str) -> bytes:
+    req = ttrpc_pb2.Request(service=SVC, method="State",
+                            payload=shim_pb2.StateRequest(id=container_id).SerializeToString())
+    return encode_frame(stream_id, MessageType.REQUEST, 0, req.SerializeToString())
+
+
+def wait_frame(stream_id: int, container_id: str = "c1") -> bytes:
+    req = ttrpc_pb2.Request(service=SVC, method="Wait",
+                            payload=shim_pb2.WaitRequest(id=container_id).SerializeToString())
+    return encode_frame(stream_id, MessageType.REQUEST, 0, req.SerializeToString())
+
+
+def test_limits_default_to_the_module_constants_and_must_be_positive() -> None:
+    limits = Limits()
+    assert (limits.max_connections, limits.max_in_flight_requests,
+            limits.max_pending_write_bytes, limits.frame_read_timeout_s) == (
+        MAX_CONNECTIONS, MAX_IN_FLIGHT_REQUESTS, MAX_PENDING_WRITE_BYTES, FRAME_READ_TIMEOUT_S)
+    assert (MAX_CONNECTIONS, MAX_IN_FLIGHT_REQUESTS, MAX_PENDING_WRITE_BYTES) == (
+        64, 256, 16 << 20)
+    # One whole frame must always fit.
+    assert MAX_PENDING_WRITE_BYTES > HEADER_LENGTH + MESSAGE_LENGTH_MAX
+    with pytest.raises(ValueError, match="max_connections"):
+        Limits(max_connections=0)
+
+
+async def test_peer_that_never_reads_is_cut_off_at_the_write_bound(
+    sock_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    limit = 256 << 10
+    served = await serve_with(sock_dir, limits=Limits(max_pending_write_bytes=limit))
+    loop = asyncio.get_running_loop()
+    # A raw socket that is never read from, not even into a client-side buffer.
+    flooder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    flooder.setblocking(False)
+    try:
+        await loop.sock_connect(flooder, served.path)
+        # A Wait that blocks: it must be cancelled when the connection is dropped.
+        await loop.sock_sendall(flooder, wait_frame(1))
+        await asyncio.wait_for(served.task.wait_started.wait(), STEP_S)
+        (conn,) = served.server._connections
+        # State answers echo the 4 KiB id: ~40 MB of answers if the server kept them all.
+        big_id = "x" * 4096
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            for stream_id in range(3, 20_000, 2):
+                await asyncio.wait_for(
+                    loop.sock_sendall(flooder, state_frame(stream_id, big_id)), STEP_S)
+        await eventually(lambda: len(served.closed) == 1, "the flooding connection closed")
+        assert served.task.wait_cancelled.is_set()
+        assert limit // 2 < conn.peak_pending_write_bytes <= limit
+        assert served.server.connection_count == 0
+        assert any("not reading its responses" in r.getMessage() and str(limit) in r.getMessage()
+                   for r in caplog.records)
+        # The shim itself is fine: others are still served.
+        async with await Client.connect(served.path) as c:
+            await c.call(SVC, "State", shim_pb2.StateRequest(id="ok"), shim_pb2.StateResponse)
+    finally:
+        flooder.close()
+        await served.server.shutdown(timeout=0.1)
+
+
+async def test_peer_that_reads_its_answers_is_not_cut_off(
+    sock_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Far more than the bound in total, but never that much waiting at once.
+    limit = 64 << 10
+    served = await serve_with(sock_dir, limits=Limits(max_pending_write_bytes=limit))
+    try:
+        async with await Client.connect(served.path) as c:
+            for batch in range(8):
+                states = await asyncio.gather(*(
+                    c.call(SVC, "State", shim_pb2.StateRequest(id=f"{batch}-{i}" + "y" * 4000),
+                           shim_pb2.StateResponse)
+                    for i in range(10)))
+                assert len(states) == 10
+        assert not any("not reading" in r.getMessage() for r in caplog.records)
+    finally:
+        await served.server.shutdown(timeout=0.1)
+
+
+async def test_shutdown_does_not_hang_on_a_peer_that_never_reads(sock_dir: Path) -> None:
+    served = await serve_with(sock_dir)
+    loop = asyncio.get_running_loop()
+    flooder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    flooder.setblocking(False)
+    try:
+        await loop.sock_connect(flooder, served.path)
+        # Enough answers to fill the kernel and transport buffers, well under the bound.
+        for stream_id in range(1, 400, 2):
+            await loop.sock_sendall(flooder, state_frame(stream_id, "z" * 4096))
+        await eventually(lambda: served.server.connection_count == 1, "connection accepted")
+        (conn,) = served.server._connections
+        await eventually(lambda: conn.pending_write_bytes > 0, "answers stuck in the buffers")
+        await asyncio.wait_for(served.server.shutdown(timeout=0.1), 3 * STEP_S)
+        assert served.server.connection_count == 0 and len(served.closed) == 1
+    finally:
+        flooder.close()
+
+
+async def test_in_flight_cap_answers_resource_exhausted_without_a_task(sock_dir: Path) -> None:
+    served = await serve_with(sock_dir, limits=Limits(max_in_flight_requests=3))
+    reader, writer = await asyncio.open_unix_connection(served.path)
+    try:
+        for stream_id in (1, 3, 5):
+            writer.write(wait_frame(stream_id))
+        await eventually(lambda: served.server.connection_count == 1, "connection accepted")
+        (conn,) = served.server._connections
+        await eventually(lambda: len(conn.request_tasks()) == 3, "three Waits in flight")
+        tasks_before = len(asyncio.all_tasks())
+        writer.write(wait_frame(7))
+        await writer.drain()
+        stream_id, resp = await raw_response(reader)
+        assert stream_id == 7 and resp.status.code == Code.RESOURCE_EXHAUSTED
+        assert "too many requests in flight" in resp.status.message
+        assert "at most 3" in resp.status.message
+        assert len(asyncio.all_tasks()) == tasks_before
+        # Once the three complete, there is room again, on the same connection.
+        served.task.release.set()
+        answers = {sid: r.status.code for sid, r in [await raw_response(reader) for _ in range(3)]}
+        assert answers == {1: Code.OK, 3: Code.OK, 5: Code.OK}
+        writer.write(state_frame(9, "again"))
+        await writer.drain()
+        stream_id, resp = await raw_response(reader)
+        assert stream_id == 9 and resp.status.code == Code.OK
+    finally:
+        writer.close()
+        await served.server.shutdown(timeout=0.1)
+
+
+async def test_in_flight_request_bytes_are_bounded(sock_dir: Path) -> None:
+    served = await serve_with(sock_dir, limits=Limits(max_in_flight_request_bytes=1000))
+    reader, writer = await asyncio.open_unix_connection(served.path)
+    try:
+        writer.write(wait_frame(1, "a" * 600))
+        await asyncio.wait_for(served.task.wait_started.wait(), STEP_S)
+        writer.write(wait_frame(3, "b" * 600))
+        await writer.drain()
+        stream_id, resp = await raw_response(reader)
+        assert stream_id == 3 and resp.status.code == Code.RESOURCE_EXHAUSTED
+        assert "over the bound of 1000" in resp.status.message
+        # Small requests still fit beside the big one.
+        writer.write(state_frame(5, "small"))
+        await writer.drain()
+        stream_id, resp = await raw_response(reader)
+        assert stream_id == 5 and resp.status.code == Code.OK
+    finally:
+        writer.close()
+        await served.server.shutdown(timeout=0.1)
+
+
+async def test_connection_cap_refuses_the_65th(
+    sock_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    served = await serve_with(sock_dir)
+    conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        for _ in range(MAX_CONNECTIONS):
+            conns.append(await asyncio.open_unix_connection(served.path))
+        await eventually(lambda: served.server.connection_count == MAX_CONNECTIONS,
+                         f"{MAX_CONNECTIONS} connections served")
+        caplog.clear()
+        refused = [await asyncio.open_unix_connection(served.path) for _ in range(3)]
+        for reader, writer in refused:
+            await assert_closed_by_server(reader)
+            writer.close()
+        assert served.server.connection_count == MAX_CONNECTIONS
+        # One warning for the three: refusals are rate-limited.
+        warnings = [r.getMessage() for r in caplog.records
+                    if "refusing connection" in r.getMessage()]
+        assert len(warnings) == 1 and f"{MAX_CONNECTIONS} connections are open" in warnings[0]
+        # The open ones still work; once one closes, a new one is served.
+        reader, writer = conns[-1]
+        writer.write(state_frame(1, "last"))
+        assert (await raw_response(reader))[1].status.code == Code.OK
+        conns.pop()[1].close()
+        await eventually(lambda: served.server.connection_count == MAX_CONNECTIONS - 1,
+                         "a connection closed")
+        async with await Client.connect(served.path) as c:
+            await c.call(SVC, "State", shim_pb2.StateRequest(), shim_pb2.StateResponse)
+    finally:
+        for _, writer in conns:
+            writer.close()
+        await served.server.shutdown(timeout=0.1)
+
+
+def test_refusal_warnings_are_rate_limited_with_a_count(caplog: pytest.LogCaptureFixture) -> None:
+    limiter = _RateLimitedWarning(interval=5.0)
+    assert limiter.warning(100.0, "refused %d", 1)
+    assert not limiter.warning(101.0, "refused %d", 2)
+    assert not limiter.warning(104.9, "refused %d", 3)
+    assert limiter.warning(105.0, "refused %d", 4)
+    assert limiter.warning(200.0, "refused %d", 5)
+    assert [r.getMessage() for r in caplog.records] == [
+        "refused 1", "refused 4 (2 more like this not logged)", "refused 5"]
+
+
+@pytest.mark.parametrize("partial", [
+    encode_frame(1, MessageType.REQUEST, 0, b"x" * 100)[:5],    # header cut
+    encode_frame(1, MessageType.REQUEST, 0, b"x" * 100)[:60],   # payload cut
+], ids=["header", "payload"])
+async def test_half_sent_frame_is_cut_after_the_deadline(
+    sock_dir: Path, caplog: pytest.LogCaptureFixture, partial: bytes
+) -> None:
+    served = await serve_with(sock_dir, limits=Limits(frame_read_timeout_s=0.2))
+    reader, writer = await asyncio.open_unix_connection(served.path)
+    try:
+        loop = asyncio.get_running_loop()
+        writer.write(partial)
+        await writer.drain()
+        sent_at = loop.time()
+        await assert_closed_by_server(reader)
+        assert loop.time() - sent_at >= 0.15
+        await eventually(lambda: len(served.closed) == 1, "connection closed")
+        assert any("frame not complete 0.2s after its first byte" in r.getMessage()
+                   for r in caplog.records)
+    finally:
+        writer.close()
+        await served.server.shutdown(timeout=0.1)
+
+
+async def test_trickled_frame_is_cut_after_the_deadline(sock_dir: Path) -> None:
+    # Every byte arrives quickly, but the frame as a whole does not.
+    served = await serve_with(sock_dir, limits=Limits(frame_read_timeout_s=0.3))
+    reader, writer = await asyncio.open_unix_connection(served.path)
+    try:
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            for byte in state_frame(1, "slow"):
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.05)
+        await assert_closed_by_server(reader)
+    finally:
+        writer.close()
+        await served.server.shutdown(timeout=0.1)
+
+
+async def test_idle_connection_outlives_the_deadline(sock_dir: Path) -> None:
+    served = await serve_with(sock_dir, limits=Limits(frame_read_timeout_s=0.1))
+    try:
+        async with await Client.connect(served.path) as c:
+            await asyncio.sleep(0.4)  # idle before the first frame
+            await c.call(SVC, "State", shim_pb2.StateRequest(), shim_pb2.StateResponse)
+            await asyncio.sleep(0.4)  # idle between frames
+            await c.call(SVC, "State", shim_pb2.StateRequest(), shim_pb2.StateResponse)
+            assert served.server.connection_count == 1 and not served.closed
+    finally:
+        await served.server.shutdown(timeout=0.1)
+
+
+async def test_read_frame_deadline_starts_with_the_first_byte() -> None:
+    reader = asyncio.StreamReader()
+    pending = asyncio.create_task(read_frame(reader, frame_timeout=0.05))
+    await asyncio.sleep(0.2)
+    assert not pending.done()  # nothing yet: no deadline
+    frame = encode_frame(3, MessageType.REQUEST, 0, b"late")
+    reader.feed_data(frame[:4])
+    with pytest.raises(FrameTimeoutError) as info:
+        await asyncio.wait_for(pending, STEP_S)
+    assert info.value.timeout == 0.05
+    # Without a deadline the same wait is fine.
+    reader = asyncio.StreamReader()
+    pending = asyncio.create_task(read_frame(reader))
+    reader.feed_data(frame[:4])
+    await asyncio.sleep(0.1)
+    reader.feed_data(frame[4:])
+    assert (await asyncio.wait_for(pending, STEP_S)).payload == b"late"
+
+
+async def test_peer_of_another_uid_is_refused(
+    sock_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    other_uid = os.geteuid() + 12345
+    served = await serve_with(sock_dir, allowed_uid=other_uid)
+    try:
+        reader, writer = await asyncio.open_unix_connection(served.path)
+        writer.write(state_frame(1, "intruder"))
+        await assert_closed_by_server(reader)
+        writer.close()
+        assert served.server.connection_count == 0 and not served.closed
+        (msg,) = [r.getMessage() for r in caplog.records if "refusing" in r.getMessage()]
+        assert f"pid {os.getpid()} uid {os.geteuid()}" in msg and f"only uid {other_uid}" in msg
+    finally:
+        await served.server.shutdown(timeout=0.1)
+
+
+def test_allowed_uid_defaults_to_the_effective_uid() -> None:
+    assert Server(ServiceRegistry()).allowed_uid == os.geteuid()
+
+
+_CONNECT_AS_NOBODY = """
+import os, socket, sys
+os.setgid(65534)
+os.setuid(65534)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(5)
+s.connect("\\0" + sys.argv[1])
+try:
+    print("closed" if s.recv(1) == b"" else "open")
+except ConnectionResetError:
+    print("closed")
+except TimeoutError:
+    print("open")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to setuid to nobody")
+async def test_real_peer_of_another_uid_is_refused_on_an_abstract_socket(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Abstract sockets have no file permissions: the uid check is all there is.
+    name = f"husk-ttrpc-test-{os.getpid()}"
+    registry = ServiceRegistry()
+    registry.register_service(TASK, FakeTask())
+    server = Server(registry)
+    await server.listen("\0" + name)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _CONNECT_AS_NOBODY, name,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 4 * STEP_S)
+        assert proc.returncode == 0, err.decode()
+        assert out.decode().strip() == "closed"
+        assert any("uid 65534" in r.getMessage() and "refusing" in r.getMessage()
+                   for r in caplog.records)
+        # Root (the server's uid) is still served on the same socket.
+        async with await Client.connect("\0" + name) as c:
+            await c.call(SVC, "State", shim_pb2.StateRequest(), shim_pb2.StateResponse)
+    finally:
+        await server.shutdown(timeout=0.1)
