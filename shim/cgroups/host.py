@@ -3,15 +3,29 @@
 containerd hands the pause container a ``linux.cgroupsPath`` (the kubelet's
 pod cgroup plus the sandbox id). Like Kata's sandbox_cgroup_only, QEMU and
 virtiofsd join that cgroup in every v1 controller (or the v2 unified tree),
-so the pod's limits and accounting cover its VM. Only cgroupfs-style paths
-("/kubepods/.../<id>") are handled; systemd-style "slice:prefix:name" paths
-are logged and skipped. Directories created here are removed at teardown.
+so the pod's limits and accounting cover its VM. Both cgroup drivers are
+understood:
+
+* cgroupfs: an absolute path, "/kubepods/burstable/pod<uid>/<id>";
+* systemd (containerd's ``SystemdCgroup = true``): "slice:prefix:name",
+  expanded the way runc's systemd driver does, e.g.
+  "kubepods-burstable-pod1234.slice:cri-containerd:<id>" is
+  "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1234.slice/
+  cri-containerd-<id>.scope".
+
+The shim has no systemd D-Bus connection, so a systemd scope is not started
+as a unit: its directory is created directly in each hierarchy, below the
+slices the kubelet already made. Every part of a path is validated first
+(anything odd is logged and the VM stays in the shim's cgroup), directories
+are created without following symlinks, and the ones created here are
+removed at teardown.
 """
 from __future__ import annotations
 
 import errno
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -25,6 +39,79 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 RMDIR_ATTEMPTS = 50
 RMDIR_RETRY_S = 0.02
 V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "devices", "freezer")
+
+SLICE_SUFFIX = ".slice"
+SCOPE_SUFFIX = ".scope"
+DEFAULT_SLICE = "system.slice"  # runc's default when the slice part is empty
+ROOT_SLICE = "-.slice"
+# systemd's limit for a unit name (UNIT_NAME_MAX less the NUL); also within NAME_MAX.
+UNIT_NAME_MAX = 255
+# The characters systemd allows in unit names, less ":" (our separator).
+_UNIT_CHARS = re.compile(r"[A-Za-z0-9_.\\-]+")
+CGROUP_DIR_MODE = 0o755
+
+
+class CgroupPathError(ValueError):
+    """A ``linux.cgroupsPath`` this module will not follow."""
+
+
+def _check_unit_part(what: str, value: str) -> None:
+    if not value:
+        raise CgroupPathError(f"empty {what}")
+    if len(value) > UNIT_NAME_MAX:
+        raise CgroupPathError(f"{what} longer than {UNIT_NAME_MAX} characters")
+    if "/" in value or ".." in value:
+        raise CgroupPathError(f"{what} {value!r} contains '/' or '..'")
+    if not _UNIT_CHARS.fullmatch(value):
+        raise CgroupPathError(f"{what} {value!r} has characters systemd does not allow")
+
+
+def expand_slice(slice_name: str) -> PurePosixPath:
+    """A slice's cgroup path: "a-b-c.slice" is /a.slice/a-b.slice/a-b-c.slice.
+
+    Each "-" in a slice name nests it in a parent slice; "-.slice" is the root.
+
+    :raise CgroupPathError: not a valid slice name.
+    """
+    _check_unit_part("slice", slice_name)
+    if not slice_name.endswith(SLICE_SUFFIX) or slice_name == SLICE_SUFFIX:
+        raise CgroupPathError(f"slice {slice_name!r} does not end in {SLICE_SUFFIX}")
+    if slice_name == ROOT_SLICE:
+        return PurePosixPath("/")
+    path = PurePosixPath("/")
+    prefix = ""
+    for component in slice_name[:-len(SLICE_SUFFIX)].split("-"):
+        if not component:  # "-a.slice", "a--b.slice", "a-.slice"
+            raise CgroupPathError(f"slice {slice_name!r} has an empty component")
+        path /= f"{prefix}{component}{SLICE_SUFFIX}"
+        prefix += f"{component}-"
+    return path
+
+
+def expand_systemd_path(cgroups_path: str) -> PurePosixPath:
+    """The cgroup path of a systemd-style "slice:prefix:name".
+
+    The unit is the scope "<prefix>-<name>.scope", or ``name`` itself when it
+    is a slice; an empty slice means system.slice (both as in runc).
+
+    :raise CgroupPathError: not three parts, or a part is invalid.
+    """
+    parts = cgroups_path.split(":")
+    if len(parts) != 3:
+        raise CgroupPathError(f"expected slice:prefix:name, got {len(parts)} parts")
+    slice_name, prefix, name = parts
+    parent = expand_slice(slice_name or DEFAULT_SLICE)
+    _check_unit_part("name", name)
+    if name.endswith(SLICE_SUFFIX):
+        if name == ROOT_SLICE:
+            raise CgroupPathError("the root slice cannot be a container's unit")
+        expand_slice(name)  # validated as a slice, placed as is under the parent
+        unit = name
+    else:
+        _check_unit_part("prefix", prefix)
+        unit = f"{prefix}-{name}{SCOPE_SUFFIX}"
+        _check_unit_part("unit", unit)
+    return parent / unit
 
 
 def _controller(path: Path) -> Controller:
@@ -40,36 +127,68 @@ def _controller(path: Path) -> Controller:
 
 
 def _hierarchies() -> list[Path]:
-    """v1 controller mount points, or the v2 root when the host is unified."""
+    """v1 controller mount points, or the v2 root when the host is unified.
+
+    On a hybrid host (v1 controllers plus an empty cgroup2 at ./unified) the
+    v1 controllers are what limit and account, so those are joined.
+    """
     if (CGROUP_ROOT / "cgroup.controllers").exists():
         return [CGROUP_ROOT]
     return [CGROUP_ROOT / c for c in V1_CONTROLLERS if (CGROUP_ROOT / c / "tasks").exists()]
 
 
+def _copy_file(name: str, src_dir: int, dst_dir: int) -> None:
+    src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
+    try:
+        value = os.read(src, 4096)
+    finally:
+        os.close(src)
+    dst = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dst_dir)
+    try:
+        os.write(dst, value)
+    finally:
+        os.close(dst)
+
+
 @dataclass
 class SandboxCgroup:
-    path: str
+    path: str  # below each hierarchy's root, e.g. "/kubepods/pod1/<id>"
     _created: list[Path] = field(default_factory=list)
 
     @classmethod
     def from_spec_path(cls, cgroups_path: str) -> "SandboxCgroup | None":
+        """The cgroup for a spec's ``linux.cgroupsPath``, or None to leave the VM alone."""
         if not cgroups_path:
             return None
-        if ":" in cgroups_path or not cgroups_path.startswith("/"):
-            log.info("cgroup path %r is systemd-style; the VM stays in the shim's cgroup",
-                     cgroups_path)
+        if cgroups_path.startswith("/"):
+            clean = PurePosixPath(os.path.normpath(cgroups_path))
+            if ".." in clean.parts or clean == PurePosixPath("/"):
+                log.warning("cgroup path %r is not a pod's cgroup; the VM stays in the "
+                            "shim's cgroup", cgroups_path)
+                return None
+            return cls(str(clean))
+        if ":" not in cgroups_path:
+            log.warning("cgroup path %r is neither absolute nor slice:prefix:name; "
+                        "the VM stays in the shim's cgroup", cgroups_path)
             return None
-        clean = PurePosixPath(os.path.normpath(cgroups_path))
-        if ".." in clean.parts:
+        try:
+            expanded = expand_systemd_path(cgroups_path)
+        except CgroupPathError as exc:
+            log.warning("invalid systemd cgroup path %r (%s); the VM stays in the shim's cgroup",
+                        cgroups_path, exc)
             return None
-        return cls(str(clean))
+        log.debug("systemd cgroup path %r is %s", cgroups_path, expanded)
+        return cls(str(expanded))
 
     def join(self, pids: list[int]) -> None:
         """Create the cgroup where missing and move ``pids`` into it (best effort)."""
+        relative = PurePosixPath(self.path.lstrip("/"))
         for hierarchy in _hierarchies():
-            target = hierarchy / self.path.lstrip("/")
+            target = hierarchy / relative
             try:
-                self._mkdirs(hierarchy, target)
+                self._mkdirs(hierarchy, relative)
+                # _mkdirs checked every level is a real directory; cgroupfs itself
+                # cannot hold symlinks, so the path stays what was checked.
                 controller = _controller(target)
                 for pid in pids:
                     if pid:
@@ -77,21 +196,50 @@ class SandboxCgroup:
             except OSError as exc:
                 log.warning("cannot put the VM into cgroup %s: %s", target, exc)
 
-    def _mkdirs(self, hierarchy: Path, target: Path) -> None:
-        missing = []
-        current = target
-        while current != hierarchy and not current.exists():
-            missing.append(current)
-            current = current.parent
-        for d in reversed(missing):
-            if d.name == "cpuset" or hierarchy.name == "cpuset":
-                d.mkdir()
-                # A v1 cpuset cgroup is unusable until it has cpus and mems.
-                for f in ("cpuset.cpus", "cpuset.mems"):
-                    (d / f).write_text((d.parent / f).read_text())
-            else:
-                d.mkdir()
-            self._created.append(d)
+    def _mkdirs(self, hierarchy: Path, relative: PurePosixPath) -> None:
+        """Create ``hierarchy/relative`` level by level, never leaving the hierarchy.
+
+        Each level is opened relative to its parent's fd with O_NOFOLLOW, so a
+        symlink (or a file) anywhere below the hierarchy fails the walk instead
+        of being followed. Directories made here are recorded for remove().
+
+        :raise OSError: a level cannot be created or is not a plain directory.
+        """
+        is_cpuset = (hierarchy / "cpuset.cpus").exists() and hierarchy != CGROUP_ROOT
+        fd = os.open(hierarchy, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            current = hierarchy
+            for part in relative.parts:
+                if part in ("", ".", "..", "/") or "/" in part:
+                    raise OSError(errno.EINVAL, f"bad cgroup path component {part!r}")
+                current = current / part
+                try:
+                    os.mkdir(part, CGROUP_DIR_MODE, dir_fd=fd)
+                    created = True
+                except FileExistsError:
+                    created = False
+                if created:
+                    self._created.append(current)
+                try:
+                    child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                    | os.O_CLOEXEC, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise OSError(exc.errno, f"{current} is not a directory "
+                                      "(a symlink or a file); not following it") from exc
+                    raise
+                try:
+                    if created and is_cpuset:
+                        # A v1 cpuset cgroup is unusable until it has cpus and mems.
+                        for name in ("cpuset.cpus", "cpuset.mems"):
+                            _copy_file(name, fd, child)
+                except BaseException:
+                    os.close(child)
+                    raise
+                os.close(fd)
+                fd = child
+        finally:
+            os.close(fd)
 
     def remove(self) -> None:
         """Remove the directories join() created (empty once the VM is gone)."""
