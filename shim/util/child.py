@@ -21,7 +21,8 @@ LOG_TAIL_LINES = 5
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """preexec_fn: the child gets SIGKILL when the shim dies (it must not outlive it)."""
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
@@ -34,7 +35,7 @@ async def spawn(argv: list[str], log_path: Path, pass_fds: tuple[int, ...] = ()
     with open(log_path, "ab") as out:
         return await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
-            pass_fds=pass_fds, preexec_fn=_die_with_parent, start_new_session=True)
+            pass_fds=pass_fds, preexec_fn=die_with_parent, start_new_session=True)
 
 
 async def stop(proc: asyncio.subprocess.Process, name: str,

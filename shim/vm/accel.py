@@ -15,8 +15,11 @@ import fcntl
 import json
 import logging
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
+
+from shim.util import child
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +74,22 @@ def _kvm_device_problem(sys_module: Path = Path("/sys/module")) -> str | None:
     return None
 
 
+async def _kill_probe(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL the probe's process group (it leads its own session) and reap it."""
+    if proc.returncode is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    # Shielded: a second cancel while reaping must not leave a zombie behind.
+    await asyncio.shield(proc.wait())
+
+
 async def _probe_qemu_kvm(qemu: str) -> str | None:
-    """Start QEMU paused under KVM; None if it came up and quit cleanly."""
+    """Start QEMU paused under KVM; None if it came up and quit cleanly.
+
+    Cancelled (e.g. the shim is told to stop), it kills and reaps the probe QEMU.
+    """
     commands = b"".join(json.dumps({"execute": c}).encode() + b"\n"
                         for c in ("qmp_capabilities", "query-kvm", "quit"))
     try:
@@ -80,15 +97,18 @@ async def _probe_qemu_kvm(qemu: str) -> str | None:
             qemu, "-accel", "kvm", "-cpu", "host", "-machine", "q35", "-nodefaults",
             "-no-user-config", "-display", "none", "-S", "-qmp", "stdio",
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
+            stderr=asyncio.subprocess.PIPE, start_new_session=True,
+            preexec_fn=child.die_with_parent)
     except OSError as exc:
         return f"cannot run {qemu}: {exc.strerror}"
     try:
         out, err = await asyncio.wait_for(proc.communicate(commands), PROBE_TIMEOUT_S)
     except asyncio.TimeoutError:
-        proc.kill()
-        await proc.wait()
+        await _kill_probe(proc)
         return f"QEMU under KVM did not answer within {PROBE_TIMEOUT_S:.0f}s"
+    except BaseException:  # cancelled: the probe QEMU must not outlive its caller
+        await _kill_probe(proc)
+        raise
     if proc.returncode != 0:
         last = err.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
         return f"QEMU under KVM exited with {proc.returncode}: {last[0]}"

@@ -2,8 +2,10 @@
 
 Owns argument syntax only: no processes, no sockets. A q35 machine with PCIe
 root ports left free for hot-plugged disks and NICs, direct kernel boot, no
-default devices, QMP on a unix socket, the agent channel, and the shared
-filesystem (virtio-fs with a shared memory backend, or 9p).
+default devices, QMP on a unix socket, the agent channel, the guest's output
+(console and log port) as clients of sockets the shim listens on, the shared
+filesystem (virtio-fs with a shared memory backend, or 9p), and QEMU's seccomp
+sandbox.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from shim.vm.accel import AccelChoice
 
 AGENT_PORT_NAME = "io.husk.agent"
 AGENT_CHARDEV = "agent"
+CONSOLE_CHARDEV = "console"
+GUEST_LOG_CHARDEV = "guestlog"
 LOG_PORT_NAME = "io.husk.log"
 SHARED_FS_TAG = "husk-shared"
 AGENT_VSOCK_PORT = 1024
@@ -25,6 +29,13 @@ UNIX_PATH_MAX = 106
 FAST_BOOT_PARAMS = ("tsc=reliable", "no_timer_check", "rcupdate.rcu_expedited=1",
                     "i8042.direct=1", "i8042.dumbkbd=1", "i8042.nopnp=1", "i8042.noaux=1",
                     "noreplace-smp", "cryptomgr.notests")
+# QEMU's seccomp filter: QEMU never needs to run programs (no helper scripts,
+# no -daemonize), change uids or use obsolete or scheduler/resource syscalls,
+# so a guest that takes over QEMU cannot either.
+QEMU_SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+# 9p on a writable share: QEMU (root) sets the guest's owners and modes on the
+# host files, and reports failures instead of hiding them ("none" does).
+NINE_P_SECURITY_MODEL = "passthrough"
 
 
 class SharedFsType(enum.Enum):
@@ -61,6 +72,16 @@ class VmPaths:
         return self.run_dir / "fs.sock"
 
     @property
+    def console_socket(self) -> Path:
+        """The shim listens here; QEMU connects the serial console to it."""
+        return self.run_dir / "con.sock"
+
+    @property
+    def guest_log_socket(self) -> Path:
+        """The shim listens here; QEMU connects the io.husk.log port to it."""
+        return self.run_dir / "log.sock"
+
+    @property
     def console_log(self) -> Path:
         return self.run_dir / "console.log"
 
@@ -72,9 +93,16 @@ class VmPaths:
     def pid_file(self) -> Path:
         return self.run_dir / "qemu.pid"
 
+    @property
+    def virtiofsd_pid_file(self) -> Path:
+        return self.run_dir / "virtiofsd.pid"
+
     def sockets(self) -> list[Path]:
         return [self.qmp_socket, self.agent_serial_socket, self.agent_socket,
-                self.virtiofsd_socket]
+                self.virtiofsd_socket, self.console_socket, self.guest_log_socket]
+
+    def pid_files(self) -> list[Path]:
+        return [self.pid_file, self.virtiofsd_pid_file]
 
 
 @dataclass(frozen=True)
@@ -143,14 +171,17 @@ def build_cmdline(spec: VmSpec) -> list[str]:
     machine = "q35,vmport=off,sata=off,smbus=off"
     args = [spec.qemu_path, "-name", qemu_value(f"husk-{spec.name}"),
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+            "-sandbox", QEMU_SANDBOX,
             *spec.accel.qemu_args,
             "-smp", str(spec.vcpus), "-m", memory,
             "-kernel", qemu_value(spec.kernel), "-initrd", qemu_value(spec.initrd),
             "-append", kernel_cmdline(spec),
             "-qmp", f"unix:{qemu_value(p.qmp_socket)},server=on,wait=off",
             "-pidfile", qemu_value(p.pid_file),
-            "-chardev", f"file,id=console,path={qemu_value(p.console_log)}",
-            "-serial", "chardev:console",
+            # server=off: QEMU connects to the shim's listener (see shim.vm.guestlog).
+            "-chardev", f"socket,id={CONSOLE_CHARDEV},path={qemu_value(p.console_socket)},"
+                        "server=off",
+            "-serial", f"chardev:{CONSOLE_CHARDEV}",
             "-drive", f"file={qemu_value(spec.image)},if=none,id=rootfs,format=raw,"
                       "readonly=on,cache=unsafe",
             "-device", "virtio-blk-pci,drive=rootfs,bus=pcie.0,addr=0x2"]
@@ -163,13 +194,15 @@ def build_cmdline(spec: VmSpec) -> list[str]:
         machine += ",memory-backend=mem"
     else:
         args += ["-fsdev", f"local,id=fs,path={qemu_value(spec.shared_dir)},"
-                           "security_model=none",
+                           f"security_model={NINE_P_SECURITY_MODEL}",
                  "-device", f"virtio-9p-pci,fsdev=fs,mount_tag={SHARED_FS_TAG},"
                             "bus=pcie.0,addr=0x3"]
     args += ["-machine", machine]
     args += ["-device", "virtio-serial-pci,id=serial0,bus=pcie.0,addr=0x4",
-             "-chardev", f"file,id=guestlog,path={qemu_value(p.guest_log)}",
-             "-device", f"virtserialport,bus=serial0.0,chardev=guestlog,name={LOG_PORT_NAME}"]
+             "-chardev", f"socket,id={GUEST_LOG_CHARDEV},path={qemu_value(p.guest_log_socket)},"
+                         "server=off",
+             "-device", f"virtserialport,bus=serial0.0,chardev={GUEST_LOG_CHARDEV},"
+                        f"name={LOG_PORT_NAME}"]
     if spec.transport is AgentTransport.SERIAL:
         args += ["-chardev", f"socket,id={AGENT_CHARDEV},path={qemu_value(p.agent_serial_socket)},"
                              "server=on,wait=off",

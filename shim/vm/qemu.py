@@ -1,8 +1,11 @@
 """Vm: one QEMU process (plus virtiofsd) for one pod, driven over QMP.
 
-Owns the VM's run directory, its helper processes and their teardown. Knows
-nothing about containers or the agent's API: the agent channel is just a
-socket this module asks QEMU to create.
+Owns the VM's run directory, its helper processes, the guest's output streams
+and their teardown. Knows nothing about containers or the agent's API: the
+agent channel is just a socket this module asks QEMU to create.
+
+The VM counts as gone when either QEMU or virtiofsd exits: without virtiofsd
+the guest's filesystem hangs, so a dead virtiofsd takes QEMU down with it.
 """
 from __future__ import annotations
 
@@ -12,10 +15,12 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from shim.util import child
-from shim.vm.cmdline import SharedFsType, VmSpec, build_cmdline
+from shim.vm.cmdline import CONSOLE_CHARDEV, GUEST_LOG_CHARDEV, SharedFsType, VmSpec, build_cmdline
+from shim.vm.guestlog import GuestLog, GuestLogError
 from shim.vm.qmp import Qmp, QmpError
 from shim.vm.virtiofsd import VirtiofsdError, start_virtiofsd
 
@@ -24,6 +29,12 @@ log = logging.getLogger(__name__)
 QMP_READY_TIMEOUT_S = 30.0
 QUIT_GRACE_S = 5.0
 GUEST_OPEN_POLL_S = 0.05
+# QEMU exiting makes virtiofsd exit too (its vhost-user peer hung up), and the
+# two exits may be seen in either order: a virtiofsd exit only counts as the
+# cause when QEMU is still up this long after it.
+VIRTIOFSD_BLAME_GRACE_S = 0.5
+QEMU_LOG = "qemu.log"
+VIRTIOFSD_LOG = "virtiofsd.log"
 
 
 class VmError(Exception):
@@ -43,10 +54,18 @@ class Vm:
     spec: VmSpec
     virtiofsd_path: str = "/usr/lib/qemu/virtiofsd"
     virtiofs_cache: str = "auto"
+    virtiofs_xattr: bool = False
     times: BootTimes = field(default_factory=BootTimes)
     _qemu: asyncio.subprocess.Process | None = None
     _virtiofsd: asyncio.subprocess.Process | None = None
     _qmp: Qmp | None = None
+    _virtiofsd_died_first: bool = False
+
+    def __post_init__(self) -> None:
+        paths = self.spec.paths
+        #: The serial console and the agent's log port; their tails outlive stop().
+        self.console = GuestLog(CONSOLE_CHARDEV, paths.console_socket, paths.console_log)
+        self.guest_log = GuestLog(GUEST_LOG_CHARDEV, paths.guest_log_socket, paths.guest_log)
 
     @property
     def pid(self) -> int:
@@ -54,14 +73,27 @@ class Vm:
 
     @property
     def virtiofsd_pid(self) -> int:
-        return self._virtiofsd.pid if self._virtiofsd else 0
+        """The virtiofsd process that serves the guest (for cgroups and stats).
+
+        With sandbox=namespace virtiofsd forks once QEMU has connected, which
+        is before start() returns: the child does the work in its namespaces
+        and the parent only waits for it, so the child is the one to charge.
+        Stopping goes through the parent: the child dies with it.
+        """
+        if self._virtiofsd is None:
+            return 0
+        children = _children(self._virtiofsd.pid) if self._virtiofsd.returncode is None else []
+        return children[0] if len(children) == 1 else self._virtiofsd.pid
 
     @property
     def running(self) -> bool:
-        return self._qemu is not None and self._qemu.returncode is None
+        """QEMU is up, and so is virtiofsd when there is one."""
+        if self._qemu is None or self._qemu.returncode is not None:
+            return False
+        return self._virtiofsd is None or self._virtiofsd.returncode is None
 
     async def start(self) -> None:
-        """Start virtiofsd (if used) and QEMU, and connect QMP.
+        """Start the guest output readers, virtiofsd (if used) and QEMU, and connect QMP.
 
         :raise VmError: with the reason, after undoing whatever had started.
         """
@@ -71,12 +103,16 @@ class Vm:
             argv = build_cmdline(self.spec)
         except ValueError as exc:
             raise VmError(str(exc)) from exc
-        qemu_log = paths.run_dir / "qemu.log"
+        qemu_log = paths.run_dir / QEMU_LOG
         try:
+            # Listening before QEMU starts: its connect cannot race us or wait for us.
+            self.console.open()
+            self.guest_log.open()
             if self.spec.shared_fs is SharedFsType.VIRTIO_FS:
                 self._virtiofsd = await start_virtiofsd(
                     self.virtiofsd_path, paths.virtiofsd_socket, self.spec.shared_dir,
-                    self.virtiofs_cache, paths.run_dir / "virtiofsd.log", self.spec.debug)
+                    self.virtiofs_cache, paths.run_dir / VIRTIOFSD_LOG, self.spec.debug,
+                    xattr=self.virtiofs_xattr, pid_file=paths.virtiofsd_pid_file)
             log.debug("starting QEMU: %s", " ".join(argv))
             self.times.spawned_at = time.monotonic()
             try:
@@ -91,7 +127,7 @@ class Vm:
             self.times.qmp_ready_s = time.monotonic() - self.times.spawned_at
             log.info("QEMU pid %d up, QMP ready after %.3fs (%s)", self.pid,
                      self.times.qmp_ready_s, self.spec.accel.accel.value)
-        except VirtiofsdError as exc:
+        except (GuestLogError, VirtiofsdError) as exc:
             await self.stop()
             raise VmError(str(exc)) from exc
         except BaseException:
@@ -120,6 +156,7 @@ class Vm:
         deadline = loop.time() + timeout_s
         while loop.time() < deadline:
             if not self.running:
+                await self._drain_guest_logs()
                 raise VmError(self.failure_reason())
             for info in await self.qmp("query-chardev"):
                 if info.get("label") == chardev and info.get("frontend-open"):
@@ -128,23 +165,70 @@ class Vm:
         raise VmError(f"the guest did not open its agent port within {timeout_s:.0f}s")
 
     async def wait(self) -> int:
-        """Wait for QEMU to exit; returns its status."""
+        """Wait until QEMU or virtiofsd exits; returns the status of the one that did.
+
+        A virtiofsd that dies first is recorded (see failure_reason) and QEMU is
+        stopped, so the pod is torn down instead of hanging on its filesystem.
+        """
         assert self._qemu is not None
-        return await self._qemu.wait()
+        qemu = asyncio.ensure_future(self._qemu.wait())
+        waiters: set[asyncio.Future[int]] = {qemu}
+        if self._virtiofsd is not None:
+            waiters.add(asyncio.ensure_future(self._virtiofsd.wait()))
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            if not qemu.done():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(qemu), VIRTIOFSD_BLAME_GRACE_S)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        if self._qemu.returncode is None and self._virtiofsd is not None:
+            self._virtiofsd_died_first = True
+            log.error("virtiofsd (pid %d) exited with status %s under a running VM; "
+                      "stopping QEMU", self._virtiofsd.pid, self._virtiofsd.returncode)
+            await child.stop(self._qemu, "qemu", grace_s=QUIT_GRACE_S)
+            await self._drain_guest_logs()
+            assert self._virtiofsd.returncode is not None
+            return self._virtiofsd.returncode
+        await self._drain_guest_logs()
+        assert self._qemu.returncode is not None
+        return self._qemu.returncode
+
+    def _virtiofsd_failed(self) -> bool:
+        vfs = self._virtiofsd
+        if vfs is None or vfs.returncode is None:
+            return False
+        qemu_up = self._qemu is not None and self._qemu.returncode is None
+        return qemu_up or self._virtiofsd_died_first
 
     def failure_reason(self) -> str:
-        """Why QEMU stopped, from its exit status and logs (for error messages)."""
+        """Why the VM stopped, from exit statuses and logs (for error messages)."""
+        run_dir = self.spec.paths.run_dir
+        if self._virtiofsd is not None and self._virtiofsd_failed():
+            tail = child.log_tail(run_dir / VIRTIOFSD_LOG)
+            return (f"virtiofsd exited with status {self._virtiofsd.returncode}"
+                    + (f"; virtiofsd: {tail}" if tail else ""))
         if self._qemu is None:
             return "QEMU was never started"
         if self._qemu.returncode is None:
             return "QEMU is still running"
-        tail = child.log_tail(self.spec.paths.run_dir / "qemu.log")
+        tail = child.log_tail(run_dir / QEMU_LOG)
         return f"QEMU exited with status {self._qemu.returncode}" + (f"; qemu: {tail}" if tail else "")
 
+    async def _drain_guest_logs(self) -> None:
+        """QEMU is gone: collect what it wrote last (a panic, say) before anyone reads a tail."""
+        if self._qemu is None or self._qemu.returncode is None:
+            return
+        await asyncio.gather(self.console.drain(), self.guest_log.drain())
+
     async def stop(self) -> None:
-        """Stop QEMU (QMP quit, then signals) and virtiofsd; idempotent."""
+        """Stop QEMU (QMP quit, then signals), virtiofsd and the log readers; idempotent.
+
+        The guest logs' tails stay readable.
+        """
         if self._qmp is not None:
-            if self.running:
+            if self._qemu is not None and self._qemu.returncode is None:
                 with contextlib.suppress(QmpError):
                     await self._qmp.execute("quit", timeout_s=QUIT_GRACE_S)
             await self._qmp.close()
@@ -153,9 +237,19 @@ class Vm:
             await child.stop(self._qemu, "qemu", grace_s=QUIT_GRACE_S)
         if self._virtiofsd is not None:
             await child.stop(self._virtiofsd, "virtiofsd")
-        for sock in self.spec.paths.sockets():
-            sock.unlink(missing_ok=True)
-        self.spec.paths.pid_file.unlink(missing_ok=True)
+        await self._drain_guest_logs()
+        await self.console.close()
+        await self.guest_log.close()
+        for path in [*self.spec.paths.sockets(), *self.spec.paths.pid_files()]:
+            path.unlink(missing_ok=True)
 
     def remove_run_dir(self) -> None:
         shutil.rmtree(self.spec.paths.run_dir, ignore_errors=True)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]

@@ -1,31 +1,72 @@
 """QMP over a unix socket through qemu.qmp's async client, with timeouts.
 
 qemu.qmp does the protocol; this module adds what the shim needs on top:
-waiting for QEMU to create its socket (while noticing if QEMU died first)
-and a deadline on every command.
+waiting for QEMU to create its socket (while noticing if QEMU died first),
+a deadline on every command, and bounds on what QEMU can make us hold.
+
+qemu.qmp's QMPClient feeds every event to a default listener whose queue and
+history grow without limit unless someone reads them; nothing in the shim
+does, and a guest can make QEMU emit events at will (200k of them grew the
+shim from 20 to 294 MiB). So events are counted by name and dropped. Each incoming
+message is also limited to QMP_MAX_MESSAGE_BYTES (qemu.qmp's default is
+10 MiB): a longer line fails the connection, and with it the command.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import ConnectError, ExecuteError, QMPClient
+from qemu.qmp import ConnectError, ExecuteError, Message, QMPClient
 
 log = logging.getLogger(__name__)
 
 QMP_TIMEOUT_S = 5.0
 SOCKET_POLL_S = 0.01
+# The shim's largest reply (query-chardev and the like) is a few KiB. The stream
+# reader buffers up to twice this before it gives up on a line.
+QMP_MAX_MESSAGE_BYTES = 1024 * 1024
+# Distinct event names counted one by one; QEMU has a few dozen, the rest is "other".
+EVENT_NAMES_MAX = 64
+EVENT_NAME_MAX_CHARS = 64
+OTHER_EVENTS = "(other)"
 
 
 class QmpError(Exception):
     """A QMP command failed or QEMU stopped answering."""
 
 
+class _CountingClient(QMPClient):
+    """A QMPClient that counts events instead of queueing them.
+
+    No listener is ever fed, the default one included, so nothing grows.
+    Whoever needs events one day should add a listener with a bounded queue.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, readbuflen=QMP_MAX_MESSAGE_BYTES)
+        self.event_counts: Counter[str] = Counter()
+
+    async def _event_dispatch(self, msg: Message) -> None:
+        name = msg.get("event")
+        key = OTHER_EVENTS
+        if isinstance(name, str) and name.isprintable():
+            key = name[:EVENT_NAME_MAX_CHARS]
+        if key not in self.event_counts and len(self.event_counts) >= EVENT_NAMES_MAX:
+            key = OTHER_EVENTS
+        self.event_counts[key] += 1
+
+
 class Qmp:
     def __init__(self, name: str) -> None:
-        self._client = QMPClient(name)
+        self._client = _CountingClient(name)
+
+    @property
+    def events_dropped(self) -> int:
+        """QMP events received and dropped unread."""
+        return sum(self._client.event_counts.values())
 
     async def connect(self, path: Path, proc: asyncio.subprocess.Process,
                       timeout_s: float) -> None:
@@ -72,3 +113,7 @@ class Qmp:
             await asyncio.wait_for(self._client.disconnect(), QMP_TIMEOUT_S)
         except Exception as exc:  # already gone: nothing to release
             log.debug("QMP disconnect: %s", exc)
+        counts = self._client.event_counts
+        if counts:
+            log.debug("QMP: %d events dropped unread (%s)", self.events_dropped,
+                      ", ".join(f"{name}: {n}" for name, n in counts.most_common(8)))

@@ -1,6 +1,7 @@
 """The KVM/TCG choice: forced modes, the module check, the cached probe."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -45,3 +46,65 @@ async def test_broken_qemu_means_tcg(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(accel, "_kvm_device_problem", lambda: None)
     choice = await accel.probe("/bin/false")
     assert choice.accel is Accel.TCG and "exited with 1" in choice.reason
+
+
+def _fake_qemu(tmp_path: Path, body: str) -> Path:
+    script = tmp_path / "qemu"
+    script.write_text(f"#!/bin/sh\n{body}\n")
+    script.chmod(0o755)
+    return script
+
+
+def _gone(pid: int) -> bool:
+    """Reaped, or at least dead (a zombie waiting for its reaper)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+async def _started(pid_file: Path) -> int:
+    for _ in range(500):
+        if pid_file.exists() and pid_file.read_text().strip():
+            return int(pid_file.read_text())
+        await asyncio.sleep(0.01)
+    raise AssertionError("the fake QEMU did not start")
+
+
+async def test_cancelled_probe_kills_and_reaps_its_qemu(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    qemu = _fake_qemu(tmp_path, f"echo $$ > {pid_file}; exec sleep 600")
+    probe = asyncio.create_task(accel._probe_qemu_kvm(str(qemu)))
+    pid = await _started(pid_file)
+    probe.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await probe
+    # Reaped by the time the cancelled probe returns: no process, not even a zombie.
+    assert not Path(f"/proc/{pid}").exists()
+
+
+async def test_cancelled_probe_kills_what_its_qemu_started(tmp_path: Path) -> None:
+    """A wrapper script that forks: the whole process group goes."""
+    pid_file = tmp_path / "pid"
+    qemu = _fake_qemu(tmp_path, f"sleep 600 & echo $! > {pid_file}; wait")
+    probe = asyncio.create_task(accel._probe_qemu_kvm(str(qemu)))
+    grandchild = await _started(pid_file)
+    probe.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await probe
+    for _ in range(200):
+        if _gone(grandchild):
+            break
+        await asyncio.sleep(0.01)
+    assert _gone(grandchild)
+
+
+async def test_probe_that_never_answers_times_out(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    pid_file = tmp_path / "pid"
+    monkeypatch.setattr(accel, "PROBE_TIMEOUT_S", 0.3)
+    qemu = _fake_qemu(tmp_path, f"echo $$ > {pid_file}; exec sleep 600")
+    problem = await accel._probe_qemu_kvm(str(qemu))
+    assert problem is not None and "did not answer" in problem
+    assert not Path(f"/proc/{int(pid_file.read_text())}").exists()

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 
 from shim.vm.accel import Accel, AccelChoice
-from shim.vm.cmdline import (AgentTransport, CmdlineError, SharedFsType, VmPaths, VmSpec,
-                             build_cmdline, qemu_value)
+from shim.vm.cmdline import (QEMU_SANDBOX, AgentTransport, CmdlineError, SharedFsType, VmPaths,
+                             VmSpec, build_cmdline, qemu_value)
+from shim.vm.virtiofsd import virtiofsd_argv
 
 
 def _spec(tmp_path: Path, **kw: object) -> VmSpec:
@@ -65,3 +66,60 @@ def test_long_socket_path_is_refused(tmp_path: Path) -> None:
 def test_newline_is_refused() -> None:
     with pytest.raises(CmdlineError):
         qemu_value("a\nb")
+
+
+def _values(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def test_qemu_runs_under_its_seccomp_sandbox(tmp_path: Path) -> None:
+    argv = build_cmdline(_spec(tmp_path))
+    assert _values(argv, "-sandbox") == [QEMU_SANDBOX]
+    for option in ("on", "obsolete=deny", "elevateprivileges=deny", "spawn=deny",
+                   "resourcecontrol=deny"):
+        assert option in QEMU_SANDBOX.split(",")
+
+
+def test_guest_output_goes_to_shim_sockets_not_files(tmp_path: Path) -> None:
+    argv = build_cmdline(_spec(tmp_path))
+    chardevs = _values(argv, "-chardev")
+    assert f"socket,id=console,path={tmp_path}/con.sock,server=off" in chardevs
+    assert f"socket,id=guestlog,path={tmp_path}/log.sock,server=off" in chardevs
+    assert not [c for c in chardevs if c.startswith("file,")]
+    assert _values(argv, "-serial") == ["chardev:console"]
+    assert "virtserialport,bus=serial0.0,chardev=guestlog,name=io.husk.log" in argv
+
+
+def test_every_socket_path_is_checked(tmp_path: Path) -> None:
+    """build_cmdline checks sockets(): the guest output sockets must be among them."""
+    paths = VmPaths(tmp_path)
+    assert {paths.console_socket, paths.guest_log_socket} <= set(paths.sockets())
+    assert max(len(p.name) for p in paths.sockets()) <= len("serial.sock")  # keep names short
+
+
+def test_9p_never_uses_security_model_none(tmp_path: Path) -> None:
+    argv = build_cmdline(_spec(tmp_path, shared_fs=SharedFsType.NINE_P))
+    (fsdev,) = _values(argv, "-fsdev")
+    assert "security_model=passthrough" in fsdev.split(",")
+    assert "security_model=none" not in fsdev
+
+
+def test_pid_files(tmp_path: Path) -> None:
+    paths = VmPaths(tmp_path)
+    assert paths.virtiofsd_pid_file.name == "virtiofsd.pid"
+    assert paths.pid_files() == [paths.pid_file, paths.virtiofsd_pid_file]
+
+
+def test_virtiofsd_is_confined_and_has_no_xattrs_by_default(tmp_path: Path) -> None:
+    argv = virtiofsd_argv("virtiofsd", tmp_path / "fs.sock", tmp_path / "shared", "auto")
+    opts = _values(argv, "-o")
+    assert "sandbox=namespace" in opts
+    assert "modcaps=-mknod:-setfcap" in opts
+    assert "no_xattr" in opts and "xattr" not in opts
+    assert f"source={tmp_path}/shared" in opts and "cache=auto" in opts
+
+
+def test_virtiofsd_xattrs_when_configured(tmp_path: Path) -> None:
+    opts = _values(virtiofsd_argv("virtiofsd", tmp_path / "fs.sock", tmp_path, "none",
+                                  xattr=True), "-o")
+    assert "xattr" in opts and "no_xattr" not in opts
