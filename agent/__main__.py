@@ -8,6 +8,7 @@ container processes are still reparented to it.
 
 Settings come from the arguments, else the kernel command line:
 ``husk.transport=serial|vsock`` (default serial) and ``husk.debug=1``.
+``husk.test_hooks=1`` (test configs only) enables agent.testhooks.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from agent import __version__
+from agent import __version__, testhooks
 from agent.channel import (AGENT_PORT_NAME, LOG_PORT_NAME, PortLogHandler, SerialBridge,
                            VsockBridge, find_virtio_port, wait_for_port)
 from agent.config import (DEFAULT_CGROUP_PARENT, DEFAULT_CGROUP_ROOT, DEFAULT_SHARED_DIR,
@@ -80,14 +81,18 @@ def kernel_cmdline(path: Path = KERNEL_CMDLINE) -> dict[str, str]:
     return {k: v for k, _, v in (w.partition("=") for w in words)}
 
 
-def configure_logging(debug: bool, log_port: Path | None) -> None:
-    """Log to stderr (the console) always, and to the log port when there is one."""
+def configure_logging(debug: bool, log_port: Path | None) -> PortLogHandler | None:
+    """Log to stderr (the console) always, and to the log port when there is one.
+
+    Returns the log port's handler, if the port could be opened.
+    """
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     formatter = logging.Formatter(LOG_FORMAT)
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(formatter)
     root.addHandler(console)
+    handler: PortLogHandler | None = None
     if log_port is not None:
         try:
             handler = PortLogHandler(log_port)
@@ -99,6 +104,7 @@ def configure_logging(debug: bool, log_port: Path | None) -> None:
     # gRPC's own debug chatter is not ours.
     logging.getLogger("grpc").setLevel(logging.WARNING)
     logging.getLogger("asyncio").setLevel(logging.WARNING)
+    return handler
 
 
 def _libc() -> ctypes.CDLL:
@@ -140,7 +146,8 @@ def _bridge(transport: str, socket_path: str) -> Callable[[], Coroutine[Any, Any
     return None
 
 
-async def serve(args: argparse.Namespace, config: AgentConfig, transport: str) -> None:
+async def serve(args: argparse.Namespace, config: AgentConfig, transport: str,
+                hooks: testhooks.Hooks | None = None) -> None:
     """Start the reaper, the gRPC server and the bridge; run until SIGTERM/SIGINT."""
     loop = asyncio.get_running_loop()
     reaper = Reaper()
@@ -148,8 +155,10 @@ async def serve(args: argparse.Namespace, config: AgentConfig, transport: str) -
     for directory in (config.state_dir, config.crun_root, config.bundles_dir):
         directory.mkdir(parents=True, exist_ok=True)
     runtime = Runtime(config, Crun(config.crun, config.crun_root, reaper), reaper)
-    service = AgentService(runtime)
-    server = await start_server(service, args.listen)
+    service = AgentService(runtime, hooks)
+    server = await start_server(service, args.listen, hooks)
+    if hooks is not None:
+        await hooks.start()
     bridge_start = _bridge(transport, str(unix_path(args.listen)))
     bridge = (asyncio.create_task(_keep_running(f"{transport} bridge", bridge_start))
               if bridge_start is not None else None)
@@ -168,6 +177,8 @@ async def serve(args: argparse.Namespace, config: AgentConfig, transport: str) -
         await asyncio.wait_for(service.shutdown(), SHUTDOWN_TIMEOUT_S)
     except Exception:  # noqa: BLE001 - stopping anyway
         log.exception("cleanup on shutdown failed")
+    if hooks is not None:
+        await hooks.stop()
     await server.stop(SERVER_STOP_GRACE_S)
     reaper.stop()
 
@@ -176,8 +187,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     cmdline = kernel_cmdline()
     transport = args.transport or cmdline.get("husk.transport") or DEFAULT_TRANSPORT
-    configure_logging(args.debug or cmdline.get("husk.debug") == "1",
-                      find_virtio_port(LOG_PORT_NAME) if transport != "none" else None)
+    port_log = configure_logging(args.debug or cmdline.get("husk.debug") == "1",
+                                 find_virtio_port(LOG_PORT_NAME) if transport != "none" else None)
+    # A virtio-serial port opens only once: log-flood writes on the handler's fd.
+    hooks = testhooks.from_cmdline(cmdline, port_log._fd if port_log is not None else None)
     if transport not in TRANSPORTS:
         log.error("unknown husk.transport=%s; using %s", transport, DEFAULT_TRANSPORT)
         transport = DEFAULT_TRANSPORT
@@ -190,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          resolv_conf=args.resolv_conf)
     status = 0
     try:
-        asyncio.run(serve(args, config, transport))
+        asyncio.run(serve(args, config, transport, hooks))
         log.info("husk-agent stopped")
     except BaseException:  # noqa: BLE001 - PID 1 must not die
         log.critical("husk-agent failed", exc_info=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 
 from agent.service import AgentService
+from agent.testhooks import Hooks
 from proto.gen import agent_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -38,15 +39,20 @@ def unix_path(address: str) -> Path:
     return Path(path)
 
 
-async def start_server(service: AgentService, address: str = DEFAULT_LISTEN) -> grpc.aio.Server:
+async def start_server(service: AgentService, address: str = DEFAULT_LISTEN,
+                       hooks: Hooks | None = None) -> grpc.aio.Server:
     """Listen on ``address`` (unix:<path>) and serve ``service``.
+
+    ``hooks`` (test only) are applied to every call by an interceptor; without
+    them the server has no interceptor at all.
 
     :raise RuntimeError: the socket could not be bound.
     """
     path = unix_path(address)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)  # a stale socket from an earlier agent
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    interceptors = [hooks.interceptor()] if hooks is not None else None
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
     agent_pb2_grpc.add_AgentServiceServicer_to_server(service, server)  # type: ignore[no-untyped-call]  # generated
     if server.add_insecure_port(f"unix:{path}") == 0:
         raise RuntimeError(f"cannot listen on {address}")

@@ -27,6 +27,7 @@ from agent.sandbox import Sandbox
 from agent.spec import check_id, parse_json_object, rewrite_process
 from agent.stdio import OutputBuffer
 from agent.storage import Storage
+from agent.testhooks import Hooks
 from proto.gen import agent_pb2 as pb
 from proto.gen import agent_pb2_grpc
 
@@ -90,8 +91,10 @@ def unary(method: Callable[[Any, Req], Awaitable[Resp]]) -> Callable[..., Awaita
 class AgentService(agent_pb2_grpc.AgentServiceServicer):
     """The agent's gRPC API; holds the (at most one) sandbox."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, hooks: Hooks | None = None) -> None:
+        """:param hooks: test hooks (husk.test_hooks=1 only), else None."""
         self._runtime = runtime
+        self._hooks = hooks
         self._sandbox: Sandbox | None = None
         self._sandbox_lock = asyncio.Lock()
         self._oci_version: str | None = None
@@ -258,6 +261,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
     async def GetOOMEvent(self, request: pb.Empty) -> pb.OOMEvent:
         """Return the next container whose OOM-kill count went up (polls the cgroups)."""
         while True:
+            if self._hooks is not None and (flooded := self._hooks.take_oom_event()) is not None:
+                return pb.OOMEvent(container_id=flooded)
             sandbox = self._sandbox
             for container in list(sandbox.containers.values()) if sandbox else []:
                 kills = container.cgroup.oom_kills()
