@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,9 @@ ALLOWED_ANNOTATIONS = frozenset({ANNOTATION_VCPUS, ANNOTATION_MEMORY})
 ACCEL_MODES = ("auto", "kvm", "tcg")
 SHARED_FS_TYPES = ("virtio-fs", "9p")
 AGENT_TRANSPORTS = ("auto", "vsock", "serial")
+
+
+_DECIMAL = re.compile(r"[0-9]{1,9}")
 
 
 class ConfigError(ValueError):
@@ -85,6 +89,10 @@ class AgentConfig:
     transport: str = "auto"
     dial_timeout_s: float = 60.0
     request_timeout_s: float = 30.0
+    # A Check every keepalive_interval_s; this many unanswered in a row and the
+    # agent is declared dead (its VM is stopped, its processes exit 255).
+    keepalive_interval_s: float = 10.0
+    keepalive_misses: int = 3
 
 
 @dataclass(frozen=True)
@@ -126,9 +134,12 @@ def _bounded_int(name: str, value: Any, low: int, high: int) -> int:
     if isinstance(value, bool):
         raise ConfigError(f"{name}: expected an integer, got {value!r}")
     if isinstance(value, str):
-        if not value.strip().isdigit():
-            raise ConfigError(f"{name}: expected a decimal integer, got {value!r}")
-        value = int(value.strip())
+        # ASCII digits only ("²" is a digit to str.isdigit), and short: int() of a
+        # 5000-digit string is slow and then out of range anyway.
+        text = value.strip()
+        if not _DECIMAL.fullmatch(text):
+            raise ConfigError(f"{name}: expected a decimal integer, got {value[:40]!r}")
+        value = int(text)
     if not isinstance(value, int):
         raise ConfigError(f"{name}: expected an integer, got {value!r}")
     if not low <= value <= high:
@@ -185,6 +196,9 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     _choice("shared_fs.type", config.shared_fs.type, SHARED_FS_TYPES)
     _choice("shared_fs.virtiofs_cache", config.shared_fs.virtiofs_cache, ("none", "auto", "always"))
     _choice("agent.transport", config.agent.transport, AGENT_TRANSPORTS)
+    if not 0.1 <= config.agent.keepalive_interval_s <= 3600:
+        raise ConfigError("agent.keepalive_interval_s must be within 0.1..3600")
+    _bounded_int("agent.keepalive_misses", config.agent.keepalive_misses, 1, 100)
     return config
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 
 from shim.__main__ import ShimArgs
+from shim.ids import is_valid_id
 
 SOCKET_DIR = "/run/containerd/s"
 ADDRESS_FILE = "address"
@@ -32,6 +32,12 @@ SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
 GROUP_LABEL = "io.containerd.runc.v2.group"
 CONNECT_TIMEOUT_S = 1.0
 SIGKILL_STATUS = 128 + signal.SIGKILL
+SHIM_NAME = "containerd-shim-husk-v2"
+SANDBOXES_DIR_NAME = "sb"
+
+
+class StartError(Exception):
+    """start cannot go on; the message is for containerd's log."""
 
 
 def _annotations(bundle: Path) -> dict[str, str]:
@@ -43,12 +49,19 @@ def _annotations(bundle: Path) -> dict[str, str]:
 
 
 def group_id(shim_id: str, annotations: dict[str, str]) -> str:
-    """The pod this task belongs to: its sandbox id, or itself."""
+    """The pod this task belongs to: its sandbox id, or itself.
+
+    :raise StartError: the id is not a containerd id (it names files and sockets).
+    """
+    group = shim_id
     if annotations.get(GROUP_LABEL):
-        return annotations[GROUP_LABEL]
-    if annotations.get(CONTAINER_TYPE) == "container" and annotations.get(SANDBOX_ID):
-        return annotations[SANDBOX_ID]
-    return shim_id
+        group = annotations[GROUP_LABEL]
+    elif annotations.get(CONTAINER_TYPE) == "container" and annotations.get(SANDBOX_ID):
+        group = annotations[SANDBOX_ID]
+    if not is_valid_id(group):
+        raise StartError(f"invalid pod id {group[:200]!r} (from {GROUP_LABEL}, "
+                         f"{SANDBOX_ID} or -id)")
+    return group
 
 
 def socket_address(containerd_address: str, namespace: str, group: str) -> str:
@@ -68,18 +81,40 @@ def _can_connect(path: str) -> bool:
 
 
 def _bind(path: str) -> socket.socket:
+    """Listen on ``path``, mode 0600 from the start (only containerd's uid may connect)."""
     os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
     if os.path.exists(path):
         os.unlink(path)  # stale: nobody answered on it
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old_umask)
     sock.listen(128)
     return sock
 
 
+def daemon_argv(args: ShimArgs, group: str, fd: int) -> list[str]:
+    """The daemon's command line: the shim's own program, so that ``ps`` and
+    ``pgrep containerd-shim`` show it as every other shim
+    (``containerd-shim-husk-v2 -namespace … -id …``)."""
+    flags = ["-namespace", args.namespace, "-id", group, "-address", args.address,
+             "-publish-binary", args.publish_binary, "-socket", str(fd)]
+    flags += ["-debug"] if args.debug else []
+    program = sys.argv[0] if sys.argv else ""
+    if os.path.basename(program) == SHIM_NAME and os.access(program, os.X_OK):
+        return [os.path.abspath(program), *flags, "serve"]
+    return [sys.executable, "-m", "shim", *flags, "serve"]
+
+
 def start(args: ShimArgs) -> int:
     bundle = Path.cwd()
-    group = group_id(args.id, _annotations(bundle))
+    try:
+        group = group_id(args.id, _annotations(bundle))
+    except StartError as exc:
+        print(f"{SHIM_NAME}: {exc}", file=sys.stderr)
+        return 1
     address = socket_address(args.address, args.namespace, group)
     path = address.removeprefix("unix://")
     if group != args.id and _can_connect(path):
@@ -91,9 +126,7 @@ def start(args: ShimArgs) -> int:
     except OSError as exc:
         print(f"containerd-shim-husk-v2: cannot listen on {path}: {exc}", file=sys.stderr)
         return 1
-    argv = [sys.executable, "-m", "shim", "-namespace", args.namespace, "-address",
-            args.address, "-publish-binary", args.publish_binary, "-id", group,
-            "-socket", str(sock.fileno())] + (["-debug"] if args.debug else []) + ["serve"]
+    argv = daemon_argv(args, group, sock.fileno())
     try:
         subprocess.Popen(argv, cwd=bundle, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, pass_fds=(sock.fileno(),),
@@ -108,21 +141,6 @@ def start(args: ShimArgs) -> int:
     return 0
 
 
-def _kill_leftovers(run_dir: Path) -> None:
-    """Kill QEMU and virtiofsd processes that still use ``run_dir``."""
-    import psutil
-
-    marker = str(run_dir)
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = proc.info["cmdline"] or []
-        if any(marker in part for part in cmdline) and proc.pid != os.getpid():
-            try:
-                proc.kill()
-                proc.wait(5)
-            except (psutil.Error, psutil.TimeoutExpired):
-                pass
-
-
 def _remove_dead_socket(bundle: Path) -> None:
     """A daemon killed outright leaves its socket; remove it once nobody answers."""
     try:
@@ -133,31 +151,30 @@ def _remove_dead_socket(bundle: Path) -> None:
         os.unlink(path)
 
 
-def _read_pid(path: Path) -> int:
+def _run_dir(bundle: Path) -> Path | None:
+    """The sandbox run dir the daemon named in the bundle, if it looks like one."""
     try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return 0
+        text = (bundle / RUN_DIR_FILE).read_text()[:4096].strip()
+    except OSError:
+        return None
+    run_dir = Path(text)
+    if (not run_dir.is_absolute() or run_dir.parent.name != SANDBOXES_DIR_NAME
+            or not is_valid_id(run_dir.name) or ".." in run_dir.parts):
+        return None
+    return run_dir
 
 
 def delete(args: ShimArgs) -> int:
     bundle = Path(args.bundle) if args.bundle else Path.cwd()
     warnings = []
     pid = 1  # containerd skips pid 0; the VM's pid when we still know it
-    run_dir_file = bundle / RUN_DIR_FILE
-    try:
-        run_dir = Path(run_dir_file.read_text().strip())
-    except OSError:
-        run_dir = None
-    if run_dir is not None and run_dir.is_absolute() and run_dir.parent.name == "sb":
-        from shim.util.mount import umount_all
+    run_dir = _run_dir(bundle)
+    if run_dir is not None and is_valid_id(args.id):
+        from shim.sandbox.leftovers import clean_up
 
-        target = run_dir if run_dir.name == args.id else run_dir / "shared" / args.id
-        if target == run_dir:
-            pid = _read_pid(run_dir / "qemu.pid") or pid
-            _kill_leftovers(run_dir)
-        warnings += umount_all(target)
-        shutil.rmtree(target, ignore_errors=True)
+        result = clean_up(run_dir, args.id)
+        pid = result.vm_pid or pid
+        warnings += result.warnings
     _remove_dead_socket(bundle)
     for warning in warnings:
         print(f"husk delete {args.id}: {warning}", file=sys.stderr)

@@ -59,6 +59,13 @@ def _translate(method: str, exc: grpc.aio.AioRpcError) -> errors.HuskError:
     return kind(f"agent {method}: {detail or exc.code().name}")
 
 
+def _parsed(method: str, reply: T | None) -> T:
+    """grpc.aio hands back None, with status OK, for a reply it could not parse."""
+    if reply is None:
+        raise errors.InternalError(f"agent {method}: the reply is not a valid message")
+    return reply
+
+
 def _pid(value: int) -> int:
     if not 0 < value < MAX_PID:
         raise errors.InternalError(f"agent returned an invalid pid {value}")
@@ -108,7 +115,7 @@ class AgentClient:
     async def _call(self, method: str, request: Any, timeout_s: float | None = None) -> Any:
         rpc: Callable[..., Awaitable[Any]] = getattr(self._stub, method)
         try:
-            return await rpc(request, timeout=timeout_s or self.timeout_s)
+            return _parsed(method, await rpc(request, timeout=timeout_s or self.timeout_s))
         except grpc.aio.AioRpcError as exc:
             raise _translate(method, exc) from None
 
@@ -130,13 +137,19 @@ class AgentClient:
             try:
                 reply = await self._stub.Check(pb.CheckRequest(), timeout=CHECK_TIMEOUT_S,
                                                wait_for_ready=True)
-                if reply.status == pb.CheckResponse.SERVING:
+                if reply is not None and reply.status == pb.CheckResponse.SERVING:
                     return
-                last = f"agent status {reply.status}"
+                last = f"agent status {reply.status if reply is not None else 'unreadable'}"
             except grpc.aio.AioRpcError as exc:
                 last = f"{exc.code().name}: {exc.details()}"
             await asyncio.sleep(READY_POLL_S)
         raise errors.UnavailableError(f"the agent did not answer within {timeout_s:.0f}s ({last})")
+
+    async def check(self, timeout_s: float) -> None:
+        """One keepalive: :raise errors.HuskError: no SERVING answer within ``timeout_s``."""
+        reply = await self._call("Check", pb.CheckRequest(), timeout_s)
+        if reply.status != pb.CheckResponse.SERVING:
+            raise errors.UnavailableError(f"agent status {reply.status}")
 
     async def guest_details(self) -> dict[str, Any]:
         reply = await self._call("GetGuestDetails", pb.Empty())
@@ -184,10 +197,13 @@ class AgentClient:
             container_id=container_id, exec_id=exec_id, signal=signal, all=all_processes))
 
     async def wait_process(self, container_id: str, exec_id: str) -> int:
-        """The exit status (128+N for signal N); waits without a deadline."""
+        """The exit status (128+N for signal N).
+
+        No deadline: a process may run for months. The pod's keepalive covers
+        a dead or wedged agent (it stops the VM, which ends this call)."""
         try:
-            reply = await self._stub.WaitProcess(
-                pb.ProcessRequest(container_id=container_id, exec_id=exec_id))
+            reply = _parsed("WaitProcess", await self._stub.WaitProcess(
+                pb.ProcessRequest(container_id=container_id, exec_id=exec_id)))
         except grpc.aio.AioRpcError as exc:
             raise _translate("WaitProcess", exc) from None
         status = int(reply.exit_status)
@@ -196,9 +212,9 @@ class AgentClient:
         return status
 
     async def get_oom_event(self) -> str:
-        """The next container the guest's OOM killer hit; waits without a deadline."""
+        """The next container the guest's OOM killer hit; no deadline (see wait_process)."""
         try:
-            reply = await self._stub.GetOOMEvent(pb.Empty())
+            reply = _parsed("GetOOMEvent", await self._stub.GetOOMEvent(pb.Empty()))
         except grpc.aio.AioRpcError as exc:
             raise _translate("GetOOMEvent", exc) from None
         return str(reply.container_id)[:MAX_ID_LENGTH]
@@ -220,7 +236,7 @@ class AgentClient:
             container_id=container_id, exec_id=exec_id, stream=stream))
         try:
             async for chunk in call:
-                yield chunk.data
+                yield _parsed("ReadOutput", chunk).data
         except grpc.aio.AioRpcError as exc:
             raise _translate("ReadOutput", exc) from None
         finally:

@@ -24,12 +24,19 @@ from shim.sandbox.process import Process, ProcessState
 from shim.sandbox.sandbox import POD_SHM_STORAGE, Sandbox
 from shim.storage.share import RootfsMount, check_id
 from shim.sandbox.stdio import ProcessIO
+from shim.util.ratelimit import PerKeyRateLimit
 
 log = logging.getLogger(__name__)
 
 BIND_TYPES = ("bind", "rbind")
 # Exit status reported when the VM disappears under a running process.
 VM_GONE_STATUS = 255
+# The guest decides when OOM events come: one TaskOOM per container per
+# interval reaches containerd; after a flood of them, each read waits a little.
+OOM_EVENT_INTERVAL_S = 1.0
+OOM_FLOOD_EVENTS = 1000
+OOM_FLOOD_PAUSE_S = 0.01
+OOM_SUMMARY_EVERY_S = 10.0
 
 ExitCallback = Callable[[Process], None]
 OomCallback = Callable[[str], None]
@@ -67,6 +74,10 @@ class Pod:
         self._ooms_reported: dict[str, int] = {}  # TaskOOM events sent, per container
         self._monitors: set[asyncio.Task[None]] = set()
         self._watchers: list[asyncio.Task[None]] = []
+        self._oom_limiter = PerKeyRateLimit(OOM_EVENT_INTERVAL_S)
+        self._oom_events = 0  # from the guest, in all
+        self._oom_summary_at = 0.0
+        self.agent_dead = False
 
     @property
     def agent(self) -> Any:
@@ -90,7 +101,36 @@ class Pod:
         await self.sandbox.start(hostname=hostname, dns=dns)
         assert self.sandbox.vm is not None
         self._watchers = [asyncio.create_task(self._watch_vm(), name="vm-watch"),
-                          asyncio.create_task(self._watch_oom(), name="oom-watch")]
+                          asyncio.create_task(self._watch_oom(), name="oom-watch"),
+                          asyncio.create_task(self._keepalive(), name="agent-keepalive")]
+
+    async def _keepalive(self) -> None:
+        """Turn an agent that stopped answering into a VM death everyone sees.
+
+        Waits on the guest (WaitProcess, ReadOutput, GetOOMEvent) have no
+        deadline of their own; stopping the VM ends all of them at once.
+        """
+        interval = self.sandbox.config.agent.keepalive_interval_s
+        allowed = self.sandbox.config.agent.keepalive_misses
+        misses = 0
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.agent.check(interval)
+                misses = 0
+                continue
+            except errors.HuskError as exc:
+                misses += 1
+                log.warning("sandbox %s: agent keepalive %d/%d failed: %s",
+                            self.sandbox.sandbox_id, misses, allowed, exc)
+            if misses >= allowed:
+                break
+        log.error("sandbox %s: the agent did not answer %d checks in a row (%.0fs); "
+                  "stopping its VM", self.sandbox.sandbox_id, misses, misses * interval)
+        self.agent_dead = True
+        vm = self.sandbox.vm
+        if vm is not None:
+            await vm.stop()
 
     async def _watch_oom(self) -> None:
         while True:
@@ -99,11 +139,26 @@ class Pod:
             except errors.HuskError as exc:
                 log.debug("no more OOM events from the guest: %s", exc)
                 return
-            # From the guest: only a container we know is worth an event.
+            # From the guest: only a container we know is worth an event,
+            # and no more than one per container per OOM_EVENT_INTERVAL_S.
+            self._oom_events += 1
             if container_id in self.containers:
                 self._report_oom(container_id)
+            else:
+                self._oom_limiter.suppressed += 1
+            now = asyncio.get_running_loop().time()
+            if self._oom_limiter.suppressed and now - self._oom_summary_at >= OOM_SUMMARY_EVERY_S:
+                self._oom_summary_at = now
+                log.warning("sandbox %s: the guest sent %d OOM events (%d suppressed: repeats "
+                            "within %.0fs or unknown containers)", self.sandbox.sandbox_id,
+                            self._oom_events, self._oom_limiter.take_summary(),
+                            OOM_EVENT_INTERVAL_S)
+            if self._oom_events > OOM_FLOOD_EVENTS:
+                await asyncio.sleep(OOM_FLOOD_PAUSE_S)  # the guest sets the pace no longer
 
-    def _report_oom(self, container_id: str) -> None:
+    def _report_oom(self, container_id: str, *, at_exit: bool = False) -> None:
+        if not at_exit and not self._oom_limiter.allow(container_id):
+            return
         log.warning("container %s: the guest's OOM killer took a process", container_id)
         self._ooms_reported[container_id] = self._ooms_reported.get(container_id, 0) + 1
         self._on_oom(container_id)
@@ -116,7 +171,7 @@ class Pod:
         except errors.HuskError:
             return
         if stats.oom_kills > self._ooms_reported.get(container_id, 0):
-            self._report_oom(container_id)
+            self._report_oom(container_id, at_exit=True)
 
     async def _watch_vm(self) -> None:
         assert self.sandbox.vm is not None
@@ -172,7 +227,7 @@ class Pod:
                 root = share.bind_rootfs(container_id, Path(bundle) / "rootfs")
             spec.setdefault("root", {})["path"] = root
             spec["mounts"] = self._share_mounts(container_id, spec.get("mounts") or [])
-            io.open()
+            await io.open()
             proc = Process(container_id, "", io, pid=self.vm_pid)
             container = Container(container_id, bundle, proc, is_sandbox=False)
             proc.guest_pid = await self.agent.create_container(container_id, spec)
@@ -252,15 +307,15 @@ class Pod:
         await proc.io.finish()
         self._exited(proc, status)
 
-    def add_exec(self, container_id: str, exec_id: str, spec: dict[str, Any],
-                 io: ProcessIO) -> Process:
+    async def add_exec(self, container_id: str, exec_id: str, spec: dict[str, Any],
+                       io: ProcessIO) -> Process:
         container = self.get(container_id)
         if container.is_sandbox:
             raise errors.FailedPreconditionError("cannot exec in the sandbox container")
         container.init.require(ProcessState.RUNNING, action="exec in")
         if exec_id in container.execs:
             raise errors.AlreadyExistsError(f"exec {exec_id} already exists in {container_id}")
-        io.open()
+        await io.open()
         proc = Process(container_id, exec_id, io, spec=spec, pid=self.vm_pid)
         container.execs[exec_id] = proc
         return proc

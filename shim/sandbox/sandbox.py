@@ -21,7 +21,7 @@ from shim.agentclient.client import AgentClient, Storage
 from shim.agentclient.transport import VsockBridge
 from shim.cgroups.host import SandboxCgroup
 from shim.config import Config
-from shim.util.child import log_tail
+from shim.util.mount import mounts_under
 from shim.storage.share import GUEST_SHARED_DIR, SharedDir, check_id
 from shim.vm.accel import AccelChoice, choose_accel
 from shim.vm.cmdline import (AGENT_CHARDEV, SHARED_FS_TAG, AgentTransport, SharedFsType, VmPaths,
@@ -64,7 +64,7 @@ class Sandbox:
     def __post_init__(self) -> None:
         check_id("sandbox", self.sandbox_id)
         self.run_dir = Path(self.config.runtime.state_dir) / SANDBOXES_DIR / self.sandbox_id
-        self.shared = SharedDir(self.run_dir / "shared")
+        self.shared = SharedDir(self.run_dir)
 
     @property
     def transport(self) -> AgentTransport:
@@ -95,7 +95,10 @@ class Sandbox:
             if self.config.runtime.debug:
                 undo.callback(self._keep_guest_logs)  # LIFO: after the VM stopped, before removal
             self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self.shared.create()
+            try:
+                self.shared.create()
+            except OSError as exc:
+                raise errors.UnavailableError(f"cannot set up the shared directory: {exc}") from exc
             self.accel = await choose_accel(hv.accel, hv.qemu_path,
                                             Path(self.config.runtime.state_dir))
             for path in (hv.kernel_path, hv.initrd_path, hv.image_path):
@@ -175,28 +178,29 @@ class Sandbox:
 
     def _guest_logs(self) -> str:
         """The end of the guest's console and agent logs, for error messages and the shim log."""
-        paths = VmPaths(self.run_dir)
-        console = log_tail(paths.console_log, GUEST_LOG_TAIL_LINES)
-        agent = log_tail(paths.guest_log, GUEST_LOG_TAIL_LINES)
+        vm = self.vm
+        console = vm.console.tail(GUEST_LOG_TAIL_LINES) if vm is not None else ""
+        agent = vm.guest_log.tail(GUEST_LOG_TAIL_LINES) if vm is not None else ""
         log.error("sandbox %s guest console: %s", self.sandbox_id, console or "(empty)")
         log.error("sandbox %s agent log: %s", self.sandbox_id, agent or "(empty)")
         return f"guest console: {console or '(empty)'}; agent log: {agent or '(empty)'}"
 
     def _keep_guest_logs(self) -> None:
         """Debug: copy the end of the guest's logs into the shim log before they go."""
-        paths = VmPaths(self.run_dir)
-        for name, path in (("console", paths.console_log), ("agent", paths.guest_log)):
-            try:
-                with open(path, "rb") as f:
-                    f.seek(0, 2)
-                    f.seek(max(0, f.tell() - KEPT_GUEST_LOG_BYTES))
-                    text = f.read().decode(errors="replace")
-            except OSError:
-                continue
-            log.debug("sandbox %s guest %s log:\n%s", self.sandbox_id, name, text)
+        if self.vm is None:
+            return
+        for name, stream in (("console", self.vm.console), ("agent", self.vm.guest_log)):
+            text = stream.text(KEPT_GUEST_LOG_BYTES)
+            if text:
+                log.debug("sandbox %s guest %s log:\n%s", self.sandbox_id, name, text)
 
     def _remove_run_dir(self) -> None:
-        self.shared.destroy()
+        left = self.shared.destroy() or mounts_under(self.run_dir)
+        if left:
+            # rmtree would walk into a mount it cannot see the end of: keep the files.
+            log.error("keeping %s: still mounted below it: %s", self.run_dir,
+                      ", ".join(map(str, left)))
+            return
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def pids(self) -> dict[str, int]:

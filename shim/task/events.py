@@ -2,13 +2,14 @@
 
 publish() only enqueues; one forwarder task sends events one at a time, so
 containerd sees create < start < exit < delete. A failed send reconnects and
-retries a few times with backoff before the event is dropped (and logged).
+retries with backoff (see Publisher for what may be dropped: only TaskOOM).
 Type URLs are bare ("containerd.events.TaskExit"): containerd 1.6 resolves
 them by exact name.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from typing import Any
@@ -27,9 +28,12 @@ log = logging.getLogger(__name__)
 EVENTS_SERVICE = "containerd.services.events.ttrpc.v1.Events"
 NAMESPACE_KEY = "containerd-namespace-ttrpc"
 FORWARD_TIMEOUT_S = 5.0
+# TaskOOM only: lifecycle events are retried until containerd takes them.
 MAX_ATTEMPTS = 5
 RETRY_BACKOFF_S = 0.2
-QUEUE_SIZE = 1024
+RETRY_BACKOFF_MAX_S = 2.0
+RETRY_LOG_EVERY = 10
+MAX_QUEUED_OOM = 64
 DRAIN_TIMEOUT_S = 5.0
 
 TOPICS: dict[type[Message], str] = {
@@ -63,10 +67,24 @@ def envelope(namespace: str, event: Message) -> events_pb2.ForwardRequest:
 
 
 class Publisher:
+    """Events in order, each sent until containerd takes it.
+
+    Lifecycle events (create, start, exit, delete, exec...) are never dropped:
+    there are only as many as containerd asked for, and a lost TaskExit leaves
+    a container running forever in the kubelet's eyes. They are retried, with
+    a capped backoff, until containerd is back. TaskOOM is what the guest can
+    trigger at will: at most one per container waits in the queue, and at most
+    MAX_QUEUED_OOM in all; the rest are counted and dropped.
+    """
+
     def __init__(self, address: str, namespace: str) -> None:
         self.address = address
         self.namespace = namespace
-        self._queue: asyncio.Queue[Message | None] = asyncio.Queue(QUEUE_SIZE)
+        self._queue: collections.deque[Message] = collections.deque()
+        self._ready = asyncio.Event()
+        self._closing = False
+        self._queued_oom: set[str] = set()
+        self.dropped_oom = 0
         self._client: Client | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -75,26 +93,49 @@ class Publisher:
 
     def publish(self, event: Any) -> None:
         """Queue an event; never blocks the RPC that produced it."""
-        try:
-            self._queue.put_nowait(event)
-        except asyncio.QueueFull:
-            log.error("event queue full; dropping %s", TOPICS[type(event)])
+        if isinstance(event, ev.TaskOOM):
+            if event.container_id in self._queued_oom or len(self._queued_oom) >= MAX_QUEUED_OOM:
+                self.dropped_oom += 1
+                return
+            self._queued_oom.add(event.container_id)
+        self._queue.append(event)
+        self._ready.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    async def _next(self) -> Message | None:
+        while not self._queue:
+            if self._closing:
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+        return self._queue[0]
 
     async def _forward(self) -> None:
-        while (event := await self._queue.get()) is not None:
+        while (event := await self._next()) is not None:
             request = envelope(self.namespace, event)
-            for attempt in range(1, MAX_ATTEMPTS + 1):
+            droppable = isinstance(event, ev.TaskOOM)
+            attempt = 0
+            while True:
+                attempt += 1
                 try:
                     await self._send(request)
                     break
                 except (OSError, TtrpcError, asyncio.TimeoutError) as exc:
-                    log.warning("publishing %s failed (attempt %d/%d): %s",
-                                request.envelope.topic, attempt, MAX_ATTEMPTS, exc)
+                    if attempt == 1 or attempt % RETRY_LOG_EVERY == 0:
+                        log.warning("publishing %s failed (attempt %d): %s",
+                                    request.envelope.topic, attempt, exc)
                     await self._reset()
-                    await asyncio.sleep(RETRY_BACKOFF_S * attempt)
-            else:
-                log.error("dropped event %s after %d attempts", request.envelope.topic,
-                          MAX_ATTEMPTS)
+                    if droppable and attempt >= MAX_ATTEMPTS:
+                        log.error("dropped event %s after %d attempts", request.envelope.topic,
+                                  attempt)
+                        break
+                    await asyncio.sleep(min(RETRY_BACKOFF_S * attempt, RETRY_BACKOFF_MAX_S))
+            self._queue.popleft()
+            if droppable:
+                self._queued_oom.discard(event.container_id)  # type: ignore[attr-defined]
 
     async def _send(self, request: events_pb2.ForwardRequest) -> None:
         if self._client is None or self._client.closed:
@@ -112,11 +153,17 @@ class Publisher:
     async def close(self) -> None:
         """Send what is queued (bounded by DRAIN_TIMEOUT_S), then disconnect."""
         if self._task is not None:
-            self._queue.put_nowait(None)
+            self._closing = True
+            self._ready.set()
             try:
                 await asyncio.wait_for(self._task, DRAIN_TIMEOUT_S)
             except asyncio.TimeoutError:
-                log.error("gave up sending %d queued events", self._queue.qsize())
+                log.error("gave up sending %d queued events", len(self._queue))
                 self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
             self._task = None
+        if self.dropped_oom:
+            log.warning("%d TaskOOM events were not sent: one was already queued for the "
+                        "container", self.dropped_oom)
         await self._reset()

@@ -178,6 +178,7 @@ class TaskService:
             config = _with_debug(config)
         sandbox = self._sandbox_factory(request.id, config)
         sandbox.cgroup_path = _cgroups_path(spec)
+        _note_run_dir(request.bundle, sandbox.run_dir)
         pod = Pod(sandbox, self._publish_exit,
                   lambda cid: self.publisher.publish(ev.TaskOOM(container_id=cid)))
         hostname = spec.get("hostname") if isinstance(spec.get("hostname"), str) else ""
@@ -206,16 +207,15 @@ class TaskService:
                 self.pod = await self._new_pod(request, spec)
                 if kind == "sandbox":
                     io = self._io(request, request.id)
-                    io.open()
+                    await io.open()
                     container = self.pod.add_sandbox_container(request.id, request.bundle, io)
                 else:  # a plain container (ctr run): the VM is its own
                     container = await self.pod.create_container(
                         request.id, request.bundle, rootfs, self._io(request, request.id))
             else:
+                _note_run_dir(request.bundle, self.pod.sandbox.run_dir)
                 container = await self.pod.create_container(
                     request.id, request.bundle, rootfs, self._io(request, request.id))
-        # `delete` finds what to clean up from here even when this daemon is gone.
-        (Path(request.bundle) / RUN_DIR_FILE).write_text(str(self.pod.sandbox.run_dir))
         pid = container.init.pid
         self.publisher.publish(ev.TaskCreate(
             container_id=request.id, bundle=request.bundle, rootfs=request.rootfs,
@@ -254,8 +254,8 @@ class TaskService:
     @rpc
     async def exec(self, request: api.ExecProcessRequest) -> empty_pb2.Empty:
         spec = _json_object(request.spec.value, "exec spec")
-        self._pod().add_exec(request.id, request.exec_id, spec,
-                             self._io(request, request.id, request.exec_id))
+        await self._pod().add_exec(request.id, request.exec_id, spec,
+                                   self._io(request, request.id, request.exec_id))
         self.publisher.publish(ev.TaskExecAdded(container_id=request.id,
                                                 exec_id=request.exec_id))
         return empty_pb2.Empty()
@@ -364,6 +364,14 @@ class TaskService:
             self.pod = None
         self._on_shutdown()
         return empty_pb2.Empty()
+
+
+def _note_run_dir(bundle: str, run_dir: Path) -> None:
+    """Before anything exists: `delete` finds what to clean up from here if this daemon dies."""
+    try:
+        (Path(bundle) / RUN_DIR_FILE).write_text(str(run_dir))
+    except OSError as exc:
+        raise errors.InvalidArgumentError(f"cannot write to bundle {bundle}: {exc}") from exc
 
 
 def _with_debug(config: Config) -> Config:

@@ -36,6 +36,7 @@ class FakeAgent:
         self._next_pid = 100
         self.oom_events: asyncio.Queue[str] = asyncio.Queue()
         self.oom_kills: dict[str, int] = {}
+        self.answering = True
 
     def _new(self, key: tuple[str, str], spec: dict[str, Any]) -> int:
         self._next_pid += 1
@@ -125,6 +126,11 @@ class FakeAgent:
         self.proc(container_id)
         return ContainerStats(5000, 3000, 2000, 1 << 20, 1 << 30, 2 << 20, 4096, 8192, 3, 100,
                               oom_kills=self.oom_kills.get(container_id, 0))
+
+    async def check(self, timeout_s: float) -> None:
+        if not self.answering:  # a wedged agent: the real client's deadline passes
+            await asyncio.sleep(timeout_s)
+            raise errors.DeadlineExceededError("agent Check: DEADLINE_EXCEEDED")
 
     async def get_oom_event(self) -> str:
         return await self.oom_events.get()

@@ -27,7 +27,11 @@ class FakeVm:
 
     def crash(self, status: int = 1) -> None:
         self.running = False
-        self._exit.set_result(status)
+        if not self._exit.done():
+            self._exit.set_result(status)
+
+    async def stop(self) -> None:
+        self.crash(-9)
 
 
 class FakeSandbox:
@@ -35,7 +39,7 @@ class FakeSandbox:
         self.sandbox_id = sandbox_id
         self.config = config
         self.run_dir = root / "sb" / sandbox_id
-        self.shared = SharedDir(self.run_dir / "shared")
+        self.shared = SharedDir(self.run_dir)
         self.agent: FakeAgent | None = None
         self.vm: FakeVm | None = None
         self.stopped = False

@@ -52,6 +52,9 @@ def test_annotations_override_within_limits() -> None:
     ("io.husk.memory_mib", "-5", "decimal integer"),
     ("io.husk.memory_mib", "64", "outside"),
     ("io.husk.kernel_params", "init=/bin/sh", "not supported"),
+    ("io.husk.vcpus", "\u00b2", "decimal integer"),  # a digit to str.isdigit()
+    ("io.husk.vcpus", "\u0661", "decimal integer"),  # ARABIC-INDIC DIGIT ONE
+    ("io.husk.memory_mib", "9" * 5000, "decimal integer"),
 ])
 def test_hostile_annotations_are_rejected(key: str, value: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -56,3 +56,37 @@ async def test_publisher_retries_until_containerd_is_back(tmp_path: Path) -> Non
     await publisher.close()
     await server.shutdown()
     assert [r[0] for r in received] == ["/tasks/oom"]
+
+
+async def test_an_oom_flood_never_crowds_out_an_exit(tmp_path: Path) -> None:
+    """The guest can send OOM events at any rate; TaskExit must still go out."""
+    received: list[tuple[str, str, str]] = []
+    path = tmp_path / "ttrpc.sock"
+    publisher = Publisher(str(path), "k8s.io")
+    publisher.start()
+    for _ in range(50_000):
+        publisher.publish(ev.TaskOOM(container_id="c"))
+    publisher.publish(ev.TaskExit(container_id="c", id="c", pid=7, exit_status=137))
+    for i in range(50_000):
+        publisher.publish(ev.TaskOOM(container_id=f"other{i}"))
+    assert publisher.pending <= 2 + 64, "the queue grew with the flood"
+    server = await _events_server(path, received)  # containerd comes up late
+    await publisher.close()
+    await server.shutdown()
+    topics = [r[0] for r in received]
+    assert "/tasks/exit" in topics
+    assert topics.count("/tasks/oom") <= 1 + 64
+    assert publisher.dropped_oom >= 100_000 - 65
+
+
+async def test_an_exit_is_retried_until_containerd_is_back(tmp_path: Path) -> None:
+    received: list[tuple[str, str, str]] = []
+    path = tmp_path / "ttrpc.sock"
+    publisher = Publisher(str(path), "k8s.io")
+    publisher.start()
+    publisher.publish(ev.TaskExit(container_id="c", id="c", pid=7, exit_status=0))
+    await asyncio.sleep(3.0)  # more attempts than a TaskOOM gets
+    server = await _events_server(path, received)
+    await publisher.close()
+    await server.shutdown()
+    assert [r[0] for r in received] == ["/tasks/exit"]

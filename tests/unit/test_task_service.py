@@ -111,9 +111,9 @@ async def test_container_output_exit_and_cleanup(env: Any) -> None:
     agent = env.sandboxes[0].agent
     spec = agent.proc("c1").spec
     assert spec["root"]["path"] == "/run/husk/shared/c1/rootfs"
-    assert spec["mounts"][0]["source"] == "/run/husk/shared/c1/mounts/0"
+    assert spec["mounts"][0]["source"] == "/run/husk/shared/c1/volumes/0"
     assert spec["mounts"][1]["source"] == "/run/husk/pod-shm"  # the pod's shm in the guest
-    shared_hosts = env.sandboxes[0].shared.container_dir("c1") / "mounts" / "0"
+    shared_hosts = env.sandboxes[0].shared.host_dir / "c1" / "volumes" / "0"
     assert shared_hosts.read_text() == "127.0.0.1 localhost\n"
     await env.service.start(api.StartRequest(id="c1"))
     agent.emit("c1", b"hello\n")
@@ -124,7 +124,7 @@ async def test_container_output_exit_and_cleanup(env: Any) -> None:
     deleted = await env.service.delete(api.DeleteRequest(id="c1"))
     assert deleted.exit_status == 3 and deleted.pid == FAKE_VM_PID
     assert agent.removed == ["c1"]
-    assert not env.sandboxes[0].shared.container_dir("c1").exists()
+    assert not (env.sandboxes[0].shared.mounts_dir / "c1").exists()
     os.close(reader)
     # Shutdown is ignored while the sandbox remains.
     await env.service.shutdown(api.ShutdownRequest(id="c1"))
@@ -223,6 +223,66 @@ async def test_guest_oom_becomes_a_task_oom_event(env: Any) -> None:
     assert [e.container_id for e in ooms] == ["c1"]
 
 
+async def test_an_oom_event_flood_is_bounded(env: Any, caplog: pytest.LogCaptureFixture,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hostile guest sends OOM events as fast as it can: one TaskOOM per container
+    per interval reaches containerd, and the log gets a summary, not a line each."""
+    from shim.sandbox import pod as pod_module
+    monkeypatch.setattr(pod_module, "OOM_FLOOD_EVENTS", 10**9)  # no pacing: count only
+    await _run_pod(env)
+    await _create(env, "c1")
+    agent = env.sandboxes[0].agent
+    started = asyncio.get_running_loop().time()
+    for i in range(20_000):
+        agent.oom_events.put_nowait("c1" if i % 2 else f"ghost{i}")
+    for _ in range(500):
+        if agent.oom_events.empty():
+            break
+        await asyncio.sleep(0.01)
+    elapsed = asyncio.get_running_loop().time() - started
+    assert agent.oom_events.empty()
+    assert 1 <= env.publisher.topics().count("TaskOOM") <= 1 + elapsed
+    oom_lines = [r for r in caplog.records if "OOM" in r.getMessage()]
+    assert 1 <= len(oom_lines) <= 3 + 2 * elapsed
+    assert any("suppressed" in r.getMessage() for r in oom_lines)
+
+
+async def test_an_oom_event_flood_is_paced(env: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from shim.sandbox import pod as pod_module
+    monkeypatch.setattr(pod_module, "OOM_FLOOD_EVENTS", 100)
+    await _run_pod(env)
+    agent = env.sandboxes[0].agent
+    for i in range(1000):
+        agent.oom_events.put_nowait(f"ghost{i}")
+    await asyncio.sleep(0.5)
+    # 100 at full speed, then one per OOM_FLOOD_PAUSE_S (0.01 s): far from all 1000.
+    assert 100 < 1000 - agent.oom_events.qsize() < 300
+
+
+async def test_an_agent_that_stops_answering_ends_the_pod(env: Any,
+                                                          caplog: pytest.LogCaptureFixture
+                                                          ) -> None:
+    import dataclasses
+    await _run_pod(env)
+    await _create(env, "c1")
+    await env.service.start(api.StartRequest(id="c1"))
+    pod = env.service.pod
+    config = pod.sandbox.config
+    pod.sandbox.config = dataclasses.replace(config, agent=dataclasses.replace(
+        config.agent, keepalive_interval_s=0.1, keepalive_misses=3))
+    for task in pod._watchers:
+        if task.get_name() == "agent-keepalive":
+            task.cancel()
+    pod._watchers.append(asyncio.create_task(pod._keepalive(), name="agent-keepalive"))
+    await asyncio.sleep(0.35)
+    assert env.sandboxes[0].vm.running, "one missed check is not a dead agent"
+    env.sandboxes[0].agent.answering = False
+    reply = await asyncio.wait_for(env.service.wait(api.WaitRequest(id="c1")), 5)
+    assert reply.exit_status == 255
+    assert not env.sandboxes[0].vm.running
+    assert "did not answer 3 checks in a row" in caplog.text
+
+
 async def test_oom_kill_at_exit_is_reported_before_the_exit(env: Any) -> None:
     await _run_pod(env)
     await _create(env, "c1")
@@ -253,4 +313,4 @@ async def test_unsupported_stdio_scheme_is_refused(env: Any) -> None:
     with pytest.raises(TtrpcError) as exc:
         await _create(env, "c1", stdout="tcp://10.0.0.1:1")
     assert exc.value.code == Code.INVALID_ARGUMENT and "tcp" in exc.value.message
-    assert not env.sandboxes[0].shared.container_dir("c1").exists()
+    assert not (env.sandboxes[0].shared.mounts_dir / "c1").exists()

@@ -1,0 +1,93 @@
+"""What ``delete`` cleans up after a shim daemon that is gone (killed, crashed).
+
+It starts from files only the shim wrote in the sandbox's run dir (never
+exported to the guest): the pid files of QEMU and virtiofsd and the share's
+mount records. A pid is killed only if that process still is ours (its
+program is the one we ran and its command line names this run dir); a mount
+is unmounted only if it still is the one recorded.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from shim.storage.share import SharedDir
+from shim.util.mount import mounts_under
+
+log = logging.getLogger(__name__)
+
+KILL_WAIT_S = 5.0
+# pid file (in the run dir) → what the process's program name starts with.
+HELPER_PID_FILES = (("qemu.pid", "qemu-system"), ("virtiofsd.pid", "virtiofsd"))
+MAX_PID_FILE_BYTES = 32
+MAX_PID = 1 << 22  # the kernel's pid_max limit
+
+
+@dataclass
+class Cleanup:
+    vm_pid: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+def read_pid(path: Path) -> int:
+    try:
+        with open(path, "rb") as f:
+            text = f.read(MAX_PID_FILE_BYTES + 1).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return 0
+    if len(text) > MAX_PID_FILE_BYTES or not (text.isascii() and text.isdigit()):
+        return 0
+    return int(text) if 0 < int(text) < MAX_PID else 0
+
+
+def ours(pid: int, run_dir: Path, program: str) -> psutil.Process | None:
+    """The process ``pid`` if it is a ``program`` started for ``run_dir``."""
+    try:
+        proc = psutil.Process(pid)
+        cmdline = proc.cmdline()
+    except (psutil.Error, OSError):
+        return None
+    if not cmdline or not os.path.basename(cmdline[0]).startswith(program):
+        return None
+    marker = str(run_dir) + "/"
+    return proc if any(marker in arg for arg in cmdline[1:]) else None
+
+
+def kill_helpers(run_dir: Path) -> Cleanup:
+    result = Cleanup()
+    for name, program in HELPER_PID_FILES:
+        pid = read_pid(run_dir / name)
+        if not pid:
+            continue
+        if program == "qemu-system":
+            result.vm_pid = pid
+        proc = ours(pid, run_dir, program)
+        if proc is None:
+            continue
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+            proc.wait(KILL_WAIT_S)
+        log.info("killed %s (pid %d) of %s", program, pid, run_dir.name)
+    return result
+
+
+def clean_up(run_dir: Path, task_id: str) -> Cleanup:
+    """Undo what a dead daemon left for ``task_id``: the whole sandbox, or one container."""
+    if run_dir.name != task_id:
+        share = SharedDir.load(run_dir)
+        share.release(task_id)
+        return Cleanup()
+    result = kill_helpers(run_dir)
+    left = SharedDir.load(run_dir).destroy() or mounts_under(run_dir)
+    if left:
+        result.warnings.append(f"keeping {run_dir}: still mounted: "
+                               + ", ".join(map(str, left)))
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return result

@@ -1,0 +1,85 @@
+"""AgentClient against a real gRPC server that plays a hostile agent."""
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+
+from shim import errors
+from shim.agentclient.client import MAX_MESSAGE_BYTES, AgentClient
+
+# Starts with an invalid tag: no message type parses it.
+GARBAGE = b"\xff\xff\xff\xff\x0f" + os.urandom(59)
+
+Hostile = Callable[[bytes], Awaitable[AgentClient]]
+
+
+class _AnswerEverything(grpc.GenericRpcHandler):
+    """Every method of every service answers ``reply``, raw."""
+
+    def __init__(self, reply: bytes) -> None:
+        self.reply = reply
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            return self.reply
+        return grpc.unary_unary_rpc_method_handler(unary)
+
+
+@pytest.fixture
+async def hostile(tmp_path: Path) -> AsyncIterator[Hostile]:
+    servers: list[grpc.aio.Server] = []
+    clients: list[AgentClient] = []
+
+    async def start(reply: bytes) -> AgentClient:
+        server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 << 20)])
+        server.add_generic_rpc_handlers((_AnswerEverything(reply),))
+        path = tmp_path / f"agent{len(servers)}.sock"
+        server.add_insecure_port(f"unix:{path}")
+        await server.start()
+        servers.append(server)
+        clients.append(AgentClient(f"unix:{path}", timeout_s=5.0))
+        return clients[-1]
+
+    yield start
+    for client in clients:
+        await client.close()
+    for server in servers:
+        await server.stop(None)
+
+
+async def test_garbage_replies_are_errors_not_none(hostile: Hostile) -> None:
+    client = await hostile(GARBAGE)
+    with pytest.raises(errors.InternalError, match="not a valid message"):
+        await client.guest_details()
+    with pytest.raises(errors.InternalError, match="not a valid message"):
+        await client.wait_process("c1", "")
+    with pytest.raises(errors.InternalError, match="not a valid message"):
+        await client.get_oom_event()
+    with pytest.raises(errors.HuskError):
+        await client.check(2.0)
+
+
+async def test_oversized_replies_are_refused(hostile: Hostile) -> None:
+    size = MAX_MESSAGE_BYTES + 1
+    # Field 1000 (unknown to every reply type), length-delimited: only the size is wrong.
+    field = bytes([0xC2, 0x3E])
+    varint = bytearray()
+    n = size
+    while n > 0x7F:
+        varint.append((n & 0x7F) | 0x80)
+        n >>= 7
+    varint.append(n)
+    client = await hostile(field + bytes(varint) + b"x" * size)
+    with pytest.raises(errors.InternalError, match="RESOURCE_EXHAUSTED|larger than max"):
+        await client.create_container("c1", {})
+
+
+async def test_out_of_range_values_are_refused(hostile: Hostile) -> None:
+    # CreateContainerResponse{pid: 2**30}: a pid no kernel hands out.
+    client = await hostile(b"\x08" + bytes([0x80, 0x80, 0x80, 0x80, 0x04]))
+    with pytest.raises(errors.InternalError, match="invalid pid"):
+        await client.create_container("c1", {})
