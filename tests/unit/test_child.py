@@ -1,0 +1,42 @@
+"""Helper processes: their own output goes to a capped file, and never blocks them."""
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from shim.util import child
+from shim.util.cappedfile import FILE_CAP_BYTES
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_a_chatty_child_is_capped_and_not_blocked(tmp_path: Path) -> None:
+    log_path = tmp_path / "qemu.log"
+    before = _fds()
+    script = ("import sys\n"
+              "for i in range(40000): sys.stderr.write(f'warning {i:06d} ' + 'x' * 80 + '\\n')\n"
+              "sys.stderr.write('last words\\n')\n")
+    proc = await child.spawn([sys.executable, "-c", script], log_path)
+    assert await asyncio.wait_for(proc.wait(), 30) == 0, "the child blocked on its stderr"
+    for _ in range(100):  # the pipe's EOF arrives after the exit
+        if log_path not in child._logs:
+            break
+        await asyncio.sleep(0.01)
+    size = log_path.stat().st_size
+    assert 0 < size <= FILE_CAP_BYTES
+    text = log_path.read_text()
+    assert text.startswith("warning 000000") and "dropped" in text
+    assert _fds() == before
+
+
+async def test_the_tail_includes_what_is_still_in_the_pipe(tmp_path: Path) -> None:
+    log_path = tmp_path / "virtiofsd.log"
+    proc = await child.spawn(["sh", "-c", "echo first; echo 'cannot open the socket' >&2"],
+                             log_path)
+    await proc.wait()
+    # No chance for the loop to run the reader yet: log_tail drains the pipe itself.
+    assert child.log_tail(log_path).endswith("cannot open the socket")
