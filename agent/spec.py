@@ -30,9 +30,11 @@ WELL_KNOWN_TREES = ("/dev", "/sys")
 DROPPED_NAMESPACES = frozenset({"network"})
 # A namespace entry with a path means "share the pod's". The VM is the pod, so
 # the pod's IPC and UTS namespaces are the guest's own (the agent's): its
-# hostname is the pod's. Other shared kinds (pid: the agent is PID 1) are not
-# shared; the container gets a new one.
-POD_SHARED_NAMESPACES = frozenset({"ipc", "uts"})
+# hostname is the pod's. A pid entry with a path (shareProcessNamespace, or
+# hostPID, which containerd 1.6 also expresses as the sandbox's namespace) is
+# the guest's PID namespace too: the "node" a container can see is its VM.
+# Other kinds with a path get a new namespace.
+POD_SHARED_NAMESPACES = frozenset({"ipc", "uts", "pid"})
 
 
 def check_id(kind: str, value: str) -> str:

@@ -9,9 +9,11 @@ is unmounted only if it still is the one recorded.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,17 +79,39 @@ def kill_helpers(run_dir: Path) -> Cleanup:
     return result
 
 
+@contextlib.contextmanager
+def _locked(run_dir: Path) -> Iterator[bool]:
+    """Hold the run dir's lock; yields whether the dir still exists.
+
+    containerd runs the deletes of a dead shim's tasks at the same time: the
+    sandbox's removes the run dir while a container's may still be updating
+    the mount records in it.
+    """
+    try:
+        fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        yield False
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield os.fstat(fd).st_nlink > 0
+    finally:
+        os.close(fd)
+
+
 def clean_up(run_dir: Path, task_id: str) -> Cleanup:
     """Undo what a dead daemon left for ``task_id``: the whole sandbox, or one container."""
-    if run_dir.name != task_id:
-        share = SharedDir.load(run_dir)
-        share.release(task_id)
-        return Cleanup()
-    result = kill_helpers(run_dir)
-    left = SharedDir.load(run_dir).destroy() or mounts_under(run_dir)
-    if left:
-        result.warnings.append(f"keeping {run_dir}: still mounted: "
-                               + ", ".join(map(str, left)))
-    else:
-        shutil.rmtree(run_dir, ignore_errors=True)
-    return result
+    with _locked(run_dir) as present:
+        if not present:
+            return Cleanup()
+        if run_dir.name != task_id:
+            SharedDir.load(run_dir).release(task_id)
+            return Cleanup()
+        result = kill_helpers(run_dir)
+        left = SharedDir.load(run_dir).destroy() or mounts_under(run_dir)
+        if left:
+            result.warnings.append(f"keeping {run_dir}: still mounted: "
+                                   + ", ".join(map(str, left)))
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        return result

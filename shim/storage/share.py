@@ -147,7 +147,7 @@ class SharedDir:
         self._save()
 
     def _save(self) -> None:
-        tmp = self.run_dir / f".{RECORD_FILE}.tmp"
+        tmp = self.run_dir / f".{RECORD_FILE}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps([asdict(r) for r in self.records]))
         tmp.replace(self.run_dir / RECORD_FILE)
 

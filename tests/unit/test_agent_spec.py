@@ -59,6 +59,11 @@ def test_rewrite_drops_host_parts_and_keeps_the_rest(shared: Path) -> None:
         {"type": "mount"}]
     assert out["linux"]["cgroupsPath"] == "/husk/c1"
     assert "mountLabel" not in out["linux"]
+    # Sharing the pod's PID namespace (a host path) means the guest's.
+    shared_pid = base_spec(shared)
+    shared_pid["linux"]["namespaces"][0] = {"type": "pid", "path": "/proc/42/ns/pid"}
+    assert rewrite(shared, shared_pid)["linux"]["namespaces"][0] == {
+        "type": "pid", "path": f"/proc/{os.getpid()}/ns/pid"}
     proc = out["process"]
     assert "apparmorProfile" not in proc and "selinuxLabel" not in proc
     assert proc["user"] == {"uid": 1000, "gid": 1000, "additionalGids": [5]}
