@@ -13,7 +13,7 @@ HOST_PACKAGES := qemu-system-x86 qemu-utils containerd runc crun mmdebstrap \
 	busybox-static squashfs-tools cpio zstd containernetworking-plugins \
 	iproute2 kmod e2fsprogs
 
-.PHONY: all deps venv proto guest-image test test-unit test-vm test-cri demo \
+.PHONY: all deps venv proto guest-image test test-unit test-vm test-cri demo soak \
 	bench-boot bench-cri clean
 
 all: venv guest-image
@@ -61,6 +61,11 @@ test-cri: deps venv guest-image
 # A private containerd with the husk handler, one busybox pod in its VM, then cleanup.
 demo: deps venv guest-image
 	$(PY) -m tests.cri.demo
+
+# Pods and containers started and removed 100 times in a row (too slow for every CI run).
+soak: deps venv guest-image
+	HUSK_LIFECYCLES=100 $(PY) -m pytest -q -p no:cacheprovider tests/integration/test_faults.py \
+		-k "lifecycles"
 
 bench-boot: deps venv guest-image
 	$(PY) -m tests.bench.boot

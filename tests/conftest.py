@@ -10,7 +10,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.cri.harness import DEFAULT_KEEP_LOGS_DIR, ContainerdOptions
+from tests.cri.harness import (DEFAULT_KEEP_LOGS_DIR, HUSK_RUNTIME_TYPE, ContainerdOptions,
+                               RuntimeHandler)
 from tests.cri.images import BuiltImage
 from tests.rootfs import make_busybox_rootfs
 
@@ -21,6 +22,8 @@ GUEST_DIR = REPO / "build" / "guest"
 GUEST_FILES = ("vmlinuz", "initrd.img", "rootfs.img")
 # The husk state dir of the CRI tests' containerd (short: socket paths have a limit).
 HUSK_CRI_STATE = Path("/run") / f"husk-cri-{secrets.token_hex(4)}"
+# A second husk handler whose guests run with the agent's test hooks on.
+HOSTILE_HANDLER = "husk-hostile"
 
 
 @pytest.fixture(scope="session")
@@ -38,9 +41,15 @@ def busybox_rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_busybox_rootfs(tmp_path_factory.mktemp("busybox") / "rootfs")
 
 
-def write_test_config(path: Path, state_dir: Path, **hypervisor: object) -> Path:
-    lines = ["[hypervisor]", f'guest_dir = "{GUEST_DIR}"']
-    lines += [f"{k} = {v!r}".replace("'", '"') for k, v in hypervisor.items()]
+def _toml_lines(values: dict[str, object]) -> list[str]:
+    return [f"{k} = {v!r}".replace("'", '"') for k, v in values.items()]
+
+
+def write_test_config(path: Path, state_dir: Path, agent: dict[str, object] | None = None,
+                      **hypervisor: object) -> Path:
+    lines = ["[hypervisor]", f'guest_dir = "{GUEST_DIR}"', *_toml_lines(hypervisor)]
+    if agent:
+        lines += ["[agent]", *_toml_lines(agent)]
     lines += ["[runtime]", f'state_dir = "{state_dir}"']
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -75,7 +84,19 @@ def mounts_below(path: Path) -> list[str]:
 def containerd_options(cri_images: list[BuiltImage], guest_image: Path,
                        tmp_path_factory: pytest.TempPathFactory) -> Iterator[ContainerdOptions]:
     """The CRI tests' containerd: handlers runc and husk (husk with its own state dir)."""
-    config = write_test_config(tmp_path_factory.mktemp("husk") / "husk.toml", HUSK_CRI_STATE)
+    config_dir = tmp_path_factory.mktemp("husk")
+    # Ten VMs booting at once under TCG on two cores take minutes, not seconds.
+    config = write_test_config(config_dir / "husk.toml", HUSK_CRI_STATE,
+                               agent={"dial_timeout_s": 300.0, "request_timeout_s": 120.0})
+    # The hostile-guest tests: the agent's test hooks on, and a keepalive quick
+    # enough to see a stalled agent within seconds.
+    hostile = write_test_config(config_dir / "husk-hostile.toml", HUSK_CRI_STATE,
+                                agent={"keepalive_interval_s": 3.0, "keepalive_misses": 3,
+                                       "dial_timeout_s": 300.0},
+                                kernel_params="husk.test_hooks=1")
+    handler = RuntimeHandler(HOSTILE_HANDLER, HUSK_RUNTIME_TYPE,
+                             options={"ConfigPath": str(hostile)},
+                             privileged_without_host_devices=True)
     yield ContainerdOptions(images=cri_images, husk_config=config,
-                            keep_logs_dir=DEFAULT_KEEP_LOGS_DIR)
+                            keep_logs_dir=DEFAULT_KEEP_LOGS_DIR, extra_handlers=(handler,))
     shutil.rmtree(HUSK_CRI_STATE, ignore_errors=True)

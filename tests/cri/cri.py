@@ -190,11 +190,14 @@ class CriClient:
         namespace: str = DEFAULT_POD_NAMESPACE,
         cgroup_parent: str | None = None,
         hostname: str | None = None,
+        privileged: bool = False,
+        host_pid: bool = False,
         timeout: float | None = None,
     ) -> Pod:
         """RunPodSandbox with kubelet-like defaults; handler "" is containerd's default runtime.
 
         cgroup_parent None means <cgroup_root>/pod<uid>; "" leaves it to the runtime.
+        privileged lets the pod have privileged containers; host_pid is hostPID: true.
         """
         uid = uuid.uuid4().hex
         if cgroup_parent is None:
@@ -212,8 +215,11 @@ class CriClient:
                 security_context=api.LinuxSandboxSecurityContext(
                     # The kubelet's default: pod network and IPC, a PID namespace per container.
                     namespace_options=api.NamespaceOption(
-                        network=api.NamespaceMode.POD, pid=api.NamespaceMode.CONTAINER, ipc=api.NamespaceMode.POD
-                    )
+                        network=api.NamespaceMode.POD,
+                        pid=api.NamespaceMode.NODE if host_pid else api.NamespaceMode.CONTAINER,
+                        ipc=api.NamespaceMode.POD,
+                    ),
+                    privileged=privileged,
                 ),
             ),
         )
@@ -254,9 +260,13 @@ class CriClient:
         mounts: Iterable[api.Mount] = (),
         tty: bool = False,
         stdin: bool = False,
+        privileged: bool = False,
+        host_pid: bool = False,
         timeout: float | None = None,
     ) -> str:
-        """CreateContainer in `pod`; returns the container id. The log goes to <name>_0.log."""
+        """CreateContainer in `pod`; returns the container id. The log goes to <name>_0.log.
+
+        privileged and host_pid need a pod run with the same flags."""
         name = name or f"c{next(self._names)}"
         config = api.ContainerConfig(
             metadata=api.ContainerMetadata(name=name, attempt=0),
@@ -275,8 +285,11 @@ class CriClient:
                 resources=resources,
                 security_context=api.LinuxContainerSecurityContext(
                     namespace_options=api.NamespaceOption(
-                        network=api.NamespaceMode.POD, pid=api.NamespaceMode.CONTAINER, ipc=api.NamespaceMode.POD
-                    )
+                        network=api.NamespaceMode.POD,
+                        pid=api.NamespaceMode.NODE if host_pid else api.NamespaceMode.CONTAINER,
+                        ipc=api.NamespaceMode.POD,
+                    ),
+                    privileged=privileged,
                 ),
             ),
         )

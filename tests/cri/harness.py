@@ -96,6 +96,8 @@ class RuntimeHandler:
     # The `.options` table; for non-runc types CRI 1.6 decodes it into
     # runtimeoptions.v1.Options (keys TypeUrl, ConfigPath). None = no table.
     options: Mapping[str, str | bool | int] | None = None
+    # A VM runtime: a privileged container gets the guest's devices, never the host's.
+    privileged_without_host_devices: bool = False
 
 
 @dataclass
@@ -288,7 +290,24 @@ class Containerd:
 
         _run(["ip", "netns", "add", self.netns])
         _run(["ip", "-n", self.netns, "link", "set", "lo", "up"])
+        self._launch()
+        import_images(self.address, self.images, namespace=CRI_NAMESPACE)
+        # CRI learns about imported images from containerd's events, asynchronously.
+        for img in self.images:
+            wait_for(f"CRI to list image {img.ref}", functools.partial(self.cri.image_status, img.ref),
+                     IMAGE_VISIBLE_TIMEOUT_S)
 
+    def restart(self, sig: int = signal.SIGKILL) -> None:
+        """Stop containerd alone (its shims, and so its pods, keep running) and start it again."""
+        assert self.proc is not None and self.record is not None
+        self.proc.send_signal(sig)
+        self.proc.wait(timeout=30)
+        self._launch()
+
+    def _launch(self) -> None:
+        assert self.record is not None
+        opts = self.options
+        root = self.root
         env = {"PATH": STANDARD_PATH, "HOME": "/root", "TMPDIR": str(root / "tmp"), **opts.extra_env}
         if opts.bin_dir is not None:
             env["PATH"] = f"{opts.bin_dir}:{STANDARD_PATH}"
@@ -310,11 +329,6 @@ class Containerd:
             self.address, log_root=root / "pod-logs", timeout=opts.call_timeout, cgroup_root=self.record.cgroup_parent
         )
         self._wait_ready(opts.start_timeout)
-        import_images(self.address, self.images, namespace=CRI_NAMESPACE)
-        # CRI learns about imported images from containerd's events, asynchronously.
-        for img in self.images:
-            wait_for(f"CRI to list image {img.ref}", functools.partial(self.cri.image_status, img.ref),
-                     IMAGE_VISIBLE_TIMEOUT_S)
 
     def _wait_ready(self, timeout: float) -> None:
         def ready() -> bool | None:
@@ -489,7 +503,7 @@ def runtime_handlers(root: Path, opts: ContainerdOptions) -> list[RuntimeHandler
         # runc's state root in the temp dir instead of /run/containerd/runc.
         RuntimeHandler(RUNC_HANDLER, RUNC_RUNTIME_TYPE, options={"Root": str(root / "runc"), "SystemdCgroup": False}),
         RuntimeHandler(HUSK_HANDLER, opts.husk_runtime_type, pod_annotations=opts.husk_pod_annotations,
-                       options=husk_options),
+                       options=husk_options, privileged_without_host_devices=True),
         *opts.extra_handlers,
     ]
 
@@ -540,6 +554,8 @@ def render_config(root: Path, opts: ContainerdOptions, cni: CniConfig) -> str:
             values["pod_annotations"] = list(h.pod_annotations)
         if h.container_annotations:
             values["container_annotations"] = list(h.container_annotations)
+        if h.privileged_without_host_devices:
+            values["privileged_without_host_devices"] = True
         parts.append(_toml_table(table, values))
         if h.options is not None:
             parts.append(_toml_table(f"{table}.options", dict(h.options)))

@@ -1,0 +1,228 @@
+"""The guest is hostile: attacks from an escaped guest root, against the real shim.
+
+The attacker is a privileged hostPID container in a husk pod: in the guest's
+PID namespace, `nsenter -t 1 -m` puts it in the agent's mount namespace, where
+the shared directory is mounted and every guest device is. That is a
+container that has escaped into the guest, for real. What it cannot do
+without a kernel exploit (make the agent lie) it does through the agent's
+test hooks, which the `husk-hostile` handler turns on (husk.test_hooks=1 on
+the guest's kernel command line; see agent/testhooks.py).
+
+After each attack: no host mount outside the pod changed, nothing was written
+outside the pod's run directory, the shim's memory and the pod's files stayed
+bounded, the shim log says what happened, and the pod still stops and is
+removed cleanly (the `cri` fixture fails a test that leaves anything behind).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from shim.vm import guestlog
+from tests.conftest import HOSTILE_HANDLER
+from tests.conftest import HUSK_CRI_STATE as HUSK_STATE
+from tests.cri.cri import CriClient, CriError, ExecResult, Pod
+from cri_api.v1 import api_pb2 as api
+from tests.cri.images import BUSYBOX_REF
+
+pytestmark = [pytest.mark.cri, pytest.mark.timeout(900)]
+
+SHIM_LOG_DIR = Path("/var/log/husk")
+HOOKS = "/run/husk/test-hooks"
+GUEST_SHARED = "/run/husk/shared"
+# What a flood may cost the shim on top of where it started.
+SHIM_RSS_GROWTH_MAX = 64 << 20
+# More than the console file's cap: the guest's UART is slow under TCG (a VM
+# exit per byte), so not much more.
+CONSOLE_FLOOD_BYTES = guestlog.FILE_CAP_BYTES + (256 << 10)
+
+
+def _mounts() -> set[tuple[str, str]]:
+    """(mount id, mount point) of every host mount."""
+    with open("/proc/self/mountinfo") as f:
+        return {(line.split()[0], line.split()[4]) for line in f}
+
+
+def _outside(mounts: set[tuple[str, str]], run_dir: Path) -> set[tuple[str, str]]:
+    return {m for m in mounts if not m[1].startswith(f"{run_dir}/")}
+
+
+class Attacker:
+    """Root in the guest: an exec in the privileged hostPID container, moved into
+    the agent's mount namespace."""
+
+    def __init__(self, cri: CriClient, pod: Pod) -> None:
+        self.cri = cri
+        self.pod = pod
+        self.cid = cri.run_container(pod, BUSYBOX_REF, ["sleep", "3600"], privileged=True,
+                                     host_pid=True)
+
+    def run(self, script: str, timeout: int = 60) -> ExecResult:
+        # Out of the container's cgroup too (its device rules), into the guest's root one.
+        escape = ("for f in /sys/fs/cgroup/cgroup.procs /sys/fs/cgroup/*/cgroup.procs; do "
+                  "echo $$ > $f 2>/dev/null; done; ")
+        return self.cri.exec_sync(self.cid, ["nsenter", "-t", "1", "-m", "--", "sh", "-c",
+                                             escape + script], timeout=timeout)
+
+    def hook(self, command: str) -> None:
+        result = self.run(f"echo '{command}' > {HOOKS}")
+        assert result.exit_code == 0, f"test hook {command!r}: {result}"
+
+    def hook_later(self, *steps: str) -> None:
+        """Run hook commands (and `sleep N` steps) in the background, detached from the exec:
+        an exec is itself an agent request, and some hooks stop the agent answering it."""
+        body = "; ".join(s if s.startswith("sleep ") else f"echo '{s}' > {HOOKS}" for s in steps)
+        result = self.run(f"setsid sh -c \"{body}\" </dev/null >/dev/null 2>&1 &")
+        assert result.exit_code == 0, result
+
+
+def _hostile_pod(cri: CriClient, name: str) -> Pod:
+    return cri.run_pod(name, handler=HOSTILE_HANDLER, privileged=True, host_pid=True)
+
+
+def _run_dir(pod: Pod) -> Path:
+    return HUSK_STATE / "sb" / pod.id
+
+
+def _shim_log(pod: Pod) -> str:
+    return (SHIM_LOG_DIR / f"{pod.id}.log").read_text(errors="replace")
+
+
+def _shim(pod: Pod) -> psutil.Process:
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if "serve" in cmdline and pod.id in cmdline and any("shim" in a for a in cmdline[:3]):
+            return proc
+    raise AssertionError(f"no shim process for pod {pod.id}")
+
+
+def _remove_pod(cri: CriClient, pod: Pod) -> None:
+    cri.stop_pod(pod.id)
+    cri.remove_pod(pod.id)
+    assert not _run_dir(pod).exists(), "the pod's run dir survived its removal"
+
+
+def test_the_share_structure_cannot_be_changed_from_the_guest(cri: CriClient,
+                                                              tmp_path: Path) -> None:
+    pod = _hostile_pod(cri, "hostile-fs")
+    run_dir = _run_dir(pod)
+    attacker = Attacker(cri, pod)
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    (volume / "data").write_text("host data\n")
+    victim = cri.run_container(pod, BUSYBOX_REF, ["sleep", "3600"], mounts=[
+        api.Mount(container_path="/data", host_path=str(volume), readonly=True)])
+    share = f"{GUEST_SHARED}/{victim}"
+    # The attacker really is where virtiofsd's requests come from: it sees the
+    # victim's volume and rootfs, and may write inside the rootfs, as the victim may.
+    found = attacker.run(f"for v in {share}/volumes/*; do [ -f $v/data ] && echo $v; done")
+    data_volume = found.out.strip()
+    assert data_volume.startswith(f"{share}/volumes/"), found
+    assert attacker.run(f"cat {data_volume}/data").out == "host data\n"
+    assert attacker.run(f"touch {share}/rootfs/tmp/mine && echo ok").out == "ok\n"
+    before = _mounts()
+
+    # CVE-2020-2024's move: rename the container's share dir away, put a symlink
+    # to / in its place, then let the container be removed. And everything else
+    # that would change the structure the host mounts into.
+    attacks = {
+        "swap": f"mv {share} {GUEST_SHARED}/moved && ln -s / {share}",
+        "symlink at the next target": f"ln -s /etc {GUEST_SHARED}/next-container",
+        "file in the share root": f"echo x > {GUEST_SHARED}/planted",
+        "dir in the share root": f"mkdir {GUEST_SHARED}/planted-dir",
+        "replace a volume": f"mv {data_volume} {share}/volumes/gone",
+        "new volume slot": f"ln -s /etc {share}/volumes/99",
+        "remove the rootfs mount point": f"rmdir {share}/rootfs",
+        "write a read-only volume": f"echo owned > {data_volume}/data",
+    }
+    for name, script in attacks.items():
+        result = attacker.run(script)
+        assert result.exit_code != 0, f"attack {name!r} succeeded: {result}"
+        assert "Read-only file system" in result.err or "Device or resource busy" in result.err, \
+            f"attack {name!r} failed for another reason: {result}"
+    assert (volume / "data").read_text() == "host data\n"
+    assert _mounts() == before, "an attack changed a host mount"
+
+    # The victim goes: its mounts (and only those) go with it.
+    cri.stop_container(victim, timeout=1)
+    cri.remove_container(victim)
+    after = _mounts()
+    assert _outside(after, run_dir) == _outside(before, run_dir), \
+        "removing the container changed a mount outside the pod"
+    assert not [m for m in after if victim in m[1]], "the victim's mounts survived it"
+    assert (volume / "data").read_text() == "host data\n"
+
+    # The next container's mounts are made where the host meant them.
+    nxt = cri.run_container(pod, BUSYBOX_REF, ["sleep", "3600"], mounts=[
+        api.Mount(container_path="/data", host_path=str(volume), readonly=False)])
+    assert cri.exec_sync(nxt, ["sh", "-c", "echo new > /data/new; cat /data/data"]).out == \
+        "host data\n"
+    assert (volume / "new").read_text() == "new\n"
+    assert not list(Path("/etc").glob("planted*")) and not Path("/planted").exists()
+    _remove_pod(cri, pod)
+    assert _outside(_mounts(), run_dir) <= _outside(before, run_dir) | _outside(after, run_dir)
+
+
+def test_floods_from_the_guest_are_bounded(cri: CriClient) -> None:
+    pod = _hostile_pod(cri, "hostile-flood")
+    run_dir = _run_dir(pod)
+    attacker = Attacker(cri, pod)
+    shim = _shim(pod)
+    rss_before = shim.memory_info().rss
+
+    # The serial console: a guest root writes to it directly.
+    started = time.monotonic()
+    flood = attacker.run(f"head -c {CONSOLE_FLOOD_BYTES} /dev/zero | tr '\\0' x > /dev/ttyS0; "
+                         "echo done", timeout=300)
+    assert flood.out == "done\n" and not flood.err, flood
+    # The agent's log port and its OOM events, through the test hooks.
+    attacker.hook("log-flood 100000000")
+    attacker.hook(f"oom-flood {attacker.cid} 300000")
+    time.sleep(15)
+    assert cri.exec_sync(attacker.cid, ["echo", "still here"]).out == "still here\n"
+
+    for name in ("console.log", "guest.log"):
+        size = (run_dir / name).stat().st_size
+        assert size <= guestlog.FILE_CAP_BYTES, f"{name} grew to {size} bytes"
+    assert "dropped" in (run_dir / "console.log").read_text(errors="replace")
+    assert "dropped" in (run_dir / "guest.log").read_text(errors="replace")
+    growth = shim.memory_info().rss - rss_before
+    assert growth < SHIM_RSS_GROWTH_MAX, f"the shim grew by {growth >> 20} MiB"
+    text = _shim_log(pod)
+    assert text.count("the guest's OOM killer took a process") <= 2 + 15 + 60, \
+        "one OOM line per event: the log is not bounded"
+    assert "OOM events" in text and "suppressed" in text
+    assert len(text) < 4 << 20
+    _remove_pod(cri, pod)
+
+
+def test_a_lying_or_silent_agent_is_contained(cri: CriClient) -> None:
+    pod = _hostile_pod(cri, "hostile-agent")
+    attacker = Attacker(cri, pod)
+    victim = cri.run_container(pod, BUSYBOX_REF, ["sleep", "3600"])
+    shim = _shim(pod)
+    rss_before = shim.memory_info().rss
+
+    for mode, expected in (("garbage", "agent"), ("oversized", "agent")):
+        attacker.hook_later(f"replies {mode}", "sleep 8", "replies normal")
+        time.sleep(1)
+        with pytest.raises(CriError) as exc:
+            cri.exec_sync(victim, ["echo", "hi"])
+        assert expected in str(exc.value), exc.value
+        time.sleep(9)
+        assert cri.exec_sync(victim, ["echo", "hi"]).out == "hi\n", f"after {mode} replies"
+    assert shim.memory_info().rss - rss_before < SHIM_RSS_GROWTH_MAX
+
+    # An agent that stops answering altogether: the keepalive (3 s, 3 misses in
+    # this handler's config) declares it dead and the pod's processes exit 255.
+    attacker.hook_later("sleep 1", "stall")
+    started = time.monotonic()
+    status = cri.wait_container_exit(victim, timeout=60)
+    assert status.exit_code == 255
+    assert time.monotonic() - started < 30
+    assert cri.wait_container_exit(attacker.cid, timeout=30).exit_code == 255
+    assert "did not answer 3 checks in a row" in _shim_log(pod)
+    _remove_pod(cri, pod)
