@@ -23,8 +23,11 @@ from shim.task.events import Publisher
 from shim.task.service import TaskService
 from shim.ttrpc.server import Server
 from shim.ttrpc.services import ServiceRegistry
+from shim.util.proctitle import set_cmdline
 
 log = logging.getLogger("shim")
+
+SHIM_NAME = "containerd-shim-husk-v2"
 
 LOG_FIFO = "log"
 LOG_DIR = Path("/var/log/husk")
@@ -161,6 +164,8 @@ async def serve(args: ShimArgs) -> int:
 
 
 def main(args: ShimArgs) -> int:
+    # `ps`/`pgrep -f` show "containerd-shim-husk-v2 -namespace … -id …", like every shim.
+    set_cmdline([SHIM_NAME, *sys.argv[1:]])
     debug = args.debug
     try:
         debug = debug or load_config().runtime.debug
