@@ -186,7 +186,13 @@ class GuestLog:
         if self._file is None:
             return
         try:
+            capped = self._file.dropped
             self._file.write(data)
+            if not capped and self._file.dropped:
+                # Once per stream: the guest decides how much it writes.
+                log.warning("%s log: the guest wrote more than %d bytes; the rest is dropped "
+                            "(the newest %d bytes stay in memory for error messages)",
+                            self.name, self._file.cap, self.ring.capacity)
         except OSError as exc:
             log.warning("%s log: cannot write %s (%s); keeping only the last %d bytes in memory",
                         self.name, self.file_path, exc.strerror or exc, self.ring.capacity)
