@@ -163,8 +163,11 @@ async def serve(args: argparse.Namespace, config: AgentConfig, transport: str,
     bridge = (asyncio.create_task(_keep_running(f"{transport} bridge", bridge_start))
               if bridge_start is not None else None)
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    if os.getpid() != 1:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    # As the VM's init the agent takes no signal: containers that share the
+    # guest's PID namespace could send it one, and the host stops the VM itself.
     log.info("husk-agent %s ready (pid %d, transport %s)", __version__, os.getpid(), transport)
     await stop.wait()
 
@@ -196,7 +199,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         transport = DEFAULT_TRANSPORT
     os.environ.setdefault("PATH", DEFAULT_PATH)
     pid1 = os.getpid() == 1
-    if not pid1:
+    if pid1:
+        # Python's KeyboardInterrupt handler would let a container's `kill -INT 1`
+        # end the agent. With SIG_DFL the kernel drops it: init ignores signals it
+        # has no handler for (and children still start with the default).
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    else:
         become_subreaper()
     config = AgentConfig(state_dir=args.state_dir, shared_dir=args.shared_dir, crun=args.crun,
                          cgroup_root=args.cgroup_root, cgroup_parent=args.cgroup_parent,

@@ -77,7 +77,6 @@ class Pod:
         self._oom_limiter = PerKeyRateLimit(OOM_EVENT_INTERVAL_S)
         self._oom_events = 0  # from the guest, in all
         self._oom_summary_at = 0.0
-        self.agent_dead = False
 
     @property
     def agent(self) -> Any:
@@ -127,7 +126,6 @@ class Pod:
                 break
         log.error("sandbox %s: the agent did not answer %d checks in a row (%.0fs); "
                   "stopping its VM", self.sandbox.sandbox_id, misses, misses * interval)
-        self.agent_dead = True
         vm = self.sandbox.vm
         if vm is not None:
             await vm.stop()

@@ -148,6 +148,9 @@ def test_the_share_structure_cannot_be_changed_from_the_guest(cri: CriClient,
         assert result.exit_code != 0, f"attack {name!r} succeeded: {result}"
         assert "Read-only file system" in result.err or "Device or resource busy" in result.err, \
             f"attack {name!r} failed for another reason: {result}"
+    # The attacker shares the guest's PID namespace: the agent, its init, takes no signal.
+    attacker.run("kill -TERM 1; kill -INT 1; kill -HUP 1; kill -USR1 1")
+    assert cri.exec_sync(victim, ["echo", "agent alive"]).out == "agent alive\n"
     assert (volume / "data").read_text() == "host data\n"
     assert _mounts() >= {m for m in before if m[1].startswith(f"{run_dir}/")}, \
         "an attack changed a mount of the pod"
