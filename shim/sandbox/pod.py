@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from shim.sandbox.process import Process, ProcessState
 from shim.sandbox.sandbox import POD_SHM_STORAGE, Sandbox
 from shim.storage.share import RootfsMount, check_id
 from shim.sandbox.stdio import ProcessIO
+from shim.util.mount import submounts
 from shim.util.ratelimit import PerKeyRateLimit
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,8 @@ OOM_EVENT_INTERVAL_S = 1.0
 OOM_FLOOD_EVENTS = 1000
 OOM_FLOOD_PAUSE_S = 0.01
 OOM_SUMMARY_EVERY_S = 10.0
+# Mounts below one recursive bind volume that get a bind of their own.
+MAX_SUBMOUNTS = 64
 
 ExitCallback = Callable[[Process], None]
 OomCallback = Callable[[str], None]
@@ -263,10 +267,35 @@ class Pod:
             if not isinstance(source, str) or not source.startswith("/"):
                 raise errors.InvalidArgumentError(
                     f"config.json: bind mount {mount['destination']} needs an absolute source")
-            readonly = "ro" in (mount.get("options") or [])
-            guest = self.sandbox.shared.share_path(container_id, index, Path(source), readonly)
+            options = mount.get("options") or []
+            guest = self.sandbox.shared.share_path(container_id, index, Path(source),
+                                                   "ro" in options)
             shared.append({**mount, "source": guest})
+            if mount.get("type") == "rbind" or "rbind" in options:
+                shared += self._share_submounts(container_id, index, mount)
         return shared
+
+    def _share_submounts(self, container_id: str, index: int,
+                         mount: dict[str, Any]) -> list[dict[str, Any]]:
+        """The mounts below a recursive bind's source, each with its own flags.
+
+        The guest sees them as virtio-fs submounts that appear only when first
+        looked up, and an automount inherits its parent's flags: below a
+        read-only volume a writable tmpfs would turn read-only ("ro" is not
+        recursive, as with runc). Each gets its own bind, made after the volume's.
+        """
+        source = os.path.realpath(mount["source"])
+        below = submounts(source)[:MAX_SUBMOUNTS]
+        extra = []
+        for n, sub in enumerate(below):
+            relative = os.path.relpath(sub.point, source)
+            guest = self.sandbox.shared.share_path(container_id, f"{index}-{n}",
+                                                   Path(sub.point), sub.readonly)
+            options = [o for o in mount.get("options") or [] if o not in ("ro", "rw")]
+            extra.append({"destination": os.path.join(mount["destination"], relative),
+                          "type": "bind", "source": guest,
+                          "options": [*options, "ro" if sub.readonly else "rw"]})
+        return extra
 
     async def start(self, container_id: str, exec_id: str) -> Process:
         container = self.get(container_id)

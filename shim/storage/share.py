@@ -24,6 +24,7 @@ import errno
 import json
 import logging
 import os
+import re
 import stat
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -48,6 +49,7 @@ MOUNT_DATA_MAX = 4096 - 64
 VIEW_ATTRS = (mnt.MOUNT_ATTR_RDONLY | mnt.MOUNT_ATTR_NOSUID | mnt.MOUNT_ATTR_NODEV
               | mnt.MOUNT_ATTR_NOEXEC)
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY
+_SLOT = re.compile(r"[0-9]{1,6}(-[0-9]{1,6})?")
 
 
 def check_id(kind: str, value: str) -> str:
@@ -243,12 +245,17 @@ class SharedDir:
             raise errors.InternalError(f"cannot mount rootfs of {container_id}: {exc}") from exc
         return self.guest_path(container_id, ROOTFS)
 
-    def share_path(self, container_id: str, index: int, source: Path,
+    def share_path(self, container_id: str, index: int | str, source: Path,
                    readonly: bool) -> str:
         """Bind a host file or directory (a volume, /etc/hosts...) into the share.
 
+        ``index`` names its slot: the mount's place in the spec, or "<place>-<n>" for
+        the n-th mount below it.
+
         :raise errors.InvalidArgumentError: ``source`` does not exist.
         """
+        if not _SLOT.fullmatch(str(index)):
+            raise errors.InvalidArgumentError(f"invalid volume slot {index!r}")
         try:
             is_dir = stat.S_ISDIR(os.stat(source).st_mode)
         except OSError:

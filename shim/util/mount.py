@@ -150,6 +150,7 @@ def detach(fd: int) -> None:
 class MountEntry:
     mount_id: int
     point: str
+    readonly: bool = False
 
 
 def _unescape(field: str) -> str:
@@ -159,8 +160,15 @@ def _unescape(field: str) -> str:
 
 def mount_table() -> list[MountEntry]:
     with open("/proc/self/mountinfo") as f:
-        return [MountEntry(int(fields[0]), _unescape(fields[4]))
+        return [MountEntry(int(fields[0]), _unescape(fields[4]), "ro" in fields[5].split(","))
                 for fields in (line.split() for line in f)]
+
+
+def submounts(root: str | Path) -> list[MountEntry]:
+    """The mounts strictly below ``root`` (as the kernel names them), shallowest first."""
+    prefix = os.path.normpath(str(root)) + "/"
+    below = [m for m in mount_table() if m.point.startswith(prefix)]
+    return sorted(below, key=lambda m: m.point.count("/"))
 
 
 def mounts_under(root: str | Path) -> list[Path]:

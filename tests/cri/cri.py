@@ -192,13 +192,17 @@ class CriClient:
         hostname: str | None = None,
         privileged: bool = False,
         host_pid: bool = False,
+        pid_mode: int | None = None,
         timeout: float | None = None,
     ) -> Pod:
         """RunPodSandbox with kubelet-like defaults; handler "" is containerd's default runtime.
 
         cgroup_parent None means <cgroup_root>/pod<uid>; "" leaves it to the runtime.
-        privileged lets the pod have privileged containers; host_pid is hostPID: true.
+        privileged lets the pod have privileged containers; host_pid is hostPID: true;
+        pid_mode (a NamespaceMode) overrides the PID namespace mode outright.
         """
+        pid = pid_mode if pid_mode is not None else (
+            api.NamespaceMode.NODE if host_pid else api.NamespaceMode.CONTAINER)
         uid = uuid.uuid4().hex
         if cgroup_parent is None:
             cgroup_parent = f"{self.cgroup_root}/pod{uid}" if self.cgroup_root else ""
@@ -216,7 +220,7 @@ class CriClient:
                     # The kubelet's default: pod network and IPC, a PID namespace per container.
                     namespace_options=api.NamespaceOption(
                         network=api.NamespaceMode.POD,
-                        pid=api.NamespaceMode.NODE if host_pid else api.NamespaceMode.CONTAINER,
+                        pid=pid,
                         ipc=api.NamespaceMode.POD,
                     ),
                     privileged=privileged,
@@ -262,11 +266,14 @@ class CriClient:
         stdin: bool = False,
         privileged: bool = False,
         host_pid: bool = False,
+        pid_mode: int | None = None,
         timeout: float | None = None,
     ) -> str:
         """CreateContainer in `pod`; returns the container id. The log goes to <name>_0.log.
 
-        privileged and host_pid need a pod run with the same flags."""
+        privileged, host_pid and pid_mode need a pod run with the same flags."""
+        pid = pid_mode if pid_mode is not None else (
+            api.NamespaceMode.NODE if host_pid else api.NamespaceMode.CONTAINER)
         name = name or f"c{next(self._names)}"
         config = api.ContainerConfig(
             metadata=api.ContainerMetadata(name=name, attempt=0),
@@ -286,7 +293,7 @@ class CriClient:
                 security_context=api.LinuxContainerSecurityContext(
                     namespace_options=api.NamespaceOption(
                         network=api.NamespaceMode.POD,
-                        pid=api.NamespaceMode.NODE if host_pid else api.NamespaceMode.CONTAINER,
+                        pid=pid,
                         ipc=api.NamespaceMode.POD,
                     ),
                     privileged=privileged,

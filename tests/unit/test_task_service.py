@@ -314,3 +314,30 @@ async def test_unsupported_stdio_scheme_is_refused(env: Any) -> None:
         await _create(env, "c1", stdout="tcp://10.0.0.1:1")
     assert exc.value.code == Code.INVALID_ARGUMENT and "tcp" in exc.value.message
     assert not (env.sandboxes[0].shared.mounts_dir / "c1").exists()
+
+
+async def test_mounts_below_a_volume_keep_their_own_flags(env: Any) -> None:
+    """"ro" is not recursive: a writable tmpfs below a read-only volume gets its own bind."""
+    from shim.util import mount as mnt
+    volume = env.root / "volume"
+    (volume / "scratch").mkdir(parents=True)
+    (volume / "frozen").mkdir()
+    mnt.mount("tmpfs", volume / "scratch", "tmpfs")
+    mnt.mount("tmpfs", volume / "frozen", "tmpfs", mnt.MS_RDONLY)
+    try:
+        await _run_pod(env)
+        await _create(env, "c1", mounts=[{"destination": "/data", "type": "bind",
+                                          "source": str(volume),
+                                          "options": ["rbind", "rprivate", "ro"]}])
+        mounts = env.sandboxes[0].agent.proc("c1").spec["mounts"]
+        by_destination = {m["destination"]: m for m in mounts}
+        assert "ro" in by_destination["/data"]["options"]
+        assert by_destination["/data/scratch"]["options"] == ["rbind", "rprivate", "rw"]
+        assert by_destination["/data/frozen"]["options"] == ["rbind", "rprivate", "ro"]
+        assert by_destination["/data/scratch"]["source"] == "/run/husk/shared/c1/volumes/0-0"
+        await env.service.delete(api.DeleteRequest(id="c1"))
+    finally:
+        for sub in ("scratch", "frozen"):
+            fd = os.open(volume / sub, os.O_PATH)
+            mnt.detach(fd)
+            os.close(fd)
