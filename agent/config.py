@@ -28,6 +28,7 @@ class AgentConfig:
     resolv_conf: Path | None = None
     sysfs: Path = Path("/sys")
     devfs: Path = Path("/dev")
+    proc_sys: Path = Path("/proc/sys")
 
     @property
     def crun_root(self) -> Path:

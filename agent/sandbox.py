@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
 import socket
 from pathlib import Path
 
@@ -22,7 +24,39 @@ from agent.storage import MountedStorage, Storage, mount_storage
 log = logging.getLogger(__name__)
 
 HOSTNAME_MAX = 64
+# "net.ipv4.ip_forward": dot-separated names of /proc/sys entries, nothing else.
+SYSCTL_KEY = re.compile(r"[a-z0-9_]+(\.[a-z0-9_-]+)+")
+SYSCTL_KEY_MAX = 256
+SYSCTL_VALUE_MAX = 4096
 SHARED_FS_DRIVERS = ("virtio-fs", "9p")
+
+
+def apply_sysctls(sysctls: dict[str, str], proc_sys: Path) -> None:
+    """Write the pod's sysctls to the guest kernel (every one, or none of the rest).
+
+    :raise InvalidArgumentError: a malformed key or value, or one the guest's
+        kernel does not have.
+    """
+    for key, value in sorted(sysctls.items()):
+        if not SYSCTL_KEY.fullmatch(key) or len(key) > SYSCTL_KEY_MAX:
+            raise InvalidArgumentError(f"invalid sysctl name {key[:80]!r}")
+        if len(value) > SYSCTL_VALUE_MAX or any(c in value for c in "\n\0"):
+            raise InvalidArgumentError(f"invalid value for sysctl {key}")
+        path = proc_sys.joinpath(*key.split("."))
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise InvalidArgumentError(
+                f"sysctl {key} does not exist in the guest kernel") from None
+        except OSError as e:
+            raise InvalidArgumentError(f"sysctl {key} cannot be set: {e.strerror}") from e
+        try:
+            os.write(fd, value.encode())
+        except OSError as e:
+            raise InvalidArgumentError(f"sysctl {key}={value!r}: {e.strerror}") from e
+        finally:
+            os.close(fd)
+        log.info("sysctl %s = %s", key, value)
 
 
 def write_resolv_conf(lines: list[str], configured: Path | None, state_dir: Path) -> Path:
@@ -63,13 +97,14 @@ class Sandbox:
 
     @classmethod
     async def create(cls, runtime: Runtime, sandbox_id: str, hostname: str, dns: list[str],
-                     storages: list[Storage]) -> Sandbox:
-        """:raise InvalidArgumentError: bad hostname, DNS line or storage."""
+                     storages: list[Storage], sysctls: dict[str, str] | None = None) -> Sandbox:
+        """:raise InvalidArgumentError: bad hostname, DNS line, storage or sysctl."""
         check_id("sandbox id", sandbox_id)
         if len(hostname) > HOSTNAME_MAX or "\0" in hostname or "/" in hostname:
             raise InvalidArgumentError(f"invalid hostname {hostname!r}")
         for storage in storages:
             storage.check()
+        apply_sysctls(sysctls or {}, runtime.config.proc_sys)
         try:
             if hostname:
                 socket.sethostname(hostname)

@@ -130,7 +130,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             storages = [Storage(s.driver, s.source, s.fstype, list(s.options), s.mount_point)
                         for s in request.storages]
             self._sandbox = await Sandbox.create(self._runtime, request.sandbox_id,
-                                                 request.hostname, list(request.dns), storages)
+                                                 request.hostname, list(request.dns), storages,
+                                                 dict(request.sysctls))
         return pb.Empty()
 
     @unary

@@ -33,16 +33,25 @@ class Storage(_message.Message):
     def __init__(self, driver: _Optional[str] = ..., source: _Optional[str] = ..., fstype: _Optional[str] = ..., options: _Optional[_Iterable[str]] = ..., mount_point: _Optional[str] = ...) -> None: ...
 
 class CreateSandboxRequest(_message.Message):
-    __slots__ = ("sandbox_id", "hostname", "dns", "storages")
+    __slots__ = ("sandbox_id", "hostname", "dns", "storages", "sysctls")
+    class SysctlsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     DNS_FIELD_NUMBER: _ClassVar[int]
     STORAGES_FIELD_NUMBER: _ClassVar[int]
+    SYSCTLS_FIELD_NUMBER: _ClassVar[int]
     sandbox_id: str
     hostname: str
     dns: _containers.RepeatedScalarFieldContainer[str]
     storages: _containers.RepeatedCompositeFieldContainer[Storage]
-    def __init__(self, sandbox_id: _Optional[str] = ..., hostname: _Optional[str] = ..., dns: _Optional[_Iterable[str]] = ..., storages: _Optional[_Iterable[_Union[Storage, _Mapping]]] = ...) -> None: ...
+    sysctls: _containers.ScalarMap[str, str]
+    def __init__(self, sandbox_id: _Optional[str] = ..., hostname: _Optional[str] = ..., dns: _Optional[_Iterable[str]] = ..., storages: _Optional[_Iterable[_Union[Storage, _Mapping]]] = ..., sysctls: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class DestroySandboxRequest(_message.Message):
     __slots__ = ("sandbox_id",)

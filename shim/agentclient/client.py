@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -161,10 +161,11 @@ class AgentClient:
                 "cpus": reply.cpus, "memory_bytes": reply.memory_bytes}
 
     async def create_sandbox(self, sandbox_id: str, hostname: str, dns: list[str],
-                             storages: list[Storage]) -> None:
+                             storages: list[Storage],
+                             sysctls: Mapping[str, str] | None = None) -> None:
         await self._call("CreateSandbox", pb.CreateSandboxRequest(
             sandbox_id=sandbox_id, hostname=hostname, dns=dns,
-            storages=[s.to_proto() for s in storages]))
+            storages=[s.to_proto() for s in storages], sysctls=dict(sysctls or {})))
 
     async def destroy_sandbox(self, sandbox_id: str, timeout_s: float | None = None) -> None:
         await self._call("DestroySandbox", pb.DestroySandboxRequest(sandbox_id=sandbox_id),

@@ -100,8 +100,9 @@ class Pod:
 
     # Section: lifecycle of the VM
 
-    async def boot(self, hostname: str, dns: list[str]) -> None:
-        await self.sandbox.start(hostname=hostname, dns=dns)
+    async def boot(self, hostname: str, dns: list[str],
+                   sysctls: dict[str, str] | None = None) -> None:
+        await self.sandbox.start(hostname=hostname, dns=dns, sysctls=sysctls)
         assert self.sandbox.vm is not None
         self._watchers = [asyncio.create_task(self._watch_vm(), name="vm-watch"),
                           asyncio.create_task(self._watch_oom(), name="oom-watch"),

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import shutil
 import time
+from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,7 +85,8 @@ class Sandbox:
         assert self.vm is not None
         return None if self.vm.running else self.vm.failure_reason()
 
-    async def start(self, hostname: str = "", dns: list[str] | None = None) -> None:
+    async def start(self, hostname: str = "", dns: list[str] | None = None,
+                    sysctls: Mapping[str, str] | None = None) -> None:
         """Boot the VM and prepare the agent.
 
         :raise errors.UnavailableError: the VM or the agent failed, with the reason.
@@ -161,7 +163,7 @@ class Sandbox:
             log.info("sandbox %s: agent ready after %.3fs (%s)", self.sandbox_id,
                      self.times.agent_ready_s, details)
             await self.agent.create_sandbox(self.sandbox_id, hostname, dns or [],
-                                            [self._shared_storage(), POD_SHM_STORAGE])
+                                            [self._shared_storage(), POD_SHM_STORAGE], sysctls)
             self.times.sandbox_ready_s = time.monotonic() - self.vm.times.spawned_at
             self._undo = undo.pop_all()
 

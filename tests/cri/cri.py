@@ -193,6 +193,7 @@ class CriClient:
         privileged: bool = False,
         host_pid: bool = False,
         pid_mode: int | None = None,
+        sysctls: Mapping[str, str] | None = None,
         timeout: float | None = None,
     ) -> Pod:
         """RunPodSandbox with kubelet-like defaults; handler "" is containerd's default runtime.
@@ -216,6 +217,7 @@ class CriClient:
             annotations=dict(annotations or {}),
             linux=api.LinuxPodSandboxConfig(
                 cgroup_parent=cgroup_parent,
+                sysctls=dict(sysctls or {}),
                 security_context=api.LinuxSandboxSecurityContext(
                     # The kubelet's default: pod network and IPC, a PID namespace per container.
                     namespace_options=api.NamespaceOption(

@@ -44,9 +44,12 @@ class FakeSandbox:
         self.vm: FakeVm | None = None
         self.stopped = False
         self.hostname = ""
+        self.sysctls: dict[str, str] = {}
 
-    async def start(self, hostname: str = "", dns: list[str] | None = None) -> None:
+    async def start(self, hostname: str = "", dns: list[str] | None = None,
+                    sysctls: dict[str, str] | None = None) -> None:
         self.hostname = hostname
+        self.sysctls = dict(sysctls or {})
         self.shared.create()
         self.agent = FakeAgent()
         self.vm = FakeVm()

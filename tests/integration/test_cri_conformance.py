@@ -80,3 +80,25 @@ def test_read_only_is_not_recursive(cri: CriClient, handler: str, tmp_path: Path
     finally:
         subprocess.run(["umount", "-l", str(volume / "tmpfs")], check=False)
     assert mounts_under(tmp_path) == []
+
+
+@pytest.mark.parametrize("handler", ["runc", "husk"])
+def test_pod_sysctls_are_applied(cri: CriClient, handler: str) -> None:
+    """critest "should support safe sysctls" and "unsafe sysctls": the pod's (namespaced)
+    sysctls are what its containers see."""
+    pod = cri.run_pod(f"sysctl-{handler}", handler=handler,
+                      sysctls={"kernel.shm_rmid_forced": "1", "kernel.msgmax": "10000"})
+    cid = cri.run_container(pod, BUSYBOX_REF, ["sleep", "600"])
+    out = cri.exec_sync(cid, ["cat", "/proc/sys/kernel/shm_rmid_forced",
+                              "/proc/sys/kernel/msgmax"]).out
+    assert out.split() == ["1", "10000"]
+    cri.stop_pod(pod.id)
+    cri.remove_pod(pod.id)
+
+
+def test_a_sysctl_the_guest_kernel_lacks_is_refused(cri: CriClient) -> None:
+    from tests.cri.cri import CriError
+    with pytest.raises(CriError) as exc:
+        cri.run_pod("sysctl-bad", handler="husk", sysctls={"net.no_such.thing": "1"})
+    assert "does not exist in the guest kernel" in str(exc.value)
+    cri.remove_all_pods()

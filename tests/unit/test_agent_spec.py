@@ -161,3 +161,21 @@ def test_ids_and_paths() -> None:
     assert check_absolute_path("/", "p") == "/"
     with pytest.raises(InvalidArgumentError):
         check_absolute_path("/a\0b", "p")
+
+
+def test_sysctls_are_written_below_proc_sys_only(tmp_path: Path) -> None:
+    from agent.errors import InvalidArgumentError as Invalid
+    from agent.sandbox import apply_sysctls
+    (tmp_path / "kernel").mkdir()
+    (tmp_path / "kernel" / "shm_rmid_forced").write_text("0\n")
+    (tmp_path / "net").mkdir()
+    os.symlink("/etc/hostname", tmp_path / "net" / "evil")
+    apply_sysctls({"kernel.shm_rmid_forced": "1"}, tmp_path)
+    assert (tmp_path / "kernel" / "shm_rmid_forced").read_text() == "1"
+    for bad, message in (({"kernel.nope": "1"}, "does not exist in the guest kernel"),
+                         ({"..kernel.x": "1"}, "invalid sysctl name"),
+                         ({"kernel": "1"}, "invalid sysctl name"),
+                         ({"kernel.shm_rmid_forced": "1\n2"}, "invalid value"),
+                         ({"net.evil": "x"}, "cannot be set")):
+        with pytest.raises(Invalid, match=message):
+            apply_sysctls(bad, tmp_path)

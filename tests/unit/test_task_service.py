@@ -341,3 +341,24 @@ async def test_mounts_below_a_volume_keep_their_own_flags(env: Any) -> None:
             fd = os.open(volume / sub, os.O_PATH)
             mnt.detach(fd)
             os.close(fd)
+
+
+async def test_pod_sysctls_go_to_the_guest(env: Any) -> None:
+    bundle = _bundle(env.root, SANDBOX, {"io.kubernetes.cri.container-type": "sandbox"})
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["linux"] = {"sysctl": {"kernel.shm_rmid_forced": "1", "net/ipv4/ip_forward": "1"}}
+    (bundle / "config.json").write_text(json.dumps(spec))
+    await env.service.create(api.CreateTaskRequest(id=SANDBOX, bundle=str(bundle)))
+    assert env.sandboxes[0].sysctls == {"kernel.shm_rmid_forced": "1", "net.ipv4.ip_forward": "1"}
+
+
+@pytest.mark.parametrize("sysctl", [{"../../etc/passwd": "x"}, {"kernel.x": 1}, {"kernel": "1"}])
+async def test_malformed_sysctls_are_refused(env: Any, sysctl: dict[str, Any]) -> None:
+    bundle = _bundle(env.root, SANDBOX, {"io.kubernetes.cri.container-type": "sandbox"})
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["linux"] = {"sysctl": sysctl}
+    (bundle / "config.json").write_text(json.dumps(spec))
+    with pytest.raises(TtrpcError) as exc:
+        await env.service.create(api.CreateTaskRequest(id=SANDBOX, bundle=str(bundle)))
+    assert exc.value.code == Code.INVALID_ARGUMENT and "sysctl" in exc.value.message
+    assert env.sandboxes == [], "a sandbox was made for a refused spec"
