@@ -248,6 +248,15 @@ tar -C "$REPO" --exclude=__pycache__ --exclude='*.pyc' -cf - "${packages[@]}" | 
 cp -a "$SITE_DIR/site" "$ROOT/$GUEST_LIB/site"
 printf '%s\n' "${PINS[@]}" >"$ROOT/$GUEST_LIB/pins.txt"
 cp "$INITRD/etc/husk/modules.load" "$ROOT/$GUEST_LIB/modules.load"
+# Modules the kernel loads on demand (a bridge, nftables...): the root's own
+# /lib/modules with a modules.dep for its modprobe.
+ondemand=$STAGE/ondemand
+imagetool modules --kdir "$KERNEL_DIR/$KVER" --list "$HERE/modules-on-demand.txt" --dest "$ondemand" 2>&1 ||
+	die "cannot assemble the on-demand modules"
+mkdir -p "$ROOT/usr/lib/modules"
+cp -a "$ondemand/lib/modules/$KVER" "$ROOT/usr/lib/modules/$KVER"
+cp "$KERNEL_DIR/$KVER"/modules.builtin* "$KERNEL_DIR/$KVER/modules.order" "$ROOT/usr/lib/modules/$KVER/"
+depmod -b "$ROOT" "$KVER" || die "depmod failed for the on-demand modules"
 install -m 0755 "$HERE/selftest.sh" "$ROOT/$GUEST_LIB/selftest.sh"
 rm -f "$ROOT/usr/sbin/init"
 install -m 0755 "$HERE/rootfs-init.sh" "$ROOT/usr/sbin/init"

@@ -102,3 +102,16 @@ def test_a_sysctl_the_guest_kernel_lacks_is_refused(cri: CriClient) -> None:
         cri.run_pod("sysctl-bad", handler="husk", sysctls={"net.no_such.thing": "1"})
     assert "does not exist in the guest kernel" in str(exc.value)
     cri.remove_all_pods()
+
+
+def test_a_privileged_container_gets_the_kernel_features_of_a_node(cri: CriClient) -> None:
+    """critest "Privileged is true" and "adding capability": `brctl addbr` needs the
+    bridge module, which the guest kernel loads on demand from its root filesystem."""
+    pod = cri.run_pod("privileged-husk", handler="husk", privileged=True)
+    cid = cri.run_container(pod, BUSYBOX_REF, ["sleep", "600"], privileged=True)
+    result = cri.exec_sync(cid, ["sh", "-c", "brctl addbr foobar && ip link show foobar"])
+    assert result.exit_code == 0 and "foobar" in result.out, result
+    # The module came from the guest's root filesystem, not the host's kernel.
+    assert "bridge" in cri.exec_sync(cid, ["cat", "/proc/modules"]).out
+    cri.stop_pod(pod.id)
+    cri.remove_pod(pod.id)
