@@ -6,7 +6,7 @@ Owns the `busybox` and `pause` images: their root filesystem (from the
 Also owns stand-ins for the images cri-tools' critest runs (`make critest`),
 under the names critest uses: busybox (Debian's dynamic `busybox`), nginx,
 hostnet-nginx, httpd and nonewprivs (small C programs compiled with the host's
-gcc, and shell scripts).
+gcc, and shell scripts), and a pause for critest's pods.
 No registry is reachable from the test machines, so nothing is ever pulled.
 Every byte is deterministic (fixed mtimes, owners, gzip header, JSON key order),
 so an image's digest only changes when its inputs do.
@@ -415,6 +415,8 @@ def _store(cache_dir: Path, defn: _Cacheable, key: str, layout: tuple[bytes, str
 #   /var/run/nginx.pid, and which exits on SIGTERM and SIGQUIT.
 # - httpd: HTTP on port 80, and "Command line: 'httpd -D FOREGROUND'" in its log.
 # - nonewprivs: a setuid-root /usr/local/bin/nnp that prints its effective uid.
+# - the pods' sandbox image (the harness's pause name): no `sleep` process, which
+#   critest would see in pods with a shared PID namespace (`pgrep sleep` must find nothing).
 
 CRITEST_BUSYBOX_REF = "registry.k8s.io/e2e-test-images/busybox:1.29-2"
 CRITEST_NGINX_REF = "registry.k8s.io/e2e-test-images/nginx:1.14-2"
@@ -557,6 +559,35 @@ int main(int argc, char **argv) {
 }
 """
 
+PAUSE_C = r"""/* pause stand-in for critest's pods (husk tests/cri/images.py): waits for SIGTERM or
+ * SIGINT, exits 0, and reaps the orphans a shared PID namespace hands it. */
+#include <signal.h>
+#include <stddef.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static void on_stop(int sig) {
+    (void)sig;
+    _exit(0);
+}
+
+static void on_child(int sig) {
+    (void)sig;
+    while (waitpid(-1, NULL, WNOHANG) > 0)
+        ;
+}
+
+int main(void) {
+    struct sigaction stop = {.sa_handler = on_stop};
+    struct sigaction child = {.sa_handler = on_child, .sa_flags = SA_NOCLDSTOP | SA_RESTART};
+    sigaction(SIGTERM, &stop, NULL);
+    sigaction(SIGINT, &stop, NULL);
+    sigaction(SIGCHLD, &child, NULL);
+    for (;;)
+        pause();
+}
+"""
+
 NNP_C = r"""/* nonewprivs stand-in for critest's images (husk tests/cri/images.py): installed
  * setuid root, it shows whether exec gave it root. */
 #include <stdio.h>
@@ -589,7 +620,7 @@ HTTPD_INDEX = "<html><body><h1>It works!</h1></body></html>\n"
 
 # Everything the critest images are made of besides the .debs and the compiler.
 CRITEST_SOURCES: dict[str, str] = {
-    "pgrep": PGREP_SH, "nginx.c": NGINX_C, "nnp.c": NNP_C, "httpd-foreground": HTTPD_FOREGROUND_SH,
+    "pgrep": PGREP_SH, "nginx.c": NGINX_C, "nnp.c": NNP_C, "pause.c": PAUSE_C, "httpd-foreground": HTTPD_FOREGROUND_SH,
     "httpd": HTTPD_SH, "nginx-index": NGINX_INDEX, "httpd-index": HTTPD_INDEX, "nsswitch": NSSWITCH,
     "passwd": PASSWD, "group": GROUP,
 }
@@ -637,6 +668,8 @@ CRITEST_IMAGES: tuple[CritestImage, ...] = (
     CritestImage(CRITEST_HTTPD_REF, ("busybox", "httpd"), cmd=("httpd-foreground",), env=(HTTPD_PATH_ENV,),
                  working_dir="/usr/local/apache2", stop_signal="SIGWINCH", exposed_ports=("80/tcp",)),
     CritestImage(CRITEST_NONEWPRIVS_REF, ("busybox", "nonewprivs"), entrypoint=("/usr/local/bin/nnp",)),
+    # containerd's sandbox image: the harness names it PAUSE_REF in containerd's config.
+    CritestImage(PAUSE_REF, ("pause",), entrypoint=("/pause",)),
 )
 
 
@@ -650,6 +683,7 @@ class CritestInputs:
     ipcs: bytes
     nginx: bytes
     nnp: bytes
+    pause: bytes
 
 
 def _add_entry(entries: dict[str, _Entry], path: str, entry: _Entry) -> None:
@@ -698,12 +732,14 @@ def critest_layers(inputs: CritestInputs) -> dict[str, Layer]:
     _add_entry(httpd, "usr/local/apache2/htdocs/index.html", _regular(HTTPD_INDEX))
     nonewprivs: dict[str, _Entry] = {}
     _add_entry(nonewprivs, "usr/local/bin/nnp", _regular(inputs.nnp, 0o4755))  # setuid root
+    pause = {"pause": _regular(inputs.pause, 0o755)}
     origin = "husk tests/cri/images.py"
     return {
         "busybox": Layer.of(critest_busybox_entries(inputs), f"{origin} ({', '.join(CRITEST_PACKAGES)})"),
         "nginx": Layer.of(nginx, f"{origin} (nginx stand-in, busybox httpd)"),
         "httpd": Layer.of(httpd, f"{origin} (httpd stand-in, busybox httpd)"),
         "nonewprivs": Layer.of(nonewprivs, f"{origin} (nnp)"),
+        "pause": Layer.of(pause, f"{origin} (pause)"),
     }
 
 
@@ -769,13 +805,14 @@ def critest_inputs(debs: Mapping[str, DebPackage], tmpdir: Path) -> CritestInput
     build = tmpdir / "cc"
     build.mkdir()
     return CritestInputs(busybox=busybox, applets=tuple(applets), libc=libc, ipcs=ipcs,
-                         nginx=compile_static("nginx", NGINX_C, build), nnp=compile_static("nnp", NNP_C, build))
+                         nginx=compile_static("nginx", NGINX_C, build), nnp=compile_static("nnp", NNP_C, build),
+                         pause=compile_static("pause", PAUSE_C, build))
 
 
 def build_critest_images(
     cache_dir: Path = DEFAULT_CRITEST_CACHE_DIR, images: tuple[CritestImage, ...] = CRITEST_IMAGES
 ) -> list[BuiltImage]:
-    """Builds (or reuses from `cache_dir`) the image-layout tarballs of critest's images."""
+    """Builds (or reuses from `cache_dir`) the image-layout tarballs of critest's images, sandbox image included."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     debs = {name: candidate_package(name, cache_dir) for name in CRITEST_PACKAGES}
     toolchain = _toolchain_id()
