@@ -280,10 +280,10 @@ class Pod:
                          mount: dict[str, Any]) -> list[dict[str, Any]]:
         """The mounts below a recursive bind's source, each with its own flags.
 
-        The guest sees them as virtio-fs submounts that appear only when first
-        looked up, and an automount inherits its parent's flags: below a
-        read-only volume a writable tmpfs would turn read-only ("ro" is not
-        recursive, as with runc). Each gets its own bind, made after the volume's.
+        Volumes are shared without what is mounted below them (see share_path).
+        Each mount below gets its own bind, made after the volume's, with its own
+        flags: "ro" is not recursive, as with runc. (A virtio-fs automount in the
+        guest would also inherit a read-only parent's flags.)
         """
         source = os.path.realpath(mount["source"])
         below = submounts(source)[:MAX_SUBMOUNTS]

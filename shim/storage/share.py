@@ -250,7 +250,9 @@ class SharedDir:
         """Bind a host file or directory (a volume, /etc/hosts...) into the share.
 
         ``index`` names its slot: the mount's place in the spec, or "<place>-<n>" for
-        the n-th mount below it.
+        the n-th mount below it. The bind is not recursive: mounts below ``source``
+        get slots of their own (a recursive clone would pin their mount points in
+        the host's namespace, and the host could not remove them while the pod runs).
 
         :raise errors.InvalidArgumentError: ``source`` does not exist.
         """
@@ -263,7 +265,7 @@ class SharedDir:
         try:
             with self._target(container_id, (VOLUMES, str(index)), is_dir) as (parent, target,
                                                                                 path):
-                mnt.bind_onto(source, target, readonly=readonly)
+                mnt.bind_onto(source, target, readonly=readonly, recursive=False)
                 self._mounted(parent, path)
         except OSError as exc:
             raise errors.InternalError(f"cannot share {source}: {exc}") from exc

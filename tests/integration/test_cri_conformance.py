@@ -115,3 +115,24 @@ def test_a_privileged_container_gets_the_kernel_features_of_a_node(cri: CriClien
     assert "bridge" in cri.exec_sync(cid, ["cat", "/proc/modules"]).out
     cri.stop_pod(pod.id)
     cri.remove_pod(pod.id)
+
+
+@pytest.mark.parametrize("handler", ["runc", "husk"])
+def test_the_host_can_remove_a_volume_the_pod_still_uses(cri: CriClient, handler: str,
+                                                         tmp_path: Path) -> None:
+    """critest's non-recursive readonly spec cleans its host path up while the pod
+    runs: the tmpfs below it must not be pinned by a mount in the host's namespace."""
+    import subprocess
+    volume = tmp_path / "volume"
+    (volume / "tmpfs").mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "none", str(volume / "tmpfs")], check=True)
+    pod = cri.run_pod(f"rmvol-{handler}", handler=handler)
+    cid = cri.run_container(pod, BUSYBOX_REF, ["sleep", "600"], mounts=[
+        api.Mount(container_path="/mnt", host_path=str(volume), readonly=True)])
+    assert cri.exec_sync(cid, ["touch", "/mnt/tmpfs/file"]).exit_code == 0
+    subprocess.run(["umount", "-l", str(volume / "tmpfs")], check=True)
+    import shutil
+    shutil.rmtree(volume)  # EBUSY if a host-namespace mount sits on volume/tmpfs
+    assert not volume.exists()
+    cri.stop_pod(pod.id)
+    cri.remove_pod(pod.id)
