@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import grpc
 
 from agent import __version__
+from agent import network
 from agent.container import Container, Runtime
 from agent.errors import (AgentError, AlreadyExistsError, CommandError, DeadlineError,
                           FailedPreconditionError, GuestError, InvalidArgumentError,
@@ -37,6 +38,8 @@ OUTPUT_CHUNK = 64 * 1024
 # Reading memory.events of a few containers twice a second costs next to nothing.
 OOM_POLL_S = 0.5
 SIGNAL_MAX = 64
+# A hot-plugged NIC shows up some time after the host asked for it.
+NIC_WAIT_S = 20.0
 WINSIZE_MAX = 0xFFFF
 
 _CODES: dict[type[AgentError], grpc.StatusCode] = {
@@ -129,9 +132,30 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 raise AlreadyExistsError(f"sandbox {self._sandbox.id} already exists")
             storages = [Storage(s.driver, s.source, s.fstype, list(s.options), s.mount_point)
                         for s in request.storages]
-            self._sandbox = await Sandbox.create(self._runtime, request.sandbox_id,
-                                                 request.hostname, list(request.dns), storages,
-                                                 dict(request.sysctls))
+            network.check(request.network)
+            sandbox = await Sandbox.create(self._runtime, request.sandbox_id,
+                                           request.hostname, list(request.dns), storages,
+                                           dict(request.sysctls))
+            try:
+                await self._configure_network(request.network)
+            except BaseException:
+                await sandbox.destroy()
+                raise
+            self._sandbox = sandbox
+        return pb.Empty()
+
+    async def _configure_network(self, config: pb.NetworkConfig) -> None:
+        if config.interfaces or config.routes or config.neighbors:
+            await asyncio.to_thread(network.configure, config, NIC_WAIT_S)
+
+    # Section: network
+
+    @unary
+    async def UpdateNetwork(self, request: pb.NetworkConfig) -> pb.Empty:
+        network.check(request)
+        if self._sandbox is None:
+            raise FailedPreconditionError("no sandbox: the network comes with CreateSandbox")
+        await self._configure_network(request)
         return pb.Empty()
 
     @unary

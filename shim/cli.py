@@ -27,6 +27,7 @@ from typing import Any
 
 from shim import errors, oci
 from shim.config import ConfigError, load_config
+from shim.sandbox.description import PodDescription
 from shim.sandbox.sandbox import Sandbox
 from shim.vm.accel import probe
 
@@ -90,10 +91,10 @@ async def run_container(args: argparse.Namespace) -> int:
     if args.debug:
         config = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime,
                                                                           debug=True))
-    sandbox = Sandbox(f"run-{secrets.token_hex(6)}", config)
+    sandbox = Sandbox(PodDescription(f"run-{secrets.token_hex(6)}", hostname=args.hostname), config)
     times = RunTimes()
     try:
-        await sandbox.start(hostname=args.hostname)
+        await sandbox.start()
         assert sandbox.agent is not None and sandbox.vm is not None
         times.qmp_ready_s = sandbox.times.qmp_ready_s
         times.agent_ready_s = sandbox.times.agent_ready_s

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from shim.vm.devices import MAX_HOTPLUG_PORTS
+
 # Where an installed husk looks first; HUSK_CONFIG and the runtime options'
 # config_path take precedence (see resolve_config_path).
 DEFAULT_CONFIG_PATHS = (Path("/etc/husk/husk.toml"), Path("/usr/share/husk/husk.toml"))
@@ -31,6 +33,9 @@ AGENT_TRANSPORTS = ("auto", "vsock", "serial")
 
 
 _DECIMAL = re.compile(r"[0-9]{1,9}")
+
+
+NETWORK_MODELS = ("tcfilter", "none")
 
 
 class ConfigError(ValueError):
@@ -96,6 +101,16 @@ class AgentConfig:
 
 
 @dataclass(frozen=True)
+class NetworkConfig:
+    # "tcfilter": a tap per CNI interface joined to it with tc redirects;
+    # "none": the pod's VM gets no NIC (loopback only).
+    model: str = "tcfilter"
+    # vhost-net moves the NIC's data path into the host kernel: "auto" uses it
+    # where /dev/vhost-net exists.
+    vhost_net: str = "auto"
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     state_dir: str = "/run/husk"
     debug: bool = False
@@ -106,6 +121,7 @@ class Config:
     hypervisor: HypervisorConfig = field(default_factory=HypervisorConfig)
     shared_fs: SharedFsConfig = field(default_factory=SharedFsConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def with_pod_annotations(self, annotations: Mapping[str, str]) -> "Config":
@@ -178,7 +194,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     :raise ConfigError: unknown sections or keys, wrong types, values out of range.
     """
     sections = {"hypervisor": HypervisorConfig, "shared_fs": SharedFsConfig,
-                "agent": AgentConfig, "runtime": RuntimeConfig}
+                "agent": AgentConfig, "network": NetworkConfig, "runtime": RuntimeConfig}
     for name in data:
         if name not in sections:
             raise ConfigError(f"unknown section [{name}] (known: {', '.join(sections)})")
@@ -190,7 +206,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     _bounded_int("hypervisor.max_memory_mib", hv.max_memory_mib, 128, 1 << 22)
     _bounded_int("hypervisor.vcpus", hv.vcpus, 1, hv.max_vcpus)
     _bounded_int("hypervisor.memory_mib", hv.memory_mib, 128, hv.max_memory_mib)
-    _bounded_int("hypervisor.hotplug_ports", hv.hotplug_ports, 0, 30)
+    _bounded_int("hypervisor.hotplug_ports", hv.hotplug_ports, 0, MAX_HOTPLUG_PORTS)
     if any(c in hv.kernel_params for c in "\n\0"):
         raise ConfigError("hypervisor.kernel_params must be one line")
     _choice("shared_fs.type", config.shared_fs.type, SHARED_FS_TYPES)
@@ -199,6 +215,8 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     if not 0.1 <= config.agent.keepalive_interval_s <= 3600:
         raise ConfigError("agent.keepalive_interval_s must be within 0.1..3600")
     _bounded_int("agent.keepalive_misses", config.agent.keepalive_misses, 1, 100)
+    _choice("network.model", config.network.model, NETWORK_MODELS)
+    _choice("network.vhost_net", config.network.vhost_net, ("auto", "on", "off"))
     return config
 
 

@@ -33,7 +33,7 @@ class Storage(_message.Message):
     def __init__(self, driver: _Optional[str] = ..., source: _Optional[str] = ..., fstype: _Optional[str] = ..., options: _Optional[_Iterable[str]] = ..., mount_point: _Optional[str] = ...) -> None: ...
 
 class CreateSandboxRequest(_message.Message):
-    __slots__ = ("sandbox_id", "hostname", "dns", "storages", "sysctls")
+    __slots__ = ("sandbox_id", "hostname", "dns", "storages", "sysctls", "network")
     class SysctlsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -46,12 +46,80 @@ class CreateSandboxRequest(_message.Message):
     DNS_FIELD_NUMBER: _ClassVar[int]
     STORAGES_FIELD_NUMBER: _ClassVar[int]
     SYSCTLS_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_FIELD_NUMBER: _ClassVar[int]
     sandbox_id: str
     hostname: str
     dns: _containers.RepeatedScalarFieldContainer[str]
     storages: _containers.RepeatedCompositeFieldContainer[Storage]
     sysctls: _containers.ScalarMap[str, str]
-    def __init__(self, sandbox_id: _Optional[str] = ..., hostname: _Optional[str] = ..., dns: _Optional[_Iterable[str]] = ..., storages: _Optional[_Iterable[_Union[Storage, _Mapping]]] = ..., sysctls: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    network: NetworkConfig
+    def __init__(self, sandbox_id: _Optional[str] = ..., hostname: _Optional[str] = ..., dns: _Optional[_Iterable[str]] = ..., storages: _Optional[_Iterable[_Union[Storage, _Mapping]]] = ..., sysctls: _Optional[_Mapping[str, str]] = ..., network: _Optional[_Union[NetworkConfig, _Mapping]] = ...) -> None: ...
+
+class IPAddress(_message.Message):
+    __slots__ = ("address", "prefix_len")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_LEN_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    prefix_len: int
+    def __init__(self, address: _Optional[str] = ..., prefix_len: _Optional[int] = ...) -> None: ...
+
+class Interface(_message.Message):
+    __slots__ = ("name", "mac", "mtu", "addresses")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    MTU_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    mac: str
+    mtu: int
+    addresses: _containers.RepeatedCompositeFieldContainer[IPAddress]
+    def __init__(self, name: _Optional[str] = ..., mac: _Optional[str] = ..., mtu: _Optional[int] = ..., addresses: _Optional[_Iterable[_Union[IPAddress, _Mapping]]] = ...) -> None: ...
+
+class Route(_message.Message):
+    __slots__ = ("destination", "gateway", "device", "source", "scope", "metric", "onlink")
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    ONLINK_FIELD_NUMBER: _ClassVar[int]
+    destination: str
+    gateway: str
+    device: str
+    source: str
+    scope: int
+    metric: int
+    onlink: bool
+    def __init__(self, destination: _Optional[str] = ..., gateway: _Optional[str] = ..., device: _Optional[str] = ..., source: _Optional[str] = ..., scope: _Optional[int] = ..., metric: _Optional[int] = ..., onlink: _Optional[bool] = ...) -> None: ...
+
+class Neighbor(_message.Message):
+    __slots__ = ("ip", "mac", "device")
+    IP_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    ip: str
+    mac: str
+    device: str
+    def __init__(self, ip: _Optional[str] = ..., mac: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+
+class NetworkConfig(_message.Message):
+    __slots__ = ("interfaces", "routes", "neighbors")
+    INTERFACES_FIELD_NUMBER: _ClassVar[int]
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
+    interfaces: _containers.RepeatedCompositeFieldContainer[Interface]
+    routes: _containers.RepeatedCompositeFieldContainer[Route]
+    neighbors: _containers.RepeatedCompositeFieldContainer[Neighbor]
+    def __init__(self, interfaces: _Optional[_Iterable[_Union[Interface, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ..., neighbors: _Optional[_Iterable[_Union[Neighbor, _Mapping]]] = ...) -> None: ...
+
+class PortForwardData(_message.Message):
+    __slots__ = ("port", "data")
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    port: int
+    data: bytes
+    def __init__(self, port: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class DestroySandboxRequest(_message.Message):
     __slots__ = ("sandbox_id",)

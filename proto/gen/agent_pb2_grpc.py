@@ -129,6 +129,16 @@ class AgentServiceStub:
                 request_serializer=agent__pb2.CheckRequest.SerializeToString,
                 response_deserializer=agent__pb2.CheckResponse.FromString,
                 _registered_method=True)
+        self.UpdateNetwork = channel.unary_unary(
+                '/husk.agent.AgentService/UpdateNetwork',
+                request_serializer=agent__pb2.NetworkConfig.SerializeToString,
+                response_deserializer=agent__pb2.Empty.FromString,
+                _registered_method=True)
+        self.PortForward = channel.stream_stream(
+                '/husk.agent.AgentService/PortForward',
+                request_serializer=agent__pb2.PortForwardData.SerializeToString,
+                response_deserializer=agent__pb2.PortForwardData.FromString,
+                _registered_method=True)
         self.GetGuestDetails = channel.unary_unary(
                 '/husk.agent.AgentService/GetGuestDetails',
                 request_serializer=agent__pb2.Empty.SerializeToString,
@@ -259,6 +269,19 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateNetwork(self, request, context):
+        """Network (the pod's at boot comes with CreateSandbox)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PortForward(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetGuestDetails(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -362,6 +385,16 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Check,
                     request_deserializer=agent__pb2.CheckRequest.FromString,
                     response_serializer=agent__pb2.CheckResponse.SerializeToString,
+            ),
+            'UpdateNetwork': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateNetwork,
+                    request_deserializer=agent__pb2.NetworkConfig.FromString,
+                    response_serializer=agent__pb2.Empty.SerializeToString,
+            ),
+            'PortForward': grpc.stream_stream_rpc_method_handler(
+                    servicer.PortForward,
+                    request_deserializer=agent__pb2.PortForwardData.FromString,
+                    response_serializer=agent__pb2.PortForwardData.SerializeToString,
             ),
             'GetGuestDetails': grpc.unary_unary_rpc_method_handler(
                     servicer.GetGuestDetails,
@@ -882,6 +915,60 @@ class AgentService:
             '/husk.agent.AgentService/Check',
             agent__pb2.CheckRequest.SerializeToString,
             agent__pb2.CheckResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateNetwork(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/husk.agent.AgentService/UpdateNetwork',
+            agent__pb2.NetworkConfig.SerializeToString,
+            agent__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PortForward(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/husk.agent.AgentService/PortForward',
+            agent__pb2.PortForwardData.SerializeToString,
+            agent__pb2.PortForwardData.FromString,
             options,
             channel_credentials,
             insecure,

@@ -19,6 +19,7 @@ import grpc
 from proto.gen import agent_pb2 as pb
 from proto.gen import agent_pb2_grpc as pb_grpc
 from shim import errors
+from shim.network.model import PodNetwork
 
 log = logging.getLogger(__name__)
 
@@ -162,10 +163,16 @@ class AgentClient:
 
     async def create_sandbox(self, sandbox_id: str, hostname: str, dns: list[str],
                              storages: list[Storage],
-                             sysctls: Mapping[str, str] | None = None) -> None:
+                             sysctls: Mapping[str, str] | None = None,
+                             network: PodNetwork | None = None) -> None:
         await self._call("CreateSandbox", pb.CreateSandboxRequest(
             sandbox_id=sandbox_id, hostname=hostname, dns=dns,
-            storages=[s.to_proto() for s in storages], sysctls=dict(sysctls or {})))
+            storages=[s.to_proto() for s in storages], sysctls=dict(sysctls or {}),
+            network=network_proto(network or PodNetwork())))
+
+    async def update_network(self, network: PodNetwork) -> None:
+        """Configure interfaces added after boot (hot-plugged NICs), with their routes."""
+        await self._call("UpdateNetwork", network_proto(network))
 
     async def destroy_sandbox(self, sandbox_id: str, timeout_s: float | None = None) -> None:
         await self._call("DestroySandbox", pb.DestroySandboxRequest(sandbox_id=sandbox_id),
@@ -270,3 +277,15 @@ class AgentClient:
             memory_max_usage_bytes=r.memory_max_usage_bytes,
             memory_cache_bytes=r.memory_cache_bytes, memory_rss_bytes=r.memory_rss_bytes,
             pids_current=r.pids_current, pids_limit=r.pids_limit, oom_kills=r.oom_kills)
+
+
+def network_proto(network: PodNetwork) -> pb.NetworkConfig:
+    return pb.NetworkConfig(
+        interfaces=[pb.Interface(name=i.name, mac=i.mac.lower(), mtu=i.mtu, addresses=[
+            pb.IPAddress(address=a.address, prefix_len=a.prefix_len) for a in i.addresses])
+            for i in network.interfaces],
+        routes=[pb.Route(destination=r.destination, gateway=r.gateway, device=r.device,
+                         source=r.source, scope=r.scope, metric=r.metric, onlink=r.onlink)
+                for r in network.routes],
+        neighbors=[pb.Neighbor(ip=n.ip, mac=n.mac.lower(), device=n.device)
+                   for n in network.neighbors])

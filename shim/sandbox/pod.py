@@ -100,9 +100,8 @@ class Pod:
 
     # Section: lifecycle of the VM
 
-    async def boot(self, hostname: str, dns: list[str],
-                   sysctls: dict[str, str] | None = None) -> None:
-        await self.sandbox.start(hostname=hostname, dns=dns, sysctls=sysctls)
+    async def boot(self) -> None:
+        await self.sandbox.start()
         assert self.sandbox.vm is not None
         self._watchers = [asyncio.create_task(self._watch_vm(), name="vm-watch"),
                           asyncio.create_task(self._watch_oom(), name="oom-watch"),

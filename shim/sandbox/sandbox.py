@@ -1,9 +1,13 @@
-"""Sandbox: one pod's VM, its shared directory and its agent connection.
+"""Sandbox: one pod's VM, its network, its shared directory and its agent connection.
 
-Owns the pod's run directory (``<state_dir>/sb/<id>``; short, as socket paths in it have a length limit) and the order
-of bring-up and teardown: accelerator → VM (+ virtiofsd) → agent channel →
-CreateSandbox. Every step registers its undo, so a failure at any point
-leaves nothing behind. Containers live in shim.sandbox.container.
+Owns the pod's run directory (``<state_dir>/sb/<id>``; short, as socket
+paths in it have a length limit) and the order of bring-up and teardown, in
+named steps: run directory → accelerator → network (taps, before QEMU takes
+their fds) → VM (+ virtiofsd) → agent channel → sandbox (CreateSandbox: the
+guest's filesystems, hostname, sysctls and network). Every step pushes its
+undo on one exit stack, so a failure at any point leaves nothing behind.
+Everything comes from one frozen PodDescription. Containers live in
+shim.sandbox.pod.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import contextlib
 import logging
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +26,15 @@ from shim.agentclient.client import AgentClient, Storage
 from shim.agentclient.transport import VsockBridge
 from shim.cgroups.host import SandboxCgroup
 from shim.config import Config
+from shim.network import setup as network_setup
+from shim.network.setup import PodNetworking
+from shim.network.tcfilter import queue_count, vhost_net_available
+from shim.sandbox.description import PodDescription
 from shim.util.mount import mounts_under
 from shim.storage.share import GUEST_SHARED_DIR, SharedDir, check_id
 from shim.vm.accel import AccelChoice, choose_accel
-from shim.vm.cmdline import (AGENT_CHARDEV, SHARED_FS_TAG, AgentTransport, SharedFsType, VmPaths,
-                             VmSpec)
+from shim.vm.cmdline import (AGENT_CHARDEV, SHARED_FS_TAG, AgentTransport, NicSpec, SharedFsType,
+                             VmPaths, VmSpec)
 from shim.vm.qemu import Vm, VmError
 from shim.vm.vsock import VsockError, allocate_cid, vhost_vsock_available
 
@@ -52,23 +60,30 @@ class StartTimes:
 
 @dataclass
 class Sandbox:
-    sandbox_id: str
+    """One pod's VM, built from its frozen description."""
+
+    pod: PodDescription
     config: Config
     accel: AccelChoice | None = None
     times: StartTimes = field(default_factory=StartTimes)
     vm: Vm | None = None
     agent: AgentClient | None = None
-    cgroup_path: str = ""  # the pod's cgroup (pause container's linux.cgroupsPath)
+    networking: PodNetworking | None = None
+    _transport: AgentTransport = AgentTransport.SERIAL
+    _vsock: tuple[int, int] = (0, -1)  # (cid, vhost fd) when the agent is on vsock
     _bridge: VsockBridge | None = None
     _undo: AsyncExitStack | None = None
 
     def __post_init__(self) -> None:
-        check_id("sandbox", self.sandbox_id)
+        check_id("sandbox", self.pod.sandbox_id)
         self.run_dir = Path(self.config.runtime.state_dir) / SANDBOXES_DIR / self.sandbox_id
         self.shared = SharedDir(self.run_dir)
 
     @property
-    def transport(self) -> AgentTransport:
+    def sandbox_id(self) -> str:
+        return self.pod.sandbox_id
+
+    def _choose_transport(self) -> AgentTransport:
         mode = self.config.agent.transport
         if mode == "vsock" or (mode == "auto" and vhost_vsock_available()):
             return AgentTransport.VSOCK
@@ -85,87 +100,141 @@ class Sandbox:
         assert self.vm is not None
         return None if self.vm.running else self.vm.failure_reason()
 
-    async def start(self, hostname: str = "", dns: list[str] | None = None,
-                    sysctls: Mapping[str, str] | None = None) -> None:
-        """Boot the VM and prepare the agent.
+    async def start(self) -> None:
+        """Bring the sandbox up, step by step; each step pushes its undo on one stack.
 
-        :raise errors.UnavailableError: the VM or the agent failed, with the reason.
+        :raise errors.HuskError: a step failed (UnavailableError for the VM or
+            the agent, InvalidArgumentError for a network husk cannot carry),
+            with the reason; everything done before it is undone.
         """
-        hv = self.config.hypervisor
+        steps: list[tuple[str, Callable[[AsyncExitStack], Awaitable[None]]]] = [
+            ("run directory", self._make_run_dir), ("accelerator", self._choose_accelerator),
+            ("network", self._connect_network), ("VM", self._start_vm),
+            ("agent", self._connect_agent), ("sandbox", self._create_sandbox)]
         async with AsyncExitStack() as undo:
-            undo.callback(self._remove_run_dir)
-            if self.config.runtime.debug:
-                undo.callback(self._keep_guest_logs)  # LIFO: after the VM stopped, before removal
-            self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            try:
-                self.shared.create()
-            except OSError as exc:
-                raise errors.UnavailableError(f"cannot set up the shared directory: {exc}") from exc
-            self.accel = await choose_accel(hv.accel, hv.qemu_path,
-                                            Path(self.config.runtime.state_dir))
-            for path in (hv.kernel_path, hv.initrd_path, hv.image_path):
-                if not path.exists():
-                    raise errors.UnavailableError(
-                        f"guest image file {path} is missing (run `make guest-image`, "
-                        "or set [hypervisor] guest_dir in husk.toml)")
-            transport = self.transport
-            cid, vhost_fd = 0, -1
-            if transport is AgentTransport.VSOCK:
-                try:
-                    reserved = allocate_cid()
-                except VsockError as exc:
-                    raise errors.UnavailableError(str(exc)) from exc
-                undo.callback(reserved.close)
-                cid, vhost_fd = reserved.cid, reserved.fd
-            paths = VmPaths(self.run_dir)
-            spec = VmSpec(
-                name=self.sandbox_id[:32], paths=paths, qemu_path=hv.qemu_path,
-                kernel=hv.kernel_path, initrd=hv.initrd_path, image=hv.image_path,
-                vcpus=hv.vcpus, memory_mib=hv.memory_mib, accel=self.accel,
-                shared_fs=SharedFsType(self.config.shared_fs.type),
-                shared_dir=self.shared.host_dir, transport=transport, vsock_cid=cid,
-                vhost_fd=vhost_fd, hotplug_ports=hv.hotplug_ports,
-                msize_9p=self.config.shared_fs.msize_9p, kernel_params=hv.kernel_params,
-                debug=self.config.runtime.debug,
-                extra_fds=[vhost_fd] if vhost_fd >= 0 else [])
-            self.vm = Vm(spec, self.config.shared_fs.virtiofsd_path,
-                         self.config.shared_fs.virtiofs_cache)
-            cgroup = SandboxCgroup.from_spec_path(self.cgroup_path)
-            if cgroup is not None:
-                undo.callback(cgroup.remove)  # runs after vm.stop (LIFO)
-            try:
-                await self.vm.start()
-            except VmError as exc:
-                raise errors.UnavailableError(f"cannot start the VM: {exc}") from exc
-            undo.push_async_callback(self.vm.stop)
-            if cgroup is not None:
-                cgroup.join([self.vm.pid, self.vm.virtiofsd_pid])
-            self.times.qmp_ready_s = self.vm.times.qmp_ready_s
-            if transport is AgentTransport.VSOCK:
-                self._bridge = VsockBridge(paths.agent_socket, cid)
-                await self._bridge.start()
-                undo.push_async_callback(self._bridge.stop)
-                target = f"unix:{paths.agent_socket}"
-            else:
-                try:
-                    await self.vm.wait_guest_open(AGENT_CHARDEV, self.config.agent.dial_timeout_s)
-                except VmError as exc:
-                    raise errors.UnavailableError(f"{exc}; {self._guest_logs()}") from exc
-                target = f"unix:{paths.agent_serial_socket}"
-            self.agent = AgentClient(target, self.config.agent.request_timeout_s)
-            undo.push_async_callback(self.agent.close)
-            try:
-                await self.agent.wait_ready(self.config.agent.dial_timeout_s, self._vm_alive)
-            except errors.UnavailableError as exc:
-                raise errors.UnavailableError(f"{exc}; {self._guest_logs()}") from exc
-            self.times.agent_ready_s = time.monotonic() - self.vm.times.spawned_at
-            details = await self.agent.guest_details()
-            log.info("sandbox %s: agent ready after %.3fs (%s)", self.sandbox_id,
-                     self.times.agent_ready_s, details)
-            await self.agent.create_sandbox(self.sandbox_id, hostname, dns or [],
-                                            [self._shared_storage(), POD_SHM_STORAGE], sysctls)
-            self.times.sandbox_ready_s = time.monotonic() - self.vm.times.spawned_at
+            for name, step in steps:
+                began = time.monotonic()
+                await step(undo)
+                log.debug("sandbox %s: step %s done in %.3fs", self.sandbox_id, name,
+                          time.monotonic() - began)
             self._undo = undo.pop_all()
+
+    async def _make_run_dir(self, undo: AsyncExitStack) -> None:
+        undo.callback(self._remove_run_dir)
+        if self.config.runtime.debug:
+            undo.callback(self._keep_guest_logs)  # LIFO: after the VM stopped, before removal
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            self.shared.create()
+        except OSError as exc:
+            raise errors.UnavailableError(f"cannot set up the shared directory: {exc}") from exc
+        hv = self.config.hypervisor
+        for path in (hv.kernel_path, hv.initrd_path, hv.image_path):
+            if not path.exists():
+                raise errors.UnavailableError(
+                    f"guest image file {path} is missing (run `make guest-image`, "
+                    "or set [hypervisor] guest_dir in husk.toml)")
+
+    async def _choose_accelerator(self, undo: AsyncExitStack) -> None:
+        hv = self.config.hypervisor
+        self.accel = await choose_accel(hv.accel, hv.qemu_path,
+                                        Path(self.config.runtime.state_dir))
+
+    async def _connect_network(self, undo: AsyncExitStack) -> None:
+        """Taps for the pod's CNI interfaces (before QEMU, which gets their fds)."""
+        settings = self.config.network
+        if settings.model == "none" or not self.pod.netns_path:
+            log.info("sandbox %s: no network to carry (%s)", self.sandbox_id,
+                     "network.model = none" if self.pod.netns_path else "no network namespace")
+            return
+        vhost = settings.vhost_net == "on" or (settings.vhost_net == "auto"
+                                               and vhost_net_available())
+        try:
+            self.networking = await network_setup.connect(
+                self.pod.netns_path, queue_count(self.config.hypervisor.vcpus), vhost)
+        except network_setup.NetworkError as exc:
+            raise errors.UnavailableError(f"pod network: {exc}") from exc
+        undo.push_async_callback(network_setup.disconnect, self.networking)
+        undo.callback(self.networking.close_fds)
+
+    def _nics(self) -> tuple[NicSpec, ...]:
+        if self.networking is None:
+            return ()
+        return tuple(NicSpec(f"net{i}", e.link.mac.lower(), e.link.mtu, tuple(e.tap_fds),
+                             tuple(e.vhost_fds))
+                     for i, e in enumerate(self.networking.endpoints))
+
+    async def _start_vm(self, undo: AsyncExitStack) -> None:
+        hv = self.config.hypervisor
+        assert self.accel is not None
+        self._transport = self._choose_transport()
+        if self._transport is AgentTransport.VSOCK:
+            try:
+                reserved = allocate_cid()
+            except VsockError as exc:
+                raise errors.UnavailableError(str(exc)) from exc
+            undo.callback(reserved.close)
+            self._vsock = (reserved.cid, reserved.fd)
+        cid, vhost_fd = self._vsock
+        spec = VmSpec(
+            name=self.sandbox_id[:32], paths=VmPaths(self.run_dir), qemu_path=hv.qemu_path,
+            kernel=hv.kernel_path, initrd=hv.initrd_path, image=hv.image_path,
+            vcpus=hv.vcpus, memory_mib=hv.memory_mib, accel=self.accel,
+            shared_fs=SharedFsType(self.config.shared_fs.type),
+            shared_dir=self.shared.host_dir, transport=self._transport, vsock_cid=cid,
+            vhost_fd=vhost_fd, hotplug_ports=hv.hotplug_ports,
+            msize_9p=self.config.shared_fs.msize_9p, kernel_params=hv.kernel_params,
+            debug=self.config.runtime.debug,
+            extra_fds=[vhost_fd] if vhost_fd >= 0 else [], nics=self._nics())
+        self.vm = Vm(spec, self.config.shared_fs.virtiofsd_path,
+                     self.config.shared_fs.virtiofs_cache)
+        cgroup = SandboxCgroup.from_spec_path(self.pod.cgroup_path)
+        if cgroup is not None:
+            undo.callback(cgroup.remove)  # runs after vm.stop (LIFO)
+        try:
+            await self.vm.start()
+        except VmError as exc:
+            raise errors.UnavailableError(f"cannot start the VM: {exc}") from exc
+        undo.push_async_callback(self.vm.stop)
+        if self.networking is not None:
+            self.networking.close_fds()  # QEMU holds the taps now
+        if cgroup is not None:
+            cgroup.join([self.vm.pid, self.vm.virtiofsd_pid])
+        self.times.qmp_ready_s = self.vm.times.qmp_ready_s
+
+    async def _connect_agent(self, undo: AsyncExitStack) -> None:
+        assert self.vm is not None
+        paths = self.vm.spec.paths
+        if self._transport is AgentTransport.VSOCK:
+            self._bridge = VsockBridge(paths.agent_socket, self._vsock[0])
+            await self._bridge.start()
+            undo.push_async_callback(self._bridge.stop)
+            target = f"unix:{paths.agent_socket}"
+        else:
+            try:
+                await self.vm.wait_guest_open(AGENT_CHARDEV, self.config.agent.dial_timeout_s)
+            except VmError as exc:
+                raise errors.UnavailableError(f"{exc}; {self._guest_logs()}") from exc
+            target = f"unix:{paths.agent_serial_socket}"
+        self.agent = AgentClient(target, self.config.agent.request_timeout_s)
+        undo.push_async_callback(self.agent.close)
+        try:
+            await self.agent.wait_ready(self.config.agent.dial_timeout_s, self._vm_alive)
+        except errors.UnavailableError as exc:
+            raise errors.UnavailableError(f"{exc}; {self._guest_logs()}") from exc
+        self.times.agent_ready_s = time.monotonic() - self.vm.times.spawned_at
+        details = await self.agent.guest_details()
+        log.info("sandbox %s: agent ready after %.3fs (%s)", self.sandbox_id,
+                 self.times.agent_ready_s, details)
+
+    async def _create_sandbox(self, undo: AsyncExitStack) -> None:
+        """The guest side: shared filesystem, /dev/shm, hostname, sysctls, network."""
+        assert self.agent is not None and self.vm is not None
+        network = self.networking.network if self.networking is not None else None
+        await self.agent.create_sandbox(self.sandbox_id, self.pod.hostname, list(self.pod.dns),
+                                        [self._shared_storage(), POD_SHM_STORAGE],
+                                        self.pod.sysctl_map, network)
+        self.times.sandbox_ready_s = time.monotonic() - self.vm.times.spawned_at
 
     async def stop(self) -> None:
         """Tear everything down; safe to call more than once and after failures."""

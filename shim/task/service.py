@@ -12,7 +12,6 @@ import functools
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -30,6 +29,7 @@ from shim.config import Config, ConfigError, load_config
 from shim.manager import RUN_DIR_FILE
 from shim.sandbox.pod import Pod
 from shim.sandbox.process import Process, ProcessState
+from shim.sandbox.description import PodDescription
 from shim.sandbox.sandbox import Sandbox
 from shim.storage.share import RootfsMount
 from shim.task.events import Publisher
@@ -42,9 +42,6 @@ SHIM_VERSION = "husk-0.1.0"
 CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
 RUNTIME_OPTIONS_TYPE = "runtimeoptions.v1.Options"
-# Names of /proc/sys entries ("kernel.shm_rmid_forced"); the guest checks them again.
-SYSCTL_NAME = re.compile(r"[a-z0-9_]+(\.[a-z0-9_-]+)+")
-MAX_SYSCTLS = 256
 
 _CODES: dict[type[errors.HuskError], Code] = {
     errors.NotFoundError: Code.NOT_FOUND,
@@ -124,32 +121,6 @@ def _json_object(data: bytes, what: str) -> dict[str, Any]:
     return value
 
 
-def _cgroups_path(spec: dict[str, Any]) -> str:
-    linux = spec.get("linux")
-    path = linux.get("cgroupsPath") if isinstance(linux, dict) else None
-    return path if isinstance(path, str) else ""
-
-
-def _sysctls(spec: dict[str, Any]) -> dict[str, str]:
-    """The pod's sysctls (the sandbox spec's linux.sysctl), keys in dotted form.
-
-    :raise errors.InvalidArgumentError: not a map of sysctl names to strings.
-    """
-    linux = spec.get("linux")
-    raw = linux.get("sysctl") if isinstance(linux, dict) else None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict) or len(raw) > MAX_SYSCTLS:
-        raise errors.InvalidArgumentError("config.json: linux.sysctl must be a map of strings")
-    sysctls = {}
-    for key, value in raw.items():
-        name = str(key).replace("/", ".")
-        if not isinstance(value, str) or not SYSCTL_NAME.fullmatch(name):
-            raise errors.InvalidArgumentError(f"config.json: invalid sysctl {str(key)[:80]!r}")
-        sysctls[name] = value
-    return sysctls
-
-
 def _config_path(options: Any) -> str | None:
     """ConfigPath from CRI's runtime options (an Any holding runtimeoptions.v1.Options)."""
     if not options.value:
@@ -164,7 +135,7 @@ def _config_path(options: Any) -> str | None:
 class TaskService:
     def __init__(self, shim_id: str, namespace: str, publisher: Publisher,
                  on_shutdown: Callable[[], None], config_path: str | None = None,
-                 sandbox_factory: Callable[[str, Config], Sandbox] = Sandbox) -> None:
+                 sandbox_factory: Callable[[PodDescription, Config], Sandbox] = Sandbox) -> None:
         self.shim_id = shim_id
         self.namespace = namespace
         self.publisher = publisher
@@ -200,16 +171,15 @@ class TaskService:
         config = config.with_pod_annotations(annotations)
         if log.isEnabledFor(logging.DEBUG) and not config.runtime.debug:
             config = _with_debug(config)
-        sysctls = _sysctls(spec)  # refused before anything exists
-        sandbox = self._sandbox_factory(request.id, config)
-        sandbox.cgroup_path = _cgroups_path(spec)
+        # Checked before anything exists.
+        description = PodDescription.from_spec(
+            request.id, spec, annotations, cri_sandbox=annotations.get(CONTAINER_TYPE) == "sandbox")
+        sandbox = self._sandbox_factory(description, config)
         _note_run_dir(request.bundle, sandbox.run_dir)
         pod = Pod(sandbox, self._publish_exit,
                   lambda cid: self.publisher.publish(ev.TaskOOM(container_id=cid)))
-        hostname = spec.get("hostname") if isinstance(spec.get("hostname"), str) else ""
-        hostname = (hostname or annotations.get("io.kubernetes.cri.sandbox-name", ""))[:63]
         try:
-            await pod.boot(hostname=hostname or request.id[:12], dns=[], sysctls=sysctls)
+            await pod.boot()
         except BaseException:
             await pod.shutdown()
             raise

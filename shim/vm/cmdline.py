@@ -10,10 +10,12 @@ sandbox.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from shim.vm.accel import AccelChoice
+from shim.vm.devices import SlotMap
 
 AGENT_PORT_NAME = "io.husk.agent"
 AGENT_CHARDEV = "agent"
@@ -22,7 +24,6 @@ GUEST_LOG_CHARDEV = "guestlog"
 LOG_PORT_NAME = "io.husk.log"
 SHARED_FS_TAG = "husk-shared"
 AGENT_VSOCK_PORT = 1024
-HOTPLUG_PORT_PREFIX = "hp"
 # Linux's sockaddr_un.sun_path holds 108 bytes including the terminator;
 # leave margin for the suffixes QEMU and virtiofsd add.
 UNIX_PATH_MAX = 106
@@ -46,6 +47,43 @@ class SharedFsType(enum.Enum):
 class AgentTransport(enum.Enum):
     VSOCK = "vsock"
     SERIAL = "serial"
+
+
+MAC_ADDRESS = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+
+
+@dataclass(frozen=True)
+class NicSpec:
+    """A virtio-net NIC backed by tap fds the shim opened (QEMU opens nothing itself)."""
+
+    id: str
+    mac: str
+    mtu: int
+    tap_fds: tuple[int, ...]
+    vhost_fds: tuple[int, ...] = ()
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        return self.tap_fds + self.vhost_fds
+
+    def netdev_args(self) -> str:
+        """The -netdev value (fds= takes one fd per queue)."""
+        args = f"tap,id={self.id},fds={':'.join(map(str, self.tap_fds))}"
+        if self.vhost_fds:
+            args += f",vhost=on,vhostfds={':'.join(map(str, self.vhost_fds))}"
+        return args
+
+    def device_args(self, slot_args: str) -> str:
+        """The -device value. host_mtu tells the guest driver the MTU; no option ROM
+        (nothing boots from the network)."""
+        if not MAC_ADDRESS.fullmatch(self.mac):
+            raise CmdlineError(f"NIC {self.id}: {self.mac!r} is not a MAC address")
+        args = (f"virtio-net-pci,id={self.id},netdev={self.id},mac={self.mac},"
+                f"host_mtu={self.mtu},romfile=,{slot_args}")
+        queues = len(self.tap_fds)
+        if queues > 1:
+            args += f",mq=on,vectors={2 * queues + 2}"
+        return args
 
 
 @dataclass(frozen=True)
@@ -126,6 +164,11 @@ class VmSpec:
     kernel_params: str = ""
     debug: bool = False
     extra_fds: list[int] = field(default_factory=list)
+    nics: tuple[NicSpec, ...] = ()
+
+    def passed_fds(self) -> tuple[int, ...]:
+        """Every fd QEMU inherits (the command line names them by number)."""
+        return tuple(self.extra_fds) + tuple(fd for nic in self.nics for fd in nic.fds)
 
 
 class CmdlineError(ValueError):
@@ -159,12 +202,14 @@ def kernel_cmdline(spec: VmSpec) -> str:
     return " ".join(params)
 
 
-def build_cmdline(spec: VmSpec) -> list[str]:
-    """The full argv for QEMU.
+def build_cmdline(spec: VmSpec, slots: SlotMap | None = None) -> list[str]:
+    """The full argv for QEMU; boot-time devices take their slots from ``slots``
+    (the VM's; a fresh map when only the command line is wanted).
 
     :raise CmdlineError: a path or value that QEMU would misparse.
     """
     p = spec.paths
+    slots = slots if slots is not None else SlotMap(spec.hotplug_ports)
     for sock in p.sockets():
         check_socket_path(sock)
     memory = f"{spec.memory_mib}M"
@@ -211,8 +256,7 @@ def build_cmdline(spec: VmSpec) -> list[str]:
     else:
         args += ["-device", f"vhost-vsock-pci,id=vsock0,guest-cid={spec.vsock_cid},"
                             f"vhostfd={spec.vhost_fd},bus=pcie.0,addr=0x5"]
-    # Free root ports for hot-plugged devices, one slot each, from 0x10 up.
-    for i in range(spec.hotplug_ports):
-        args += ["-device", f"pcie-root-port,id={HOTPLUG_PORT_PREFIX}{i},bus=pcie.0,"
-                            f"chassis={i + 1},slot={i + 1},addr={0x10 + i:#x}"]
-    return args
+    for nic in spec.nics:
+        args += ["-netdev", nic.netdev_args(), "-device", nic.device_args(slots.coldplug().qemu_args)]
+    # Free root ports for hot-plugged devices.
+    return args + slots.port_args()

@@ -20,6 +20,7 @@ from typing import Any
 
 from shim.util import child
 from shim.vm.cmdline import CONSOLE_CHARDEV, GUEST_LOG_CHARDEV, SharedFsType, VmSpec, build_cmdline
+from shim.vm.devices import SlotError, SlotMap
 from shim.vm.guestlog import GuestLog, GuestLogError
 from shim.vm.qmp import Qmp, QmpError
 from shim.vm.virtiofsd import VirtiofsdError, start_virtiofsd
@@ -66,6 +67,8 @@ class Vm:
         #: The serial console and the agent's log port; their tails outlive stop().
         self.console = GuestLog(CONSOLE_CHARDEV, paths.console_socket, paths.console_log)
         self.guest_log = GuestLog(GUEST_LOG_CHARDEV, paths.guest_log_socket, paths.guest_log)
+        #: The VM's PCI slots: boot-time devices take theirs when the command line is built.
+        self.slots = SlotMap(self.spec.hotplug_ports)
 
     @property
     def pid(self) -> int:
@@ -100,8 +103,8 @@ class Vm:
         paths = self.spec.paths
         paths.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
-            argv = build_cmdline(self.spec)
-        except ValueError as exc:
+            argv = build_cmdline(self.spec, self.slots)
+        except (ValueError, SlotError) as exc:
             raise VmError(str(exc)) from exc
         qemu_log = paths.run_dir / QEMU_LOG
         try:
@@ -116,7 +119,7 @@ class Vm:
             log.debug("starting QEMU: %s", " ".join(argv))
             self.times.spawned_at = time.monotonic()
             try:
-                self._qemu = await child.spawn(argv, qemu_log, tuple(self.spec.extra_fds))
+                self._qemu = await child.spawn(argv, qemu_log, self.spec.passed_fds())
             except OSError as exc:
                 raise VmError(f"cannot run {argv[0]}: {exc.strerror}") from exc
             self._qmp = Qmp(f"husk-{self.spec.name}")

@@ -21,6 +21,7 @@ import psutil
 
 from shim import oci
 from shim.config import load_config
+from shim.sandbox.description import PodDescription
 from shim.sandbox.sandbox import Sandbox
 from tests.bench import machine, medians
 from tests.conftest import GUEST_DIR, write_test_config
@@ -37,9 +38,10 @@ def _rss_mib(pid: int) -> float:
 
 
 async def one_boot(config_path: Path, rootfs: Path) -> dict[str, Any]:
-    box = Sandbox(f"bench-{secrets.token_hex(4)}", load_config(str(config_path)))
+    box = Sandbox(PodDescription(f"bench-{secrets.token_hex(4)}", hostname="bench"),
+                  load_config(str(config_path)))
     try:
-        await box.start(hostname="bench")
+        await box.start()
         assert box.agent is not None and box.vm is not None
         spawned = box.vm.times.spawned_at
         root = box.shared.bind_rootfs("bench", rootfs)

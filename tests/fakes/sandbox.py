@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 from shim.config import Config
+from shim.sandbox.description import PodDescription
 from shim.storage.share import SharedDir
 from tests.fakes.agent import FakeAgent
 
@@ -35,21 +36,17 @@ class FakeVm:
 
 
 class FakeSandbox:
-    def __init__(self, sandbox_id: str, config: Config, root: Path) -> None:
-        self.sandbox_id = sandbox_id
+    def __init__(self, pod: PodDescription, config: Config, root: Path) -> None:
+        self.pod = pod
+        self.sandbox_id = pod.sandbox_id
         self.config = config
-        self.run_dir = root / "sb" / sandbox_id
+        self.run_dir = root / "sb" / pod.sandbox_id
         self.shared = SharedDir(self.run_dir)
         self.agent: FakeAgent | None = None
         self.vm: FakeVm | None = None
         self.stopped = False
-        self.hostname = ""
-        self.sysctls: dict[str, str] = {}
 
-    async def start(self, hostname: str = "", dns: list[str] | None = None,
-                    sysctls: dict[str, str] | None = None) -> None:
-        self.hostname = hostname
-        self.sysctls = dict(sysctls or {})
+    async def start(self) -> None:
         self.shared.create()
         self.agent = FakeAgent()
         self.vm = FakeVm()

@@ -16,6 +16,7 @@ import pytest_asyncio
 
 from shim import errors, oci
 from shim.config import load_config
+from shim.sandbox.description import PodDescription
 from shim.sandbox.sandbox import Sandbox
 from tests.conftest import mounts_below, our_processes, write_test_config
 
@@ -31,9 +32,9 @@ async def sandbox(guest_image: Path, busybox_rootfs: Path,
     import secrets
     state = Path("/run") / f"husk-test-{secrets.token_hex(4)}"
     config_path = write_test_config(tmp_path_factory.mktemp("cfg") / "husk.toml", state)
-    box = Sandbox("vmtest", load_config(str(config_path)))
+    box = Sandbox(PodDescription("vmtest", hostname="vmtest"), load_config(str(config_path)))
     try:
-        await box.start(hostname="vmtest")
+        await box.start()
         box.test_rootfs = busybox_rootfs  # type: ignore[attr-defined]
         yield box
     finally:

@@ -14,6 +14,7 @@ from proto.gen.containerd.cgroups.v1 import metrics_pb2
 from proto.gen.containerd.task.v2 import shim_pb2 as api
 from proto.gen.containerd.types.task import task_pb2 as task_types
 from shim.config import Config
+from shim.sandbox.description import PodDescription
 from shim.task.service import TaskService
 from shim.ttrpc.errors import Code, TtrpcError
 from tests.fakes.sandbox import FAKE_VM_PID, FakeSandbox
@@ -37,7 +38,8 @@ def _bundle(root: Path, cid: str, annotations: dict[str, str],
     bundle = root / "bundles" / cid
     (bundle / "rootfs" / "bin").mkdir(parents=True)
     spec = {"ociVersion": "1.0.2", "process": {"args": ["/bin/sh"], "cwd": "/"},
-            "root": {"path": "rootfs"}, "annotations": annotations, "mounts": mounts or []}
+            "root": {"path": "rootfs"}, "annotations": annotations, "mounts": mounts or [],
+            "linux": {"namespaces": [{"type": "network", "path": str(root / "netns")}]}}
     (bundle / "config.json").write_text(json.dumps(spec))
     return bundle
 
@@ -48,8 +50,8 @@ async def env(tmp_path: Path) -> Any:
     sandboxes: list[FakeSandbox] = []
     shutdowns: list[bool] = []
 
-    def factory(sid: str, config: Config) -> FakeSandbox:
-        sandboxes.append(FakeSandbox(sid, config, tmp_path))
+    def factory(pod: PodDescription, config: Config) -> FakeSandbox:
+        sandboxes.append(FakeSandbox(pod, config, tmp_path))
         return sandboxes[-1]
 
     service = TaskService(SANDBOX, "k8s.io", publisher, lambda: shutdowns.append(True),
@@ -85,7 +87,8 @@ async def _create(e: Any, cid: str, stdout: str = "", mounts: Any = None) -> Pat
 
 async def test_sandbox_lifecycle_and_event_order(env: Any) -> None:
     await _run_pod(env)
-    assert env.sandboxes[0].hostname == "web"
+    assert env.sandboxes[0].pod.hostname == "web"
+    assert env.sandboxes[0].pod.netns_path == str(env.root / "netns")
     state = await env.service.state(api.StateRequest(id=SANDBOX))
     assert state.status == task_types.RUNNING and state.pid == FAKE_VM_PID
     waiter = asyncio.create_task(env.service.wait(api.WaitRequest(id=SANDBOX)))
@@ -346,19 +349,30 @@ async def test_mounts_below_a_volume_keep_their_own_flags(env: Any) -> None:
 async def test_pod_sysctls_go_to_the_guest(env: Any) -> None:
     bundle = _bundle(env.root, SANDBOX, {"io.kubernetes.cri.container-type": "sandbox"})
     spec = json.loads((bundle / "config.json").read_text())
-    spec["linux"] = {"sysctl": {"kernel.shm_rmid_forced": "1", "net/ipv4/ip_forward": "1"}}
+    spec["linux"]["sysctl"] = {"kernel.shm_rmid_forced": "1", "net/ipv4/ip_forward": "1"}
     (bundle / "config.json").write_text(json.dumps(spec))
     await env.service.create(api.CreateTaskRequest(id=SANDBOX, bundle=str(bundle)))
-    assert env.sandboxes[0].sysctls == {"kernel.shm_rmid_forced": "1", "net.ipv4.ip_forward": "1"}
+    assert env.sandboxes[0].pod.sysctl_map == {"kernel.shm_rmid_forced": "1", "net.ipv4.ip_forward": "1"}
 
 
 @pytest.mark.parametrize("sysctl", [{"../../etc/passwd": "x"}, {"kernel.x": 1}, {"kernel": "1"}])
 async def test_malformed_sysctls_are_refused(env: Any, sysctl: dict[str, Any]) -> None:
     bundle = _bundle(env.root, SANDBOX, {"io.kubernetes.cri.container-type": "sandbox"})
     spec = json.loads((bundle / "config.json").read_text())
-    spec["linux"] = {"sysctl": sysctl}
+    spec["linux"]["sysctl"] = sysctl
     (bundle / "config.json").write_text(json.dumps(spec))
     with pytest.raises(TtrpcError) as exc:
         await env.service.create(api.CreateTaskRequest(id=SANDBOX, bundle=str(bundle)))
     assert exc.value.code == Code.INVALID_ARGUMENT and "sysctl" in exc.value.message
     assert env.sandboxes == [], "a sandbox was made for a refused spec"
+
+
+async def test_host_network_pod_is_refused_before_anything_exists(env: Any) -> None:
+    bundle = _bundle(env.root, SANDBOX, {"io.kubernetes.cri.container-type": "sandbox"})
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["linux"]["namespaces"] = [{"type": "ipc"}, {"type": "uts"}]  # as CRI writes hostNetwork
+    (bundle / "config.json").write_text(json.dumps(spec))
+    with pytest.raises(TtrpcError) as exc:
+        await env.service.create(api.CreateTaskRequest(id=SANDBOX, bundle=str(bundle)))
+    assert exc.value.code == Code.INVALID_ARGUMENT and "hostNetwork" in exc.value.message
+    assert env.sandboxes == [], "a sandbox was made for a host-network pod"

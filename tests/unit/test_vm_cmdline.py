@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from shim.vm.accel import Accel, AccelChoice
-from shim.vm.cmdline import (QEMU_SANDBOX, AgentTransport, CmdlineError, SharedFsType, VmPaths,
+from shim.vm.cmdline import (QEMU_SANDBOX, AgentTransport, CmdlineError, NicSpec, SharedFsType, VmPaths,
                              VmSpec, build_cmdline, qemu_value)
 from shim.vm.virtiofsd import virtiofsd_argv
 
@@ -123,3 +123,27 @@ def test_virtiofsd_xattrs_when_configured(tmp_path: Path) -> None:
     opts = _values(virtiofsd_argv("virtiofsd", tmp_path / "fs.sock", tmp_path, "none",
                                   xattr=True), "-o")
     assert "xattr" in opts and "no_xattr" not in opts
+
+
+def _nic(i: int, queues: int = 1, vhost: bool = False) -> NicSpec:
+    taps = tuple(range(10 + 10 * i, 10 + 10 * i + queues))
+    return NicSpec(f"net{i}", f"02:00:00:00:00:0{i}", 1450, taps,
+                   tuple(fd + 100 for fd in taps) if vhost else ())
+
+
+def test_nics_take_tap_fds_and_the_cni_mac_and_mtu(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, nics=(_nic(0), _nic(1, queues=2, vhost=True)))
+    argv = build_cmdline(spec)
+    netdevs = [argv[i + 1] for i, a in enumerate(argv) if a == "-netdev"]
+    assert netdevs == ["tap,id=net0,fds=10", "tap,id=net1,fds=20:21,vhost=on,vhostfds=120:121"]
+    nics = [a for a in argv if a.startswith("virtio-net-pci")]
+    assert "mac=02:00:00:00:00:00,host_mtu=1450" in nics[0] and "mq=on" not in nics[0]
+    assert "mq=on,vectors=6" in nics[1]
+    assert "bus=pcie.0,addr=0x6" in nics[0] and "bus=pcie.0,addr=0x7" in nics[1]
+    assert spec.passed_fds() == (10, 20, 21, 120, 121), "QEMU must inherit every fd it names"
+
+
+def test_a_bad_mac_never_reaches_qemu(tmp_path: Path) -> None:
+    bad = NicSpec("net0", "02:00:00:00:00:00,romfile=/etc/shadow", 1500, (10,))
+    with pytest.raises(CmdlineError):
+        build_cmdline(_spec(tmp_path, nics=(bad,)))

@@ -1,0 +1,113 @@
+"""The pod's network, host side: from what CNI made to tap fds QEMU can take.
+
+connect() reads the pod's network namespace, makes a tap per CNI interface
+and wires them with tc (shim.network.tcfilter); disconnect() puts the
+namespace back as CNI left it, so CNI DEL finds its interfaces untouched.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from shim.network.model import PodNetwork
+from shim.network.netns import NetnsError, run_in_netns
+from shim.network.scan import ScanError, scan
+from shim.network.tcfilter import TapEndpoint, TcFilterError, attach, detach
+
+log = logging.getLogger(__name__)
+
+# Reading a namespace and making a few taps takes milliseconds; this bounds a
+# kernel or a netlink socket that stopped answering.
+NETNS_TIMEOUT_S = 10.0
+
+
+class NetworkError(Exception):
+    """The pod's network cannot be carried into its VM; the message says why."""
+
+
+@dataclass
+class PodNetworking:
+    netns_path: str
+    network: PodNetwork = field(default_factory=PodNetwork)
+    endpoints: list[TapEndpoint] = field(default_factory=list)
+
+    def close_fds(self) -> None:
+        for endpoint in self.endpoints:
+            endpoint.close_fds()
+
+
+def _iproute() -> Any:
+    """An IPRoute in the calling thread's namespace. Imported here: only pods
+    with a network pay for pyroute2."""
+    from pyroute2 import IPRoute
+    return IPRoute()
+
+
+def _connect_in_netns(queues: int, vhost: bool) -> tuple[PodNetwork, list[TapEndpoint]]:
+    with _iproute() as ipr:
+        network, links = scan(ipr)
+        endpoints: list[TapEndpoint] = []
+        try:
+            for index, link in enumerate(links):
+                endpoints.append(attach(ipr, link, index, queues, vhost))
+        except BaseException:
+            for endpoint in endpoints:
+                detach(ipr, endpoint)
+            raise
+    return network, endpoints
+
+
+def _disconnect_in_netns(endpoints: list[TapEndpoint]) -> list[str]:
+    with _iproute() as ipr:
+        return [p for endpoint in endpoints for p in detach(ipr, endpoint)]
+
+
+def _discard(result: tuple[PodNetwork, list[TapEndpoint]]) -> None:
+    for endpoint in result[1]:
+        endpoint.close_fds()
+
+
+async def connect(netns_path: str, queues: int, vhost: bool) -> PodNetworking:
+    """Taps for every CNI interface in ``netns_path``.
+
+    :raise NetworkError: the namespace cannot be read or a tap cannot be made;
+        nothing is left in the namespace.
+    """
+    try:
+        network, endpoints = await run_in_netns(
+            netns_path, lambda: _connect_in_netns(queues, vhost), NETNS_TIMEOUT_S,
+            "connect", _discard)
+    except (NetnsError, ScanError, TcFilterError) as exc:
+        raise NetworkError(str(exc)) from exc
+    except TimeoutError as exc:
+        raise NetworkError(f"setting up taps in {netns_path} took longer than "
+                           f"{NETNS_TIMEOUT_S:.0f}s") from exc
+    log.info("network: %s", network.describe())
+    return PodNetworking(netns_path, network, endpoints)
+
+
+async def disconnect(networking: PodNetworking) -> None:
+    """Remove the taps and husk's tc filters; problems are logged, never raised
+    (teardown goes on, and the namespace goes with the pod anyway)."""
+    networking.close_fds()
+    if not networking.endpoints:
+        return
+    try:
+        problems = await run_in_netns(
+            networking.netns_path, lambda: _disconnect_in_netns(networking.endpoints),
+            NETNS_TIMEOUT_S, "disconnect")
+    except NetnsError as exc:
+        log.info("network: %s (already gone with the pod)", exc)
+        return
+    except TimeoutError:
+        log.error("network: removing taps from %s took longer than %.0fs",
+                  networking.netns_path, NETNS_TIMEOUT_S)
+        return
+    except Exception as exc:  # noqa: BLE001 - teardown must go on
+        log.error("network: cannot clean up %s: %s", networking.netns_path, exc)
+        return
+    for problem in problems:
+        log.error("network: teardown left %s", problem)
+    if not problems:
+        log.info("network: taps and filters removed from %s", networking.netns_path)

@@ -1,0 +1,99 @@
+"""The agent's network setup, against a real kernel: a namespace the test makes stands in
+for the guest, veths for its NICs (the agent finds NICs by MAC, whatever drives them)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from agent import network
+from agent.errors import DeadlineError, InvalidArgumentError
+from proto.gen import agent_pb2 as pb
+from shim.network.netns import run_in_netns
+
+MAC_A, MAC_B = "02:00:00:aa:00:01", "02:00:00:aa:00:02"
+
+
+def _ip(ns: str, *args: str) -> str:
+    return subprocess.run(["ip", "-n", ns, *args], check=True, capture_output=True,
+                          text=True).stdout
+
+
+@pytest.fixture
+def guest_ns() -> Iterator[str]:
+    """A namespace whose kernel named the NICs the other way round from CNI."""
+    name = f"husk-ut-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        _ip(name, "link", "add", "eth0", "address", MAC_B, "type", "veth", "peer", "name",
+            "eth1", "address", MAC_A)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=True)
+
+
+def _config() -> pb.NetworkConfig:
+    return pb.NetworkConfig(
+        interfaces=[
+            pb.Interface(name="eth0", mac=MAC_A, mtu=1400, addresses=[
+                pb.IPAddress(address="10.88.0.5", prefix_len=16),
+                pb.IPAddress(address="fd00:88::5", prefix_len=64)]),
+            pb.Interface(name="net1", mac=MAC_B, mtu=9000, addresses=[
+                pb.IPAddress(address="10.99.0.7", prefix_len=24)])],
+        routes=[
+            pb.Route(destination="169.254.1.1/32", device="net1", scope=253),
+            pb.Route(destination="0.0.0.0/0", gateway="10.88.0.1", device="eth0"),
+            pb.Route(destination="::/0", gateway="fd00:88::1", device="eth0"),
+            # A gateway outside every prefix of its device: needs onlink.
+            pb.Route(destination="192.168.50.0/24", gateway="172.16.0.1", device="net1")],
+        neighbors=[pb.Neighbor(ip="10.88.0.9", mac="02:00:00:bb:00:09", device="eth0")])
+
+
+async def test_interfaces_routes_and_neighbours_are_applied(guest_ns: str) -> None:
+    config = _config()
+    network.check(config)
+    await run_in_netns(f"/run/netns/{guest_ns}", lambda: network.configure(config, 5.0), 30, "t")
+    links = {link["ifname"]: link for link in json.loads(_ip(guest_ns, "-j", "addr"))}
+    assert links["eth0"]["address"] == MAC_A and links["eth0"]["mtu"] == 1400
+    assert links["net1"]["address"] == MAC_B and links["net1"]["mtu"] == 9000
+    addrs = {(a["local"], a["prefixlen"]) for a in links["eth0"]["addr_info"]}
+    assert {("10.88.0.5", 16), ("fd00:88::5", 64)} <= addrs
+    v6 = next(a for a in links["eth0"]["addr_info"] if a["local"] == "fd00:88::5")
+    assert "tentative" not in v6, "DAD ran on an address CNI already checked"
+    routes = _ip(guest_ns, "route").splitlines()
+    assert any(r.startswith("default via 10.88.0.1 dev eth0") for r in routes)
+    assert any(r.startswith("192.168.50.0/24 via 172.16.0.1 dev net1") and "onlink" in r
+               for r in routes)
+    assert "default via fd00:88::1 dev eth0" in _ip(guest_ns, "-6", "route")
+    assert "10.88.0.9 dev eth0 lladdr 02:00:00:bb:00:09 PERMANENT" in _ip(guest_ns, "neigh")
+
+
+async def test_a_nic_that_never_comes_is_named() -> None:
+    name = f"husk-ut-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        config = pb.NetworkConfig(interfaces=[pb.Interface(name="eth0", mac=MAC_A, mtu=1500)])
+        with pytest.raises(DeadlineError, match=MAC_A):
+            await run_in_netns(f"/run/netns/{name}", lambda: network.configure(config, 0.2), 30, "t")
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=True)
+
+
+@pytest.mark.parametrize("bad", [
+    pb.NetworkConfig(interfaces=[pb.Interface(name="../../x", mac=MAC_A, mtu=1500)]),
+    pb.NetworkConfig(interfaces=[pb.Interface(name="eth0", mac="02:00", mtu=1500)]),
+    pb.NetworkConfig(interfaces=[pb.Interface(name="eth0", mac=MAC_A, mtu=10)]),
+    pb.NetworkConfig(interfaces=[pb.Interface(name="eth0", mac=MAC_A, mtu=1500, addresses=[
+        pb.IPAddress(address="10.0.0.1", prefix_len=33)])]),
+    pb.NetworkConfig(interfaces=[pb.Interface(name="eth0", mac=MAC_A, mtu=1500)],
+                     routes=[pb.Route(destination="0.0.0.0/0", gateway="fd00::1", device="eth0")]),
+    pb.NetworkConfig(routes=[pb.Route(destination="0.0.0.0/0", device="eth9")]),
+    pb.NetworkConfig(interfaces=[pb.Interface(name=f"e{i}", mac=f"02:00:00:00:00:{i:02x}", mtu=1500)
+                                 for i in range(network.MAX_INTERFACES + 1)]),
+])
+def test_malformed_requests_are_refused(bad: pb.NetworkConfig) -> None:
+    with pytest.raises(InvalidArgumentError):
+        network.check(bad)
