@@ -7,6 +7,7 @@ returned as INTERNAL. No request can take the agent down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -40,6 +41,11 @@ OOM_POLL_S = 0.5
 SIGNAL_MAX = 64
 # A hot-plugged NIC shows up some time after the host asked for it.
 NIC_WAIT_S = 20.0
+# Each port-forward stream holds a socket and a task; kubectl opens one per connection.
+MAX_PORT_FORWARDS = 64
+PORT_FORWARD_CHUNK = 64 * 1024
+PORT_CONNECT_TIMEOUT_S = 5.0
+LOOPBACKS = ("127.0.0.1", "::1")
 WINSIZE_MAX = 0xFFFF
 
 _CODES: dict[type[AgentError], grpc.StatusCode] = {
@@ -102,6 +108,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         self._sandbox_lock = asyncio.Lock()
         self._oci_version: str | None = None
         self._oom_kills: dict[str, int] = {}  # OOM kills already reported, per container
+        self._port_forwards = 0  # open PortForward streams
 
     # Section: lookups
 
@@ -149,6 +156,34 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             await asyncio.to_thread(network.configure, config, NIC_WAIT_S)
 
     # Section: network
+
+    async def PortForward(self, requests: AsyncIterator[pb.PortForwardData],
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.PortForwardData]:
+        """Splice the host's stream to a port on the guest's loopback (the pod's localhost)."""
+        if self._port_forwards >= MAX_PORT_FORWARDS:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{MAX_PORT_FORWARDS} port-forward streams are open already")
+        self._port_forwards += 1
+        upstream: asyncio.Task[None] | None = None
+        writer: asyncio.StreamWriter | None = None
+        try:
+            first = await anext(aiter(requests), None)
+            if first is None:
+                return
+            reader, writer = await connect_local_port(first.port)
+            if first.data:
+                writer.write(first.data)
+            upstream = asyncio.create_task(_host_to_port(requests, writer))
+            while data := await reader.read(PORT_FORWARD_CHUNK):
+                yield pb.PortForwardData(data=data)
+        except Exception as e:  # noqa: BLE001 - every error must become a status
+            await _abort(context, "PortForward", e)
+        finally:
+            self._port_forwards -= 1
+            if upstream is not None:
+                upstream.cancel()
+            if writer is not None:
+                writer.close()
 
     @unary
     async def UpdateNetwork(self, request: pb.NetworkConfig) -> pb.Empty:
@@ -309,6 +344,36 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             agent_version=__version__, kernel_release=os.uname().release,
             python_version=platform.python_version(), oci_runtime_version=self._oci_version,
             cpus=os.cpu_count() or 0, memory_bytes=_memory_total())
+
+
+async def connect_local_port(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to ``port`` on the loopback, IPv4 first then IPv6, as containerd does for runc pods.
+
+    :raise InvalidArgumentError: not a TCP port number.
+    :raise GuestError: nothing listens there.
+    """
+    if not 0 < port < 65536:
+        raise InvalidArgumentError(f"port-forward: {port} is not a TCP port")
+    failures = []
+    for host in LOOPBACKS:
+        try:
+            return await asyncio.wait_for(asyncio.open_connection(host, port),
+                                          PORT_CONNECT_TIMEOUT_S)
+        except (OSError, asyncio.TimeoutError) as exc:
+            failures.append(f"{host}: {exc.strerror if isinstance(exc, OSError) else 'timeout'}")
+    raise GuestError(f"port-forward: cannot connect to port {port} in the pod "
+                     f"({'; '.join(failures)})")
+
+
+async def _host_to_port(requests: AsyncIterator[pb.PortForwardData],
+                        writer: asyncio.StreamWriter) -> None:
+    """The host's bytes to the port; the host's half-close becomes ours."""
+    with contextlib.suppress(OSError, grpc.aio.AioRpcError):
+        async for message in requests:
+            writer.write(message.data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
 
 
 def _memory_total() -> int:

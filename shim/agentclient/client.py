@@ -8,6 +8,7 @@ the rest of the shim sees them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -99,6 +100,49 @@ class ContainerStats:
     pids_current: int
     pids_limit: int
     oom_kills: int = 0
+
+
+class PortForwardStream:
+    """One port-forward connection through the agent: write() bytes, read() until b""."""
+
+    def __init__(self, call: Any, port: int) -> None:
+        self._call = call
+        self._port = port
+        self._opened = False
+
+    async def write(self, data: bytes) -> None:
+        """:raise errors.HuskError: the stream failed (the guest refused the port...)."""
+        message = pb.PortForwardData(data=data)
+        if not self._opened:
+            message.port, self._opened = self._port, True
+        try:
+            await self._call.write(message)
+        except grpc.aio.AioRpcError as exc:
+            raise _translate("PortForward", exc) from None
+        except grpc.aio.UsageError:  # the call already ended; read() says how
+            raise errors.UnavailableError("agent PortForward: the stream is closed") from None
+
+    async def done_writing(self) -> None:
+        if not self._opened:
+            await self.write(b"")
+        with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
+            await self._call.done_writing()
+
+    async def read(self) -> bytes:
+        """The guest's next bytes; b"" once it closed its side."""
+        while True:
+            try:
+                reply = await self._call.read()
+            except grpc.aio.AioRpcError as exc:
+                raise _translate("PortForward", exc) from None
+            if reply is grpc.aio.EOF:
+                return b""
+            data: bytes = _parsed("PortForward", reply).data
+            if data:
+                return data
+
+    def cancel(self) -> None:
+        self._call.cancel()
 
 
 class AgentClient:
@@ -249,6 +293,10 @@ class AgentClient:
             raise _translate("ReadOutput", exc) from None
         finally:
             call.cancel()
+
+    def port_forward(self, port: int) -> PortForwardStream:
+        """A byte stream to ``port`` on the guest's loopback (the pod's localhost)."""
+        return PortForwardStream(self._stub.PortForward(), port)
 
     async def tty_resize(self, container_id: str, exec_id: str, rows: int, columns: int) -> None:
         await self._call("TtyWinResize", pb.TtyWinResizeRequest(

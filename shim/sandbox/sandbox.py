@@ -27,6 +27,7 @@ from shim.agentclient.transport import VsockBridge
 from shim.cgroups.host import SandboxCgroup
 from shim.config import Config
 from shim.network import setup as network_setup
+from shim.network.portforward import PortForwarder, PortForwardError
 from shim.network.setup import PodNetworking
 from shim.network.tcfilter import queue_count, vhost_net_available
 from shim.sandbox.description import PodDescription
@@ -110,7 +111,8 @@ class Sandbox:
         steps: list[tuple[str, Callable[[AsyncExitStack], Awaitable[None]]]] = [
             ("run directory", self._make_run_dir), ("accelerator", self._choose_accelerator),
             ("network", self._connect_network), ("VM", self._start_vm),
-            ("agent", self._connect_agent), ("sandbox", self._create_sandbox)]
+            ("agent", self._connect_agent), ("sandbox", self._create_sandbox),
+            ("port-forward", self._start_port_forward)]
         async with AsyncExitStack() as undo:
             for name, step in steps:
                 began = time.monotonic()
@@ -236,6 +238,24 @@ class Sandbox:
                                         self.pod.sysctl_map, network)
         self.times.sandbox_ready_s = time.monotonic() - self.vm.times.spawned_at
 
+    async def _start_port_forward(self, undo: AsyncExitStack) -> None:
+        """localhost in the pod's namespace reaches the guest (for CRI PortForward).
+
+        Without it the pod still runs; only port-forward to it fails, so a
+        failure here is logged, not raised.
+        """
+        agent = self.agent
+        if self.networking is None or agent is None:
+            return
+        forwarder = PortForwarder(self.pod.netns_path, agent.port_forward,
+                                  f"sandbox {self.sandbox_id}")
+        try:
+            await forwarder.start()
+        except PortForwardError as exc:
+            log.error("sandbox %s: port-forward will not work: %s", self.sandbox_id, exc)
+            return
+        undo.push_async_callback(forwarder.stop)
+
     async def stop(self) -> None:
         """Tear everything down; safe to call more than once and after failures."""
         if self.agent is not None and self.vm is not None and self.vm.running:
@@ -244,7 +264,10 @@ class Sandbox:
                                        DESTROY_TIMEOUT_S)
         if self._undo is not None:
             undo, self._undo = self._undo, None
-            await undo.aclose()
+            try:
+                await undo.aclose()
+            except Exception:  # every undo ran; one failing must not keep the pod alive
+                log.exception("sandbox %s: a teardown step failed", self.sandbox_id)
         self._remove_run_dir()
 
     def _guest_logs(self) -> str:
