@@ -66,6 +66,12 @@ class PodNetwork:
     routes: tuple[Route, ...] = ()
     neighbors: tuple[Neighbor, ...] = field(default_factory=tuple)
 
+    def only(self, names: set[str]) -> PodNetwork:
+        """The part of the network on the interfaces ``names``."""
+        return PodNetwork(tuple(i for i in self.interfaces if i.name in names),
+                          tuple(r for r in self.routes if r.device in names),
+                          tuple(n for n in self.neighbors if n.device in names))
+
     def describe(self) -> str:
         """One log line: "eth0 aa:..:01 mtu 1500 10.88.0.5/16; 2 routes"."""
         parts = [f"{i.name} {i.mac} mtu {i.mtu} " + ",".join(map(str, i.addresses))

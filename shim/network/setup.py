@@ -44,18 +44,20 @@ def _iproute() -> Any:
     return IPRoute()
 
 
-def _connect_in_netns(queues: int, vhost: bool) -> tuple[PodNetwork, list[TapEndpoint]]:
+def _connect_in_netns(queues: int, vhost: bool, known: frozenset[str] = frozenset(),
+                      first_tap: int = 0) -> tuple[PodNetwork, list[TapEndpoint]]:
+    """Taps for the interfaces not in ``known``; the network of those interfaces."""
     with _iproute() as ipr:
         network, links = scan(ipr)
         endpoints: list[TapEndpoint] = []
         try:
-            for index, link in enumerate(links):
-                endpoints.append(attach(ipr, link, index, queues, vhost))
+            for link in (link for link in links if link.name not in known):
+                endpoints.append(attach(ipr, link, first_tap + len(endpoints), queues, vhost))
         except BaseException:
             for endpoint in endpoints:
                 detach(ipr, endpoint)
             raise
-    return network, endpoints
+    return network.only({e.link.name for e in endpoints}), endpoints
 
 
 def _disconnect_in_netns(endpoints: list[TapEndpoint]) -> list[str]:
@@ -85,6 +87,28 @@ async def connect(netns_path: str, queues: int, vhost: bool) -> PodNetworking:
                            f"{NETNS_TIMEOUT_S:.0f}s") from exc
     log.info("network: %s", network.describe())
     return PodNetworking(netns_path, network, endpoints)
+
+
+async def connect_new(networking: PodNetworking, queues: int,
+                      vhost: bool) -> tuple[PodNetwork, list[TapEndpoint]]:
+    """Taps for interfaces that appeared after connect(); they join ``networking``.
+
+    :raise NetworkError: as connect().
+    """
+    known = frozenset(e.link.name for e in networking.endpoints)
+    first_tap = len(networking.endpoints)  # taps are numbered in order and never removed
+    try:
+        network, endpoints = await run_in_netns(
+            networking.netns_path,
+            lambda: _connect_in_netns(queues, vhost, known, first_tap),
+            NETNS_TIMEOUT_S, "connect-new", _discard)
+    except (NetnsError, ScanError, TcFilterError) as exc:
+        raise NetworkError(str(exc)) from exc
+    except TimeoutError as exc:
+        raise NetworkError(f"setting up taps in {networking.netns_path} took longer than "
+                           f"{NETNS_TIMEOUT_S:.0f}s") from exc
+    networking.endpoints += endpoints
+    return network, endpoints
 
 
 async def disconnect(networking: PodNetworking) -> None:

@@ -27,15 +27,18 @@ from shim.agentclient.transport import VsockBridge
 from shim.cgroups.host import SandboxCgroup
 from shim.config import Config
 from shim.network import setup as network_setup
+from shim.network.netns import NetnsError
 from shim.network.portforward import PortForwarder, PortForwardError
 from shim.network.setup import PodNetworking
-from shim.network.tcfilter import queue_count, vhost_net_available
+from shim.network.tcfilter import TapEndpoint, queue_count, vhost_net_available
+from shim.network.watch import NetnsWatcher
 from shim.sandbox.description import PodDescription
 from shim.util.mount import mounts_under
 from shim.storage.share import GUEST_SHARED_DIR, SharedDir, check_id
 from shim.vm.accel import AccelChoice, choose_accel
 from shim.vm.cmdline import (AGENT_CHARDEV, SHARED_FS_TAG, AgentTransport, NicSpec, SharedFsType,
                              VmPaths, VmSpec)
+from shim.vm.devices import DeviceError
 from shim.vm.qemu import Vm, VmError
 from shim.vm.vsock import VsockError, allocate_cid, vhost_vsock_available
 
@@ -72,6 +75,8 @@ class Sandbox:
     networking: PodNetworking | None = None
     _transport: AgentTransport = AgentTransport.SERIAL
     _vsock: tuple[int, int] = (0, -1)  # (cid, vhost fd) when the agent is on vsock
+    _nic_queues: int = 1
+    _nic_vhost: bool = False
     _bridge: VsockBridge | None = None
     _undo: AsyncExitStack | None = None
 
@@ -112,7 +117,7 @@ class Sandbox:
             ("run directory", self._make_run_dir), ("accelerator", self._choose_accelerator),
             ("network", self._connect_network), ("VM", self._start_vm),
             ("agent", self._connect_agent), ("sandbox", self._create_sandbox),
-            ("port-forward", self._start_port_forward)]
+            ("port-forward", self._start_port_forward), ("network watch", self._watch_network)]
         async with AsyncExitStack() as undo:
             for name, step in steps:
                 began = time.monotonic()
@@ -149,22 +154,26 @@ class Sandbox:
             log.info("sandbox %s: no network to carry (%s)", self.sandbox_id,
                      "network.model = none" if self.pod.netns_path else "no network namespace")
             return
-        vhost = settings.vhost_net == "on" or (settings.vhost_net == "auto"
-                                               and vhost_net_available())
+        self._nic_vhost = settings.vhost_net == "on" or (settings.vhost_net == "auto"
+                                                         and vhost_net_available())
+        self._nic_queues = queue_count(self.config.hypervisor.vcpus)
         try:
             self.networking = await network_setup.connect(
-                self.pod.netns_path, queue_count(self.config.hypervisor.vcpus), vhost)
+                self.pod.netns_path, self._nic_queues, self._nic_vhost)
         except network_setup.NetworkError as exc:
             raise errors.UnavailableError(f"pod network: {exc}") from exc
         undo.push_async_callback(network_setup.disconnect, self.networking)
         undo.callback(self.networking.close_fds)
 
+    @staticmethod
+    def _nic(index: int, endpoint: TapEndpoint) -> NicSpec:
+        return NicSpec(f"net{index}", endpoint.link.mac.lower(), endpoint.link.mtu,
+                       tuple(endpoint.tap_fds), tuple(endpoint.vhost_fds))
+
     def _nics(self) -> tuple[NicSpec, ...]:
         if self.networking is None:
             return ()
-        return tuple(NicSpec(f"net{i}", e.link.mac.lower(), e.link.mtu, tuple(e.tap_fds),
-                             tuple(e.vhost_fds))
-                     for i, e in enumerate(self.networking.endpoints))
+        return tuple(self._nic(i, e) for i, e in enumerate(self.networking.endpoints))
 
     async def _start_vm(self, undo: AsyncExitStack) -> None:
         hv = self.config.hypervisor
@@ -255,6 +264,47 @@ class Sandbox:
             log.error("sandbox %s: port-forward will not work: %s", self.sandbox_id, exc)
             return
         undo.push_async_callback(forwarder.stop)
+
+    async def _watch_network(self, undo: AsyncExitStack) -> None:
+        """Interfaces CNI adds after boot are hot-plugged (see _carry_new_interfaces)."""
+        if self.networking is None:
+            return
+        watcher = NetnsWatcher(self.pod.netns_path, self._carry_new_interfaces,
+                               f"sandbox {self.sandbox_id}")
+        try:
+            await watcher.start()
+        except (NetnsError, TimeoutError) as exc:
+            log.error("sandbox %s: cannot watch %s (%s): interfaces added after boot will "
+                      "not reach the VM", self.sandbox_id, self.pod.netns_path, exc)
+            return
+        undo.push_async_callback(watcher.stop)
+
+    async def _carry_new_interfaces(self) -> None:
+        """A tap, a hot-plugged NIC and the guest's configuration for each new interface."""
+        if self.networking is None or self.vm is None or self.agent is None:
+            return
+        try:
+            network, endpoints = await network_setup.connect_new(
+                self.networking, self._nic_queues, self._nic_vhost)
+        except network_setup.NetworkError as exc:
+            log.error("sandbox %s: an interface added after boot cannot be carried into the "
+                      "VM: %s", self.sandbox_id, exc)
+            return
+        first = len(self.networking.endpoints) - len(endpoints)
+        carried = set()
+        for index, endpoint in enumerate(endpoints, start=first):
+            try:
+                await self.vm.devices.add_nic(self._nic(index, endpoint))
+                carried.add(endpoint.link.name)
+            except DeviceError as exc:
+                log.error("sandbox %s: interface %s was added after boot and is not in the "
+                          "VM: %s", self.sandbox_id, endpoint.link.name, exc)
+            finally:
+                endpoint.close_fds()  # QEMU has its copies
+        if carried:
+            added = network.only(carried)
+            await self.agent.update_network(added)
+            log.info("sandbox %s: hot-plugged %s", self.sandbox_id, added.describe())
 
     async def stop(self) -> None:
         """Tear everything down; safe to call more than once and after failures."""

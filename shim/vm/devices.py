@@ -9,7 +9,16 @@ device gets and the path the guest looks for cannot disagree.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from shim.vm.cmdline import NicSpec
+
+log = logging.getLogger(__name__)
 
 ROOT_BUS = "pcie.0"
 HOTPLUG_PORT_PREFIX = "hp"
@@ -20,8 +29,26 @@ COLDPLUG_ADDRS = (*range(0x06, 0x10), *range(0x18, 0x1F))
 MAX_HOTPLUG_PORTS = 8  # 0x10-0x17
 
 
+# QEMU answers device_add at once; the guest acknowledging an unplug (the
+# DEVICE_DELETED event) takes its PCIe hot-plug handshake, seconds under TCG.
+DEVICE_ADD_TIMEOUT_S = 10.0
+DEVICE_DEL_TIMEOUT_S = 20.0
+
+
 class SlotError(Exception):
     """No free slot for another device."""
+
+
+class DeviceError(Exception):
+    """A device could not be hot-plugged or unplugged; the message says which and why."""
+
+
+class QmpPort(Protocol):
+    """What the device model needs from the VM (shim.vm.qemu.Vm)."""
+
+    def qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Awaitable[Any]: ...
+    def pass_fd(self, name: str, fd: int) -> Awaitable[None]: ...
+    def expect_event(self, name: str, device: str = "") -> asyncio.Future[dict[str, Any]]: ...
 
 
 @dataclass(frozen=True)
@@ -86,3 +113,84 @@ class SlotMap:
             args += ["-device", f"pcie-root-port,id={hotplug_port_id(i)},bus={ROOT_BUS},"
                                 f"chassis={i + 1},slot={i + 1},addr={hotplug_port_addr(i):#x}"]
         return args
+
+
+@dataclass
+class Devices:
+    """Hot-plug through QMP, in slots from the VM's SlotMap.
+
+    Storage, network and resize code call this, never QMP directly, so a
+    device's slot, its QEMU objects and their undo stay in one place.
+    """
+
+    vm: QmpPort
+    slots: SlotMap
+    _backends: dict[str, list[tuple[str, dict[str, Any]]]] = field(default_factory=dict)
+
+    async def add_nic(self, nic: NicSpec) -> PciSlot:
+        """Hot-plug a virtio-net NIC on its tap fds (QEMU gets copies; the caller
+        still owns and closes its own).
+
+        :raise DeviceError: no free port, or QEMU refused; nothing is left added.
+        """
+        try:
+            slot = self.slots.hotplug(nic.id)
+        except SlotError as exc:
+            raise DeviceError(f"NIC {nic.id}: {exc}") from exc
+        undo: list[tuple[str, dict[str, Any]]] = []
+        try:
+            tap_names = await self._pass_fds(f"{nic.id}-tap", nic.tap_fds, undo)
+            vhost_names = await self._pass_fds(f"{nic.id}-vhost", nic.vhost_fds, undo)
+            netdev: dict[str, Any] = {"type": "tap", "id": nic.id, "fds": ":".join(tap_names)}
+            if vhost_names:
+                netdev.update(vhost=True, vhostfds=":".join(vhost_names))
+            await asyncio.wait_for(self.vm.qmp("netdev_add", netdev), DEVICE_ADD_TIMEOUT_S)
+            undo.append(("netdev_del", {"id": nic.id}))
+            device: dict[str, Any] = {"driver": "virtio-net-pci", "id": nic.id, "netdev": nic.id,
+                                      "mac": nic.mac, "host_mtu": nic.mtu, "romfile": "",
+                                      "bus": slot.bus, "addr": "0x0"}
+            if len(nic.tap_fds) > 1:
+                device.update(mq=True, vectors=2 * len(nic.tap_fds) + 2)
+            await asyncio.wait_for(self.vm.qmp("device_add", device), DEVICE_ADD_TIMEOUT_S)
+        except Exception as exc:
+            await self._undo(undo)
+            self.slots.release(nic.id)
+            raise DeviceError(f"cannot hot-plug NIC {nic.id} ({nic.mac}): {exc}") from exc
+        # QEMU closes the passed fds itself when the netdev goes.
+        self._backends[nic.id] = [u for u in undo if u[0] == "netdev_del"]
+        log.info("hot-plugged NIC %s (%s) on %s (PCI path %s)", nic.id, nic.mac, slot.bus,
+                 slot.path)
+        return slot
+
+    async def remove(self, device_id: str) -> None:
+        """Unplug a hot-plugged device and its backends, and free its slot.
+
+        :raise DeviceError: QEMU refused, or the guest did not let go in time.
+        """
+        deleted = self.vm.expect_event("DEVICE_DELETED", device_id)
+        try:
+            await asyncio.wait_for(self.vm.qmp("device_del", {"id": device_id}),
+                                   DEVICE_ADD_TIMEOUT_S)
+            await asyncio.wait_for(deleted, DEVICE_DEL_TIMEOUT_S)
+        except Exception as exc:
+            deleted.cancel()
+            raise DeviceError(f"cannot unplug {device_id}: {exc or 'timed out'}") from exc
+        await self._undo(self._backends.pop(device_id, []))
+        self.slots.release(device_id)
+
+    async def _pass_fds(self, prefix: str, fds: tuple[int, ...],
+                        undo: list[tuple[str, dict[str, Any]]]) -> list[str]:
+        names = []
+        for i, fd in enumerate(fds):
+            name = f"{prefix}{i}"
+            await asyncio.wait_for(self.vm.pass_fd(name, fd), DEVICE_ADD_TIMEOUT_S)
+            undo.append(("closefd", {"fdname": name}))
+            names.append(name)
+        return names
+
+    async def _undo(self, undo: list[tuple[str, dict[str, Any]]]) -> None:
+        for command, arguments in reversed(undo):
+            try:
+                await asyncio.wait_for(self.vm.qmp(command, arguments), DEVICE_ADD_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - the rest still goes
+                log.warning("QMP %s %s: %s", command, arguments, exc)

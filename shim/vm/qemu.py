@@ -20,7 +20,7 @@ from typing import Any
 
 from shim.util import child
 from shim.vm.cmdline import CONSOLE_CHARDEV, GUEST_LOG_CHARDEV, SharedFsType, VmSpec, build_cmdline
-from shim.vm.devices import SlotError, SlotMap
+from shim.vm.devices import Devices, SlotError, SlotMap
 from shim.vm.guestlog import GuestLog, GuestLogError
 from shim.vm.qmp import Qmp, QmpError
 from shim.vm.virtiofsd import VirtiofsdError, start_virtiofsd
@@ -69,6 +69,8 @@ class Vm:
         self.guest_log = GuestLog(GUEST_LOG_CHARDEV, paths.guest_log_socket, paths.guest_log)
         #: The VM's PCI slots: boot-time devices take theirs when the command line is built.
         self.slots = SlotMap(self.spec.hotplug_ports)
+        #: Hot-plug and unplug of devices (NICs, disks) while the VM runs.
+        self.devices = Devices(self, self.slots)
 
     @property
     def pid(self) -> int:
@@ -143,6 +145,24 @@ class Vm:
             raise VmError(f"VM {self.spec.name} is not running")
         try:
             return await self._qmp.execute(command, arguments)
+        except QmpError as exc:
+            raise VmError(str(exc)) from exc
+
+    async def pass_fd(self, name: str, fd: int) -> None:
+        """:raise VmError: the VM is not running or QEMU refused the fd."""
+        if self._qmp is None or not self.running:
+            raise VmError(f"VM {self.spec.name} is not running")
+        try:
+            await self._qmp.pass_fd(name, fd)
+        except QmpError as exc:
+            raise VmError(str(exc)) from exc
+
+    def expect_event(self, name: str, device: str = "") -> asyncio.Future[dict[str, Any]]:
+        """:raise VmError: the VM is not running, or too many events are awaited."""
+        if self._qmp is None or not self.running:
+            raise VmError(f"VM {self.spec.name} is not running")
+        try:
+            return self._qmp.expect_event(name, device)
         except QmpError as exc:
             raise VmError(str(exc)) from exc
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,22 +33,32 @@ QMP_MAX_MESSAGE_BYTES = 1024 * 1024
 EVENT_NAMES_MAX = 64
 EVENT_NAME_MAX_CHARS = 64
 OTHER_EVENTS = "(other)"
+MAX_EVENT_WAITERS = 64
 
 
 class QmpError(Exception):
     """A QMP command failed or QEMU stopped answering."""
 
 
+@dataclass
+class _EventWaiter:
+    name: str
+    device: str  # the event's data.device, or "" for any
+    future: asyncio.Future[dict[str, Any]]
+
+
 class _CountingClient(QMPClient):
     """A QMPClient that counts events instead of queueing them.
 
-    No listener is ever fed, the default one included, so nothing grows.
-    Whoever needs events one day should add a listener with a bounded queue.
+    No listener is ever fed, the default one included, so nothing grows. The
+    only events kept are the ones somebody waits for right now (wait_event),
+    at most MAX_EVENT_WAITERS of them.
     """
 
     def __init__(self, name: str) -> None:
         super().__init__(name, readbuflen=QMP_MAX_MESSAGE_BYTES)
         self.event_counts: Counter[str] = Counter()
+        self.waiters: list[_EventWaiter] = []
 
     async def _event_dispatch(self, msg: Message) -> None:
         name = msg.get("event")
@@ -57,11 +68,19 @@ class _CountingClient(QMPClient):
         if key not in self.event_counts and len(self.event_counts) >= EVENT_NAMES_MAX:
             key = OTHER_EVENTS
         self.event_counts[key] += 1
+        if not self.waiters:
+            return
+        data = msg.get("data")
+        device = data.get("device") if isinstance(data, dict) else None
+        for waiter in list(self.waiters):
+            if waiter.name == key and waiter.device in ("", device) and not waiter.future.done():
+                waiter.future.set_result(data if isinstance(data, dict) else {})
 
 
 class Qmp:
     def __init__(self, name: str) -> None:
         self._client = _CountingClient(name)
+        self._fd_lock = asyncio.Lock()  # an fd and the getfd that names it go together
 
     @property
     def events_dropped(self) -> int:
@@ -108,7 +127,35 @@ class Qmp:
         except Exception as exc:  # connection lost, protocol errors
             raise QmpError(f"QMP {command}: {exc}") from exc
 
+    async def pass_fd(self, name: str, fd: int, timeout_s: float = QMP_TIMEOUT_S) -> None:
+        """Give QEMU a copy of ``fd``, known as ``name`` to later commands (getfd).
+
+        :raise QmpError: QEMU refused it or did not answer.
+        """
+        async with self._fd_lock:
+            try:
+                self._client.send_fd_scm(fd)
+            except Exception as exc:  # noqa: BLE001 - no connection, not a unix socket
+                raise QmpError(f"cannot pass an fd to QEMU: {exc}") from exc
+            await self.execute("getfd", {"fdname": name}, timeout_s)
+
+    def expect_event(self, name: str, device: str = "") -> asyncio.Future[dict[str, Any]]:
+        """A future for the next event ``name`` (about ``device``); register it before
+        the command that causes the event, then await it with a timeout.
+
+        :raise QmpError: too many waiters already.
+        """
+        if len(self._client.waiters) >= MAX_EVENT_WAITERS:
+            raise QmpError(f"more than {MAX_EVENT_WAITERS} QMP events awaited at once")
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        waiter = _EventWaiter(name, device, future)
+        self._client.waiters.append(waiter)
+        future.add_done_callback(lambda _: self._client.waiters.remove(waiter))
+        return future
+
     async def close(self) -> None:
+        for waiter in list(self._client.waiters):
+            waiter.future.cancel()
         try:
             await asyncio.wait_for(self._client.disconnect(), QMP_TIMEOUT_S)
         except Exception as exc:  # already gone: nothing to release

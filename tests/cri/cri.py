@@ -13,7 +13,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
@@ -33,6 +33,10 @@ DEFAULT_POD_NAMESPACE = "default"
 
 ContainerState = api.ContainerState
 PodSandboxState = api.PodSandboxState
+# (container port, host port, protocol "TCP" | "UDP" | "SCTP"); host port 0 = none.
+PortMapping = tuple[int, int, str]
+# resolv.conf of the pod: (servers, searches, options).
+DnsConfig = tuple[list[str], list[str], list[str]]
 
 T = TypeVar("T")
 
@@ -84,6 +88,18 @@ class ContainerLog:
 
     stdout: str
     stderr: str
+
+
+_PROTOCOLS = {"TCP": api.Protocol.TCP, "UDP": api.Protocol.UDP, "SCTP": api.Protocol.SCTP}
+
+
+def _port_mapping(mapping: PortMapping) -> api.PortMapping:
+    container_port, host_port, protocol = mapping
+    try:
+        proto = _PROTOCOLS[protocol.upper()]
+    except KeyError:
+        raise ValueError(f"port mapping {mapping}: protocol must be one of {sorted(_PROTOCOLS)}") from None
+    return api.PortMapping(protocol=proto, container_port=container_port, host_port=host_port)
 
 
 def parse_cri_log(text: str) -> ContainerLog:
@@ -194,6 +210,9 @@ class CriClient:
         host_pid: bool = False,
         pid_mode: int | None = None,
         sysctls: Mapping[str, str] | None = None,
+        port_mappings: Sequence[PortMapping] = (),
+        dns: DnsConfig | None = None,
+        host_network: bool = False,
         timeout: float | None = None,
     ) -> Pod:
         """RunPodSandbox with kubelet-like defaults; handler "" is containerd's default runtime.
@@ -201,6 +220,8 @@ class CriClient:
         cgroup_parent None means <cgroup_root>/pod<uid>; "" leaves it to the runtime.
         privileged lets the pod have privileged containers; host_pid is hostPID: true;
         pid_mode (a NamespaceMode) overrides the PID namespace mode outright.
+        port_mappings are hostPorts (CNI portmap), dns the pod's resolv.conf, host_network
+        is hostNetwork: true (the pod shares containerd's netns; no CNI at all).
         """
         pid = pid_mode if pid_mode is not None else (
             api.NamespaceMode.NODE if host_pid else api.NamespaceMode.CONTAINER)
@@ -211,17 +232,20 @@ class CriClient:
         log_dir.mkdir(parents=True, exist_ok=True)
         config = api.PodSandboxConfig(
             metadata=api.PodSandboxMetadata(name=name, uid=uid, namespace=namespace, attempt=0),
-            hostname=hostname or name,
+            # As the kubelet: none for hostNetwork (the pod has the node's UTS namespace).
+            hostname=(hostname or "") if host_network else (hostname or name),
             log_directory=str(log_dir),
             labels=dict(labels or {}),
             annotations=dict(annotations or {}),
+            port_mappings=[_port_mapping(m) for m in port_mappings],
+            dns_config=api.DNSConfig(servers=dns[0], searches=dns[1], options=dns[2]) if dns else None,
             linux=api.LinuxPodSandboxConfig(
                 cgroup_parent=cgroup_parent,
                 sysctls=dict(sysctls or {}),
                 security_context=api.LinuxSandboxSecurityContext(
                     # The kubelet's default: pod network and IPC, a PID namespace per container.
                     namespace_options=api.NamespaceOption(
-                        network=api.NamespaceMode.POD,
+                        network=api.NamespaceMode.NODE if host_network else api.NamespaceMode.POD,
                         pid=pid,
                         ipc=api.NamespaceMode.POD,
                     ),
@@ -237,6 +261,12 @@ class CriClient:
     def pod_status(self, pod_id: str) -> api.PodSandboxStatus:
         resp = self._call("PodSandboxStatus", api.PodSandboxStatusRequest(pod_sandbox_id=pod_id))
         return resp.status
+
+    def pod_ips(self, pod_id: str) -> list[str]:
+        """The pod's IPs as the CRI reports them: the primary one, then the additional ones.
+        containerd 1.6 reports only eth0's addresses (one per family), not other networks'."""
+        net = self.pod_status(pod_id).network
+        return [ip for ip in (net.ip, *(a.ip for a in net.additional_ips)) if ip]
 
     def stop_pod(self, pod_id: str, timeout: float | None = None) -> None:
         self._call("StopPodSandbox", api.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout)
@@ -273,7 +303,8 @@ class CriClient:
     ) -> str:
         """CreateContainer in `pod`; returns the container id. The log goes to <name>_0.log.
 
-        privileged, host_pid and pid_mode need a pod run with the same flags."""
+        privileged, host_pid and pid_mode need a pod run with the same flags; the network
+        mode is the pod's (hostNetwork or not), as the kubelet sets it."""
         pid = pid_mode if pid_mode is not None else (
             api.NamespaceMode.NODE if host_pid else api.NamespaceMode.CONTAINER)
         name = name or f"c{next(self._names)}"
@@ -294,7 +325,7 @@ class CriClient:
                 resources=resources,
                 security_context=api.LinuxContainerSecurityContext(
                     namespace_options=api.NamespaceOption(
-                        network=api.NamespaceMode.POD,
+                        network=pod.config.linux.security_context.namespace_options.network,
                         pid=pid,
                         ipc=api.NamespaceMode.POD,
                     ),

@@ -1,10 +1,11 @@
 """A private containerd for CRI end-to-end runs (tests, `make demo`, `make bench-cri`).
 
 Owns one containerd 1.6 instance: its temp dir (root, state, sockets, config,
-CNI config, pod logs), the network namespace it runs in, its runtime handlers
-(`runc` and `husk`), the test images it imports, and a teardown that leaves
-nothing behind (pods, shims, mounts, cgroups, netns, CNI cache, sockets, dirs)
-even after a failed test or a crashed earlier run.
+CNI config, pod logs), the network namespace it runs in (the pods' "node", with
+one bridge per CNI network; tests get in with run_in_netns() and connect()),
+its runtime handlers (`runc` and `husk`), the test images it imports, and a
+teardown that leaves nothing behind (pods, shims, mounts, cgroups, netns, CNI
+cache, sockets, dirs) even after a failed test or a crashed earlier run.
 
     with Containerd.started(ContainerdOptions(husk_config=path)) as cd:
         pod = cd.cri.run_pod("demo", handler="husk")
@@ -24,16 +25,19 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
+import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 import psutil
 
-from .cni import CNI_BIN_DIR, DEFAULT_SUBNET, CniConfig
+from .cni import CNI_BIN_DIR, DEFAULT_NETWORK, CniConfig, CniNetwork
 from .cri import CriClient, CriError, wait_for
 from .images import DEFAULT_CACHE_DIR, PAUSE_REF, BuiltImage, build_images, import_images
 
@@ -73,8 +77,21 @@ LOG_TAIL_LINES = 40
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the NUL
 
 MNT_DETACH = 2
+CLONE_NEWNET = 0x40000000
+# Set in containerd's netns before any bridge exists, so bridges and veths inherit
+# them: IPv6 on, and no duplicate address detection, whose ~1s "tentative" phase
+# would make a fresh bridge's IPv6 gateway unusable at first. (The bridge plugin
+# already turns DAD off on the pod's side.)
+NETNS_SYSCTLS = {
+    "net/ipv6/conf/all/disable_ipv6": "0",
+    "net/ipv6/conf/default/disable_ipv6": "0",
+    "net/ipv6/conf/all/accept_dad": "0",
+    "net/ipv6/conf/default/accept_dad": "0",
+}
+NETNS_COMMAND_TIMEOUT_S = 30.0
 _HEX_ID = re.compile(r"\b[0-9a-f]{64}\b")
 _libc = ctypes.CDLL(None, use_errno=True)
+T = TypeVar("T")
 
 
 class HarnessError(RuntimeError):
@@ -121,7 +138,9 @@ class ContainerdOptions:
     keep_logs_dir: Path | None = None
     call_timeout: float = 120.0
     start_timeout: float = START_TIMEOUT_S
-    subnet: str = DEFAULT_SUBNET
+    # The pod networks, in interface order (the first is eth0 and gives the pod its IP);
+    # each has its own conflist, bridge and subnet(s). containerd attaches a pod to all.
+    networks: tuple[CniNetwork, ...] = (DEFAULT_NETWORK,)
     # Extra environment for containerd and so for the shims (e.g. debug switches).
     extra_env: Mapping[str, str] = field(default_factory=dict)
 
@@ -163,6 +182,7 @@ class Containerd:
         self.record: InstanceRecord | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self._cri: CriClient | None = None
+        self._cni: CniConfig | None = None
         self.images: list[BuiltImage] = []
         self.start_seconds = 0.0
         self.stop_seconds = 0.0
@@ -210,6 +230,16 @@ class Containerd:
         if self._cri is None:
             raise HarnessError("containerd instance not started")
         return self._cri
+
+    @property
+    def cni(self) -> CniConfig:
+        if self._cni is None:
+            raise HarnessError("containerd instance not started")
+        return self._cni
+
+    @property
+    def netns_path(self) -> Path:
+        return NETNS_DIR / self.netns
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -279,17 +309,13 @@ class Containerd:
         opts = self.options
         for sub in ("root", "state", "tmp", "opt", "runc", "pod-logs"):
             (root / sub).mkdir()
-        cni = CniConfig(
-            network_name=self.record.network_name,
-            conf_dir=root / "cni" / "net.d",
-            ipam_dir=root / "cni" / "ipam",
-            subnet=opts.subnet,
-        )
-        cni.write()
-        self.config_path.write_text(render_config(self.root, opts, cni))
+        self._cni = CniConfig(name_prefix=self.record.network_name, root=root / "cni", networks=opts.networks)
+        self._cni.write()
+        self.config_path.write_text(render_config(self.root, opts, self._cni))
 
         _run(["ip", "netns", "add", self.netns])
         _run(["ip", "-n", self.netns, "link", "set", "lo", "up"])
+        self._set_netns_sysctls()
         self._launch()
         import_images(self.address, self.images, namespace=CRI_NAMESPACE)
         # CRI learns about imported images from containerd's events, asynchronously.
@@ -370,7 +396,7 @@ class Containerd:
             _terminate(self.proc.pid, CONTAINERD_TERM_TIMEOUT_S, popen=self.proc)
         self._keep_logs()
         report = teardown(self.record)  # logs what it had to force
-        record, self.record, self.proc = self.record, None, None
+        record, self.record, self.proc, self._cni = self.record, None, None, None
         self.last_record = record
         self.stop_seconds = time.monotonic() - t0
         log.info("containerd %s stopped in %.2fs", record.root, self.stop_seconds)
@@ -411,6 +437,74 @@ class Containerd:
             raise HarnessError("containerd instance not started")
         if self.proc.poll() is not None:
             raise HarnessError(f"containerd exited with {self.proc.returncode}; log tail:\n{self._log_tail()}")
+
+    # -- pod networking -----------------------------------------------------------
+
+    def _set_netns_sysctls(self) -> None:
+        ipv6 = Path("/proc/sys/net/ipv6")
+        if not ipv6.is_dir():  # IPv6 disabled at boot (ipv6.disable=1)
+            dual = [n.name for n in self.options.networks if n.subnet6]
+            if dual:
+                raise HarnessError(f"networks {dual} need IPv6, which this kernel has disabled")
+            return
+
+        def write() -> None:
+            for key, value in NETNS_SYSCTLS.items():
+                Path("/proc/sys", key).write_text(value)
+
+        in_netns(self.netns_path, write)
+
+    def run_in_netns(self, argv: Sequence[str], timeout: float = NETNS_COMMAND_TIMEOUT_S
+                     ) -> subprocess.CompletedProcess[str]:
+        """Runs a host command in containerd's netns (the pods' "node"), output captured, never raises
+        on a non-zero exit. Only the netns is entered: the command sees the host's files and mounts."""
+        return subprocess.run(["nsenter", f"--net={self.netns_path}", "--", *argv],
+                              capture_output=True, text=True, timeout=timeout, check=False)
+
+    def netns_socket(self, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> socket.socket:
+        """A socket of this (the test) process that lives in containerd's netns, so the test can talk
+        to hostPorts, bridge addresses and crictl's port-forward listener directly."""
+        return in_netns(self.netns_path, lambda: socket.socket(family, kind))
+
+    def connect(self, host: str, port: int, timeout: float = 10.0) -> socket.socket:
+        """A TCP connection from containerd's netns to host:port (an IP literal or localhost);
+        `timeout` stays the socket's timeout."""
+        addr = "127.0.0.1" if host == "localhost" else host
+        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        sock = self.netns_socket(family)
+        sock.settimeout(timeout)
+        try:
+            sock.connect((addr, port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    @property
+    def networks(self) -> tuple[CniNetwork, ...]:
+        return self.options.networks
+
+    def bridge_gateway(self, network_index: int = 0, *, ipv6: bool = False) -> str:
+        """The bridge's address on network `network_index` (the pods' gateway, e.g. 10.88.0.1): the
+        host side of the bridge, in containerd's netns. The bridge exists once a pod joined it."""
+        net = self.networks[network_index]
+        if not ipv6:
+            return net.gateway
+        if net.gateway6 is None:
+            raise HarnessError(f"network {net.name} has no IPv6 subnet")
+        return net.gateway6
+
+    def ipam_allocations(self, network_name: str | None = None) -> dict[str, str]:
+        """IP -> container (sandbox) id of every address host-local holds now, in the network of
+        that name or in all; an address missing after StopPodSandbox was released."""
+        return self.cni.allocations(network_name)
+
+    def cni_del_records(self, pod_id: str) -> list[dict[str, Any]]:
+        """What the recording CNI plugin saw in the pod's netns at each DEL, oldest first: one dict
+        per interface and DEL (keys time, ifname, network, netns, netns_present, links, qdiscs,
+        ingress_filters, errors, attempt). containerd repeats DEL on each StopPodSandbox; the
+        later ones have an empty netns."""
+        return self.cni.del_records(pod_id)
 
     # -- leak checks while running ---------------------------------------------
 
@@ -559,8 +653,10 @@ def render_config(root: Path, opts: ContainerdOptions, cni: CniConfig) -> str:
         parts.append(_toml_table(table, values))
         if h.options is not None:
             parts.append(_toml_table(f"{table}.options", dict(h.options)))
+    # One bin dir only in 1.6 (the instance's: system plugins + the recording plugin);
+    # max_conf_num = how many of the sorted conflists a pod is attached to.
     parts.append(_toml_table(f"plugins.{cri}.cni", {
-        "bin_dir": cni.bin_dir, "conf_dir": cni.conf_dir, "max_conf_num": 1,
+        "bin_dir": cni.bin_dir, "conf_dir": cni.conf_dir, "max_conf_num": len(cni.networks),
     }))
     return "\n".join(parts)
 
@@ -898,6 +994,44 @@ def _remove_shim_sockets(rec: InstanceRecord, scan_log: bool = True) -> None:
             sock.unlink()
 
 
+def in_netns(netns: Path, fn: Callable[[], T]) -> T:
+    """Calls fn on a short-lived thread switched into the network namespace `netns`
+    (setns changes only the calling thread, so the rest of the process stays where it
+    is). A socket made there keeps that netns for its whole life."""
+    result: list[T] = []
+    failure: list[BaseException] = []
+
+    def setns(fd: int) -> None:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into {netns}: {os.strerror(err)}")
+
+    def run() -> None:
+        try:
+            own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                target = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    setns(target)
+                finally:
+                    os.close(target)
+                try:
+                    result.append(fn())
+                finally:
+                    setns(own)
+            finally:
+                os.close(own)
+        except BaseException as exc:  # re-raised in the caller's thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name=f"in-netns-{netns.name}")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
 def _netns_names() -> list[str]:
     try:
         return [p.name for p in NETNS_DIR.iterdir()]
@@ -921,7 +1055,8 @@ def _mkdtemp(base: Path) -> str:
     raise HarnessError(f"could not create a temp dir in {base}")
 
 
-REQUIRED_TOOLS = ("containerd", "ctr", "nsenter", "ip", "apt-get", "dpkg-deb")
+# iptables: portmap's hostPort rules; flock: serializes portmap (cni.py); tc: the recording CNI plugin.
+REQUIRED_TOOLS = ("containerd", "ctr", "nsenter", "ip", "tc", "iptables", "flock", "apt-get", "dpkg-deb")
 
 
 def _require_root_and_tools() -> None:
@@ -929,7 +1064,7 @@ def _require_root_and_tools() -> None:
         raise HarnessError("the CRI harness needs root (network namespaces, mounts, cgroups)")
     missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
     if missing:
-        raise HarnessError(f"missing tools {missing}: install Debian's containerd, util-linux, iproute2")
+        raise HarnessError(f"missing tools {missing}: install Debian's containerd, util-linux, iproute2, iptables")
     if not CNI_BIN_DIR.is_dir():
         raise HarnessError(f"{CNI_BIN_DIR} missing: install containernetworking-plugins")
 
