@@ -461,6 +461,21 @@ class Containerd:
         return subprocess.run(["nsenter", f"--net={self.netns_path}", "--", *argv],
                               capture_output=True, text=True, timeout=timeout, check=False)
 
+    def pod_netns(self, pod_id: str) -> Path:
+        """The pod's network namespace, as its sandbox's OCI spec names it for the runtime."""
+        spec = json.loads((self.root / "state" / "io.containerd.runtime.v2.task" / "k8s.io" / pod_id
+                           / "config.json").read_text())
+        paths = [ns.get("path") for ns in spec["linux"]["namespaces"] if ns.get("type") == "network"]
+        if not paths or not paths[0]:
+            raise HarnessError(f"pod {pod_id} has no network namespace of its own")
+        return Path(paths[0])
+
+    def run_in_pod_netns(self, pod_id: str, argv: Sequence[str],
+                         timeout: float = NETNS_COMMAND_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+        """Runs a host command in the pod's host-side netns (where CNI put its interfaces)."""
+        return subprocess.run(["nsenter", f"--net={self.pod_netns(pod_id)}", "--", *argv],
+                              capture_output=True, text=True, timeout=timeout, check=False)
+
     def netns_socket(self, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> socket.socket:
         """A socket of this (the test) process that lives in containerd's netns, so the test can talk
         to hostPorts, bridge addresses and crictl's port-forward listener directly."""
