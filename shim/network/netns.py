@@ -53,6 +53,35 @@ def _enter(fd: int, path: str) -> None:
         raise NetnsError(f"cannot enter network namespace {path}: {os.strerror(err)}")
 
 
+def call_in_netns(path: str, fn: Callable[[], T], timeout_s: float, what: str) -> T:
+    """run_in_netns for synchronous callers (the ``delete`` command).
+
+    :raise NetnsError: the namespace cannot be entered.
+    :raise TimeoutError: ``fn`` took longer than ``timeout_s`` (it goes on in its thread).
+    """
+    ns_fd = open_netns(path)
+    outcome: list[tuple[T | None, BaseException | None]] = []
+
+    def body() -> None:
+        try:
+            _enter(ns_fd, path)
+            outcome.append((fn(), None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            outcome.append((None, exc))
+        finally:
+            os.close(ns_fd)
+
+    thread = threading.Thread(target=body, name=f"netns-{what}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if not outcome:
+        raise TimeoutError(f"{what} in {path} took longer than {timeout_s:.0f}s")
+    result, error = outcome[0]
+    if error is not None:
+        raise error
+    return result  # type: ignore[return-value]
+
+
 async def run_in_netns(path: str, fn: Callable[[], T], timeout_s: float, what: str,
                        discard: Callable[[T], None] | None = None) -> T:
     """Run ``fn`` in a new thread inside the network namespace at ``path``.

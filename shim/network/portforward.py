@@ -71,6 +71,11 @@ def _iptables(action: str, listen_port: int) -> None:
         raise PortForwardError(f"iptables {action} failed: {done.stderr.strip()[:300]}")
 
 
+def remove_rule(listen_port: int) -> None:
+    """Delete the redirect to ``listen_port``; in the pod's namespace."""
+    _iptables("-D", listen_port)
+
+
 def _listen_and_redirect() -> socket.socket:
     """In the pod's namespace: the listener, and the rule that sends localhost to it."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -116,6 +121,9 @@ class PortForwarder:
                                                 lambda sock: sock.close())
         except (NetnsError, TimeoutError) as exc:
             raise PortForwardError(str(exc) or "timed out") from exc
+        except OSError as exc:  # no loopback in the namespace
+            raise PortForwardError(f"cannot listen on 127.0.0.1 in {self.netns_path}: "
+                                   f"{exc.strerror}") from exc
         self.listen_port = self._listener.getsockname()[1]
         self._server = await asyncio.start_server(self._serve, sock=self._listener)
         log.info("%s: port-forward listening on 127.0.0.1:%d in %s", self._name,
@@ -136,7 +144,7 @@ class PortForwarder:
         self._listener.close()  # the server closed it already; closing twice is harmless
         self._listener = None
         try:
-            await run_in_netns(self.netns_path, lambda: _iptables("-D", port),
+            await run_in_netns(self.netns_path, lambda: remove_rule(port),
                                IPTABLES_TIMEOUT_S + 5, "port-forward-stop")
         except Exception as exc:  # noqa: BLE001 - teardown goes on
             # The namespace is usually still there (CNI DEL comes after the shim).

@@ -7,15 +7,24 @@ namespace back as CNI left it, so CNI DEL finds its interfaces untouched.
 from __future__ import annotations
 
 import logging
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from shim.network.model import PodNetwork
-from shim.network.netns import NetnsError, run_in_netns
+from shim.network.netns import NetnsError, call_in_netns, run_in_netns
 from shim.network.scan import ScanError, scan
+from shim.network.scan import HostLink
 from shim.network.tcfilter import TapEndpoint, TcFilterError, attach, detach
 
 log = logging.getLogger(__name__)
+
+# What the shim changed in the pod's namespace, in its run dir (never shared with
+# the guest), for the ``delete`` of a shim that was killed.
+NETWORK_RECORD = "network.json"
+MAX_RECORD_BYTES = 64 * 1024
 
 # Reading a namespace and making a few taps takes milliseconds; this bounds a
 # kernel or a netlink socket that stopped answering.
@@ -135,3 +144,55 @@ async def disconnect(networking: PodNetworking) -> None:
         log.error("network: teardown left %s", problem)
     if not problems:
         log.info("network: taps and filters removed from %s", networking.netns_path)
+
+
+def save_record(run_dir: Path, networking: PodNetworking, forward_port: int) -> None:
+    """Note the taps, qdiscs and port-forward rule made in the pod's namespace."""
+    record = {"netns": networking.netns_path, "forward_port": forward_port,
+              "endpoints": [{"link": e.link.name, "link_index": e.link.index,
+                             "tap": e.tap_name, "made_ingress": e.made_ingress}
+                            for e in networking.endpoints]}
+    tmp = run_dir / (NETWORK_RECORD + ".tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, run_dir / NETWORK_RECORD)
+
+
+def _load_record(run_dir: Path) -> tuple[str, int, list[TapEndpoint]]:
+    with open(run_dir / NETWORK_RECORD, "rb") as f:
+        record = json.loads(f.read(MAX_RECORD_BYTES))
+    endpoints = [TapEndpoint(HostLink(int(e["link_index"]), str(e["link"]), "", 0, ""),
+                             str(e["tap"]), made_ingress=[str(m) for m in e["made_ingress"]])
+                 for e in record["endpoints"]]
+    return str(record["netns"]), int(record["forward_port"]), endpoints
+
+
+def clean_up_record(run_dir: Path) -> list[str]:
+    """After a killed shim: undo what its record lists; returns warnings.
+
+    QEMU died with the shim, which took the taps with it; husk's filters, the
+    qdiscs it made and the port-forward rule are still in the namespace (if
+    the namespace itself still is).
+    """
+    from shim.network.portforward import remove_rule
+    try:
+        netns, forward_port, endpoints = _load_record(run_dir)
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return [f"unreadable {NETWORK_RECORD}: {exc}"]
+
+    def undo() -> list[str]:
+        problems = _disconnect_in_netns(endpoints)
+        if forward_port:
+            try:
+                remove_rule(forward_port)
+            except Exception as exc:  # noqa: BLE001 - reported
+                problems.append(f"port-forward rule: {exc}")
+        return problems
+
+    try:
+        return call_in_netns(netns, undo, NETNS_TIMEOUT_S, "clean-up")
+    except NetnsError:
+        return []  # the namespace is gone, and everything in it
+    except Exception as exc:  # noqa: BLE001 - reported
+        return [f"network clean-up in {netns}: {exc}"]

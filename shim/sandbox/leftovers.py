@@ -1,8 +1,9 @@
 """What ``delete`` cleans up after a shim daemon that is gone (killed, crashed).
 
 It starts from files only the shim wrote in the sandbox's run dir (never
-exported to the guest): the pid files of QEMU and virtiofsd and the share's
-mount records. A pid is killed only if that process still is ours (its
+exported to the guest): the pid files of QEMU and virtiofsd, the share's
+mount records and the network record (husk's tc filters, qdiscs and
+port-forward rule in the pod's network namespace). A pid is killed only if that process still is ours (its
 program is the one we ran and its command line names this run dir); a mount
 is unmounted only if it still is the one recorded.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import psutil
 
+from shim.network.setup import clean_up_record
 from shim.storage.share import SharedDir
 from shim.util.mount import mounts_under
 
@@ -108,6 +110,7 @@ def clean_up(run_dir: Path, task_id: str) -> Cleanup:
             SharedDir.load(run_dir).release(task_id)
             return Cleanup()
         result = kill_helpers(run_dir)
+        result.warnings += clean_up_record(run_dir)  # after QEMU is gone: its taps went with it
         left = SharedDir.load(run_dir).destroy() or mounts_under(run_dir)
         if left:
             result.warnings.append(f"keeping {run_dir}: still mounted: "

@@ -77,6 +77,7 @@ class Sandbox:
     _vsock: tuple[int, int] = (0, -1)  # (cid, vhost fd) when the agent is on vsock
     _nic_queues: int = 1
     _nic_vhost: bool = False
+    _forward_port: int = 0
     _bridge: VsockBridge | None = None
     _undo: AsyncExitStack | None = None
 
@@ -164,6 +165,7 @@ class Sandbox:
             raise errors.UnavailableError(f"pod network: {exc}") from exc
         undo.push_async_callback(network_setup.disconnect, self.networking)
         undo.callback(self.networking.close_fds)
+        self._save_network_record()
 
     @staticmethod
     def _nic(index: int, endpoint: TapEndpoint) -> NicSpec:
@@ -264,6 +266,16 @@ class Sandbox:
             log.error("sandbox %s: port-forward will not work: %s", self.sandbox_id, exc)
             return
         undo.push_async_callback(forwarder.stop)
+        self._forward_port = forwarder.listen_port
+        self._save_network_record()
+
+    def _save_network_record(self) -> None:
+        if self.networking is None:
+            return
+        try:
+            network_setup.save_record(self.run_dir, self.networking, self._forward_port)
+        except OSError as exc:
+            log.warning("sandbox %s: cannot record the network setup: %s", self.sandbox_id, exc)
 
     async def _watch_network(self, undo: AsyncExitStack) -> None:
         """Interfaces CNI adds after boot are hot-plugged (see _carry_new_interfaces)."""
@@ -301,6 +313,7 @@ class Sandbox:
                           "VM: %s", self.sandbox_id, endpoint.link.name, exc)
             finally:
                 endpoint.close_fds()  # QEMU has its copies
+        self._save_network_record()
         if carried:
             added = network.only(carried)
             await self.agent.update_network(added)

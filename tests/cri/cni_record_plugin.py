@@ -47,8 +47,9 @@ def _tool(name: str) -> str:
     )
 
 
-def _in_netns(netns: str, argv: list[str]) -> tuple[Any, str | None]:
-    """Runs argv in the netns; returns (parsed JSON output, None) or (None, error text)."""
+def _in_netns(netns: str, argv: list[str], text: bool = False) -> tuple[Any, str | None]:
+    """Runs argv in the netns; returns (parsed JSON output, or its lines with `text`, None)
+    or (None, error text)."""
     try:
         proc = subprocess.run([_tool("nsenter"), f"--net={netns}", "--", _tool(argv[0]), *argv[1:]],
                               capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, check=False,
@@ -58,6 +59,8 @@ def _in_netns(netns: str, argv: list[str]) -> tuple[Any, str | None]:
     if proc.returncode != 0:
         return None, f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()}"
     out = proc.stdout.strip()
+    if text:
+        return out.splitlines(), None
     try:
         return (json.loads(out) if out else []), None
     except ValueError as exc:
@@ -67,7 +70,7 @@ def _in_netns(netns: str, argv: list[str]) -> tuple[Any, str | None]:
 def snapshot(netns: str, ifname: str) -> dict[str, Any]:
     """What the recording is about: the netns's links, qdiscs and the interface's ingress filters."""
     result: dict[str, Any] = {"netns_present": False, "links": None, "qdiscs": None,
-                              "ingress_filters": None, "errors": []}
+                              "ingress_filters": None, "nat_rules": None, "errors": []}
     if not netns:
         # containerd passes an empty CNI_NETNS once the pod's netns is closed.
         result["errors"].append("CNI_NETNS is empty: the pod's netns is gone")
@@ -87,6 +90,10 @@ def snapshot(netns: str, ifname: str) -> dict[str, Any]:
             result["errors"].append(error)
         elif key == "links":
             result["netns_present"] = True
+    # The netns's own NAT rules (a VM runtime's port-forward redirect lives there).
+    result["nat_rules"], error = _in_netns(netns, ["iptables", "-t", "nat", "-S"], text=True)
+    if error is not None:
+        result["errors"].append(error)
     return result
 
 

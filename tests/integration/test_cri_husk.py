@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import HUSK_CRI_STATE as HUSK_STATE
 from tests.conftest import our_processes
 from tests.cri.cri import CriClient, CriError
+from tests.cri.harness import Containerd
 from tests.cri.images import BUSYBOX_REF
 
 pytestmark = [pytest.mark.cri, pytest.mark.timeout(600)]
@@ -99,7 +100,7 @@ def test_hostile_annotation_is_refused(cri: CriClient) -> None:
     _assert_no_vm_left()
 
 
-def test_killed_shim_leaves_nothing_behind(cri: CriClient) -> None:
+def test_killed_shim_leaves_nothing_behind(containerd: Containerd, cri: CriClient) -> None:
     import psutil
 
     pod = cri.run_pod("husk-kill", handler="husk")
@@ -109,10 +110,17 @@ def test_killed_shim_leaves_nothing_behind(cri: CriClient) -> None:
     assert len(daemons) == 1, daemons
     daemons[0].kill()  # SIGKILL: no chance to clean up; QEMU dies with it (PDEATHSIG)
     daemons[0].wait(10)
-    # containerd notices the dead shim and runs `containerd-shim-husk-v2 delete`.
+    # containerd notices the dead shim and runs `containerd-shim-husk-v2 delete`, which
+    # also takes husk's tc filter, qdisc and port-forward rule out of the pod's netns
+    # before CNI DEL sees it.
     cri.stop_pod(pod.id)
     cri.remove_pod(pod.id)
     _assert_no_vm_left()
+    (eth0, *_) = containerd.cni_del_records(pod.id)
+    assert eth0["netns_present"] and eth0["errors"] == [], eth0
+    assert eth0["ingress_filters"] == [], "husk's filter outlived its killed shim"
+    assert "ingress" not in {q.get("kind") for q in eth0["qdiscs"]}
+    assert not [r for r in eth0["nat_rules"] if "husk" in r], eth0["nat_rules"]
 
 
 def test_vm_killed_under_a_running_pod(cri: CriClient) -> None:

@@ -11,10 +11,12 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from shim.network import setup
+from shim.network import portforward, setup
+from shim.network.netns import run_in_netns
 from shim.network.model import Route
 
 POD_MAC = "02:00:00:cc:00:05"
@@ -46,6 +48,7 @@ def cni_ns() -> Iterator[tuple[str, str]]:
     for ns in (pod, wire):
         _run("ip", "netns", "add", ns)
     try:
+        _run("ip", "-n", pod, "link", "set", "lo", "up")  # CNI's loopback plugin
         _run("ip", "-n", pod, "link", "add", "eth0", "address", POD_MAC, "mtu", "1450",
              "type", "veth", "peer", "name", "wire0", "netns", wire)
         _run("ip", "-n", pod, "addr", "add", "10.77.0.5/24", "dev", "eth0")
@@ -116,3 +119,22 @@ async def test_a_path_that_is_not_a_network_namespace_is_refused(tmp_path: objec
         await setup.connect("/proc/self/ns/pid", queues=1, vhost=False)
     with pytest.raises(setup.NetworkError, match="cannot open"):
         await setup.connect("/run/netns/husk-no-such-namespace", queues=1, vhost=False)
+
+
+async def test_delete_after_a_killed_shim_restores_the_namespace(cni_ns: tuple[str, str],
+                                                                 tmp_path: Path) -> None:
+    """The shim died: QEMU with it (the taps went with their fds), husk's filter, qdisc and
+    port-forward rule are still there; clean_up_record removes them from the record."""
+    pod, _ = cni_ns
+    before = _state(pod)
+    path = f"/run/netns/{pod}"
+    net = await setup.connect(path, queues=1, vhost=False)
+    listener = await run_in_netns(path, portforward._listen_and_redirect, 30, "t")
+    setup.save_record(tmp_path, net, listener.getsockname()[1])
+    listener.close()
+    net.close_fds()  # what the shim's and QEMU's deaths do
+    assert "husk port-forward" in _run("ip", "netns", "exec", pod, "iptables", "-t", "nat", "-S")
+    assert setup.clean_up_record(tmp_path) == []
+    assert _state(pod) == before, "the namespace is not as CNI left it"
+    assert "husk port-forward" not in _run("ip", "netns", "exec", pod, "iptables", "-t", "nat", "-S")
+    assert setup.clean_up_record(tmp_path / "nothing-here") == []
