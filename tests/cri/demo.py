@@ -2,7 +2,8 @@
 
 Starts containerd (Debian's package) with the husk runtime handler, runs a
 pod with runtimeClass handler `husk`, prints what its container saw (a
-different kernel than the host's: it ran in a VM), then removes everything.
+different kernel than the host's: it ran in a VM; the pod IP CNI gave it),
+then removes everything.
 """
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ from tests.cri.images import BUSYBOX_REF, build_images
 
 SCRIPT = ("echo \"hello from $(hostname), a husk pod\"; "
           "echo \"kernel inside the pod: $(uname -r)\"; "
-          "echo \"memory seen by the pod: $(grep MemTotal /proc/meminfo)\"")
+          "echo \"memory seen by the pod: $(grep MemTotal /proc/meminfo)\"; "
+          "echo \"the pod's network (CNI's, carried into the VM): "
+          "$(ip -o -4 addr show eth0 | awk '{print $2, $4}')\"")
 
 
 def main() -> int:
@@ -42,14 +45,16 @@ def main() -> int:
             cid = cri.run_container(pod, BUSYBOX_REF, ["sh", "-c", SCRIPT])
             status = cri.wait_container_exit(cid, timeout=120)
             log = cri.read_log(cid)
-            print(f"pod sandbox ready in {booted:.1f}s (its VM booted); container output:")
+            print(f"pod sandbox ready in {booted:.1f}s (its VM booted), pod IP "
+                  f"{cri.pod_status(pod.id).network.ip}; container output:")
             print("    " + log.stdout.rstrip().replace("\n", "\n    "))
             print(f"container exit code: {status.exit_code}; host kernel: {platform.release()}")
             cri.remove_container(cid)
             cri.stop_pod(pod.id)
             cri.remove_pod(pod.id)
         print("pod removed, VM stopped, containerd stopped: nothing left behind.")
-        return 0 if status.exit_code == 0 and "husk pod" in log.stdout else 1
+        return 0 if status.exit_code == 0 and "husk pod" in log.stdout and "eth0 10." in log.stdout \
+            else 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(state, ignore_errors=True)
