@@ -1,7 +1,10 @@
-"""``husk``: run one container in its own VM without containerd.
+"""``husk``: run one container in its own VM without containerd; manage direct volumes.
 
     husk run --rootfs DIR [-t] [-i] [--vcpus N] [--memory-mib M] -- CMD [ARG...]
     husk probe-accel
+    husk direct-volume add --volume-path P --mount-info JSON
+    husk direct-volume remove --volume-path P
+    husk direct-volume publish --volume-path P --volume-id ID --annotations JSON ...
 
 ``run`` boots a VM, runs CMD from the local rootfs directory, streams its
 output, and exits with its exit code. Ctrl-C (or SIGTERM) tears everything
@@ -28,6 +31,8 @@ from typing import Any
 from shim import errors, oci
 from shim.config import ConfigError, load_config
 from shim.sandbox.description import PodDescription
+from shim.storage.directvolume import DirectVolumes, MountInfo, VolumeRecordError
+from shim.storage.publish import CephAccess, decide, publish
 from shim.sandbox.sandbox import Sandbox
 from shim.vm.accel import probe
 
@@ -170,6 +175,64 @@ def _main_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _main_direct_volume(args: argparse.Namespace) -> int:
+    """Kata's ``direct-volume`` verbs, on husk's (or the configured) record directory."""
+    volumes = DirectVolumes(Path(load_config(args.config).storage.direct_volumes_dir))
+    try:
+        if args.verb == "add":
+            print(volumes.add(args.volume_path, MountInfo.from_json(args.mount_info)))
+        elif args.verb == "remove":
+            volumes.remove(args.volume_path)
+        elif args.verb == "publish":
+            ceph = (CephAccess(args.ceph_user, args.ceph_key_file, tuple(args.ceph_monitor))
+                    if args.ceph_user or args.ceph_key_file else None)
+            info = decide(_json_map(args.annotations, "--annotations"),
+                          _json_map(args.volume_context, "--volume-context"), args.volume_id,
+                          args.device, args.fstype, args.option, ceph)
+            record = publish(volumes, args.volume_path, info)
+            print(json.dumps({"direct": info is not None,
+                              "volume-type": info.volume_type if info else "",
+                              "record": str(record) if record else ""}))
+    except (VolumeRecordError, OSError) as exc:
+        print(f"husk direct-volume {args.verb}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _json_map(text: str, what: str) -> dict[str, str]:
+    try:
+        value = json.loads(text or "{}")
+    except ValueError as exc:
+        raise VolumeRecordError(f"{what} is not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise VolumeRecordError(f"{what} must be a JSON object")
+    return {str(k): str(v) for k, v in value.items()}
+
+
+def _direct_volume_parser(sub: Any) -> None:
+    volume = sub.add_parser("direct-volume", help="direct-volume records (Kata-compatible)")
+    verbs = volume.add_subparsers(dest="verb", required=True)
+    add = verbs.add_parser("add", help="write a record: the volume reaches the VM as a disk")
+    add.add_argument("--volume-path", required=True)
+    add.add_argument("--mount-info", required=True, help="JSON: volume-type, device, fstype, "
+                                                         "metadata, options")
+    remove = verbs.add_parser("remove", help="delete a record")
+    remove.add_argument("--volume-path", required=True)
+    pub = verbs.add_parser("publish", help="for a CSI node plugin at NodePublishVolume: write "
+                                           "a record if the PVC asks for direct mode")
+    pub.add_argument("--volume-path", required=True, help="the target path the kubelet gave")
+    pub.add_argument("--volume-id", default="")
+    pub.add_argument("--annotations", default="{}", help="the PVC's annotations, JSON")
+    pub.add_argument("--volume-context", default="{}", help="the CSI volume context, JSON")
+    pub.add_argument("--device", default="", help="the staged host block device (block mode)")
+    pub.add_argument("--fstype", default="")
+    pub.add_argument("--option", action="append", default=[], help="a mount option")
+    pub.add_argument("--ceph-user", default="", help="rbd mode: the cephx user (without client.)")
+    pub.add_argument("--ceph-key-file", default="", help="rbd mode: a root-only file with its key")
+    pub.add_argument("--ceph-monitor", action="append", default=[],
+                     help="rbd mode: host:port (default: from ceph-csi's config by clusterID)")
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="husk", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="husk.toml to use (default: $HUSK_CONFIG, "
@@ -190,6 +253,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                      help="print boot timings as JSON on stderr")
     run.add_argument("command", nargs=argparse.REMAINDER)
     sub.add_parser("probe-accel", help="show which accelerator husk would use, and why")
+    _direct_volume_parser(sub)
     args = parser.parse_args(argv)
     if getattr(args, "command", None) and args.command[0] == "--":
         args.command = args.command[1:]
@@ -205,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("grpc").setLevel(logging.INFO)  # its DEBUG is a line per call
     if args.action == "probe-accel":
         return _main_probe(args)
+    if args.action == "direct-volume":
+        return _main_direct_volume(args)
     return _main_run(args)
 
 

@@ -111,6 +111,13 @@ class NetworkConfig:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    # Where direct-volume records are (husk direct-volume add/publish write them);
+    # Kata's is /run/kata-containers/shared/direct-volumes, for CSI drivers written for it.
+    direct_volumes_dir: str = "/run/husk/direct-volumes"
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     state_dir: str = "/run/husk"
     debug: bool = False
@@ -122,6 +129,7 @@ class Config:
     shared_fs: SharedFsConfig = field(default_factory=SharedFsConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def with_pod_annotations(self, annotations: Mapping[str, str]) -> "Config":
@@ -194,7 +202,8 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     :raise ConfigError: unknown sections or keys, wrong types, values out of range.
     """
     sections = {"hypervisor": HypervisorConfig, "shared_fs": SharedFsConfig,
-                "agent": AgentConfig, "network": NetworkConfig, "runtime": RuntimeConfig}
+                "agent": AgentConfig, "network": NetworkConfig, "storage": StorageConfig,
+                "runtime": RuntimeConfig}
     for name in data:
         if name not in sections:
             raise ConfigError(f"unknown section [{name}] (known: {', '.join(sections)})")
@@ -217,6 +226,8 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     _bounded_int("agent.keepalive_misses", config.agent.keepalive_misses, 1, 100)
     _choice("network.model", config.network.model, NETWORK_MODELS)
     _choice("network.vhost_net", config.network.vhost_net, ("auto", "on", "off"))
+    if not config.storage.direct_volumes_dir.startswith("/"):
+        raise ConfigError("storage.direct_volumes_dir must be an absolute path")
     return config
 
 
