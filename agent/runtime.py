@@ -51,6 +51,69 @@ def _error_text(raw: bytes) -> str:
     return text[-ERROR_TEXT_MAX:]
 
 
+async def run_program(reaper: Reaper, argv: Sequence[str], timeout: float, what: str, *,
+                      stdio: tuple[int, int, int] | None = None,
+                      log_file: Path | None = None) -> str:
+    """Run a program of the guest (crun, mkfs...) as a child the Reaper collects.
+
+    Its stdout is returned; its errors come from stderr, or from ``log_file``
+    when the program writes them there (then ``stdio`` are its own streams).
+
+    :raise CommandError: it could not run, or exited non-zero (with its message).
+    :raise DeadlineError: it did not finish within ``timeout`` (it is killed).
+    """
+    log.debug("running %s", " ".join(argv))
+    out: list[bytes] = []
+    err: list[bytes] = []
+    readers: list[asyncio.Task[None]] = []
+    since = time.monotonic()
+    try:
+        if log_file is not None:
+            child = stdio or (None, None, None)
+            pid = spawn(list(argv), stdin=child[0], stdout=child[1], stderr=child[2])
+        else:
+            out_r, out_w = os.pipe()
+            err_r, err_w = os.pipe()
+            try:
+                pid = spawn(list(argv), stdout=out_w, stderr=err_w)
+            except BaseException:
+                os.close(out_r)
+                os.close(err_r)
+                raise
+            finally:
+                os.close(out_w)
+                os.close(err_w)
+            readers = [asyncio.create_task(_read_pipe(out_r, out)),
+                       asyncio.create_task(_read_pipe(err_r, err))]
+    except OSError as e:
+        raise CommandError(f"cannot run {argv[0]}: {e}") from e
+    exited = reaper.watch(pid, since)
+    try:
+        status = await asyncio.wait_for(asyncio.shield(exited), timeout)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        await exited
+        raise DeadlineError(f"{what} did not finish within {timeout:.0f} s") from None
+    finally:
+        if readers:
+            _, pending = await asyncio.wait(readers, timeout=OUTPUT_GRACE_S)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+    if status != 0:
+        if log_file is not None:
+            try:
+                raw = log_file.read_bytes()
+            except OSError:
+                raw = b""
+        else:
+            raw = b"".join(err)
+        detail = _error_text(raw) or f"exit status {status}"
+        raise CommandError(f"{what} failed: {detail}")
+    return b"".join(out).decode(errors="replace")
+
+
 @dataclass
 class Crun:
     """``crun --root <root> ...`` for the containers of this guest."""
@@ -71,57 +134,8 @@ class Crun:
         if log_file is not None:
             log_file.unlink(missing_ok=True)
             argv += ["--log", f"file:{log_file}"]
-        argv += args
-        log.debug("running %s", " ".join(argv))
-        out: list[bytes] = []
-        err: list[bytes] = []
-        readers: list[asyncio.Task[None]] = []
-        since = time.monotonic()
-        try:
-            if log_file is not None:
-                child = stdio or (None, None, None)
-                pid = spawn(argv, stdin=child[0], stdout=child[1], stderr=child[2])
-            else:
-                out_r, out_w = os.pipe()
-                err_r, err_w = os.pipe()
-                try:
-                    pid = spawn(argv, stdout=out_w, stderr=err_w)
-                except BaseException:
-                    os.close(out_r)
-                    os.close(err_r)
-                    raise
-                finally:
-                    os.close(out_w)
-                    os.close(err_w)
-                readers = [asyncio.create_task(_read_pipe(out_r, out)),
-                           asyncio.create_task(_read_pipe(err_r, err))]
-        except OSError as e:
-            raise CommandError(f"cannot run {self.binary}: {e}") from e
-        exited = self.reaper.watch(pid, since)
-        try:
-            status = await asyncio.wait_for(asyncio.shield(exited), self.timeout)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            await exited
-            raise DeadlineError(f"crun {args[0]} did not finish within {self.timeout:.0f} s") from None
-        finally:
-            if readers:
-                _, pending = await asyncio.wait(readers, timeout=OUTPUT_GRACE_S)
-                for task in pending:
-                    task.cancel()
-                await asyncio.gather(*readers, return_exceptions=True)
-        if status != 0:
-            if log_file is not None:
-                try:
-                    raw = log_file.read_bytes()
-                except OSError:
-                    raw = b""
-            else:
-                raw = b"".join(err)
-            detail = _error_text(raw) or f"exit status {status}"
-            raise CommandError(f"crun {args[0]} failed: {detail}")
-        return b"".join(out).decode(errors="replace")
+        return await run_program(self.reaper, [*argv, *args], self.timeout, f"crun {args[0]}",
+                                 stdio=stdio, log_file=log_file)
 
     async def create(self, container_id: str, bundle: Path, pid_file: Path, *,
                      stdio: tuple[int, int, int] | None = None,

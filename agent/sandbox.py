@@ -20,6 +20,7 @@ from agent.errors import (AlreadyExistsError, FailedPreconditionError, GuestErro
                           InvalidArgumentError, NotFoundError)
 from agent.spec import check_id, rewrite_spec
 from agent.storage import MountedStorage, Storage, mount_storage
+from agent.volumes import VolumeTools
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +194,9 @@ async def mount_all(runtime: Runtime, storages: list[Storage]) -> list[MountedSt
     mounted: list[MountedStorage] = []
     try:
         for storage in storages:
-            mounted.append(await mount_storage(storage, sysfs=runtime.config.sysfs,
-                                               devfs=runtime.config.devfs))
+            mounted.append(await mount_storage(
+                storage, sysfs=runtime.config.sysfs, devfs=runtime.config.devfs,
+                tools=VolumeTools(runtime.reaper, runtime.config.sysfs)))
     except BaseException:
         unmount_all(mounted)
         raise

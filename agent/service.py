@@ -28,7 +28,8 @@ from agent.process import Process
 from agent.sandbox import Sandbox
 from agent.spec import check_id, parse_json_object, rewrite_process
 from agent.stdio import OutputBuffer
-from agent.storage import Storage
+from agent.storage import MountedStorage, Storage
+from agent.volumes import VolumeTools, usage
 from agent.testhooks import Hooks
 from proto.gen import agent_pb2 as pb
 from proto.gen import agent_pb2_grpc
@@ -109,6 +110,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         self._oci_version: str | None = None
         self._oom_kills: dict[str, int] = {}  # OOM kills already reported, per container
         self._port_forwards = 0  # open PortForward streams
+        self._tools = VolumeTools(runtime.reaper, runtime.config.sysfs)
 
     # Section: lookups
 
@@ -154,6 +156,29 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
     async def _configure_network(self, config: pb.NetworkConfig) -> None:
         if config.interfaces or config.routes or config.neighbors:
             await asyncio.to_thread(network.configure, config, NIC_WAIT_S)
+
+    # Section: block volumes
+
+    def _volume(self, mount_point: str) -> MountedStorage:
+        sandbox = self._sandbox
+        for container in list(sandbox.containers.values()) if sandbox else []:
+            for volume in container.volumes:
+                if volume.storage.driver == "blk" and volume.storage.mount_point == mount_point:
+                    return volume
+        raise NotFoundError(f"no block volume is mounted at {mount_point[:200]!r}")
+
+    @unary
+    async def GetVolumeStats(self, request: pb.VolumeRequest) -> pb.VolumeStats:
+        volume = self._volume(request.mount_point)
+        try:
+            return usage(volume.storage.mount_point)
+        except OSError as e:
+            raise GuestError(f"statvfs {volume.storage.mount_point}: {e.strerror}") from e
+
+    @unary
+    async def ResizeVolume(self, request: pb.ResizeVolumeRequest) -> pb.Empty:
+        await self._tools.grow(self._volume(request.mount_point), request.size_bytes)
+        return pb.Empty()
 
     # Section: network
 
@@ -209,8 +234,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
     async def CreateContainer(self, request: pb.CreateContainerRequest) -> pb.ProcessResponse:
         if self._sandbox is None:
             raise FailedPreconditionError("no sandbox: CreateSandbox must come first")
-        storages = [Storage(s.driver, s.source, s.fstype, list(s.options), s.mount_point)
-                    for s in request.storages]
+        storages = [Storage(s.driver, s.source, s.fstype, list(s.options), s.mount_point,
+                            s.create_filesystem) for s in request.storages]
         container = await self._sandbox.create_container(request.container_id,
                                                          request.oci_spec_json, storages)
         return pb.ProcessResponse(pid=container.init.pid)

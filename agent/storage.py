@@ -6,8 +6,9 @@ binary we could rely on, and a syscall gives a precise errno.
 Drivers (the Storage.driver strings, as in Kata):
 - ``virtio-fs``: source is the virtiofs tag, fstype virtiofs.
 - ``9p``: source is the 9p mount tag, options like trans=virtio,version=9p2000.L,msize=N.
-- ``blk``: source is a PCI path "bridge/slot" (two hex digits each, function 0)
-  under the root bus; it is resolved to /dev/vdX and mounted with ``fstype``.
+- ``blk``: source is a PCI path "port/slot" (two hex digits each, the first
+  may name a function: "10.3/00") under the root bus; it is resolved to
+  /dev/vdX and mounted with ``fstype``.
 - ``ephemeral``: a tmpfs in guest memory (the pod's shared /dev/shm).
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from agent.errors import DeadlineError, GuestError, InvalidArgumentError
 from agent.spec import check_absolute_path
@@ -31,7 +33,8 @@ log = logging.getLogger(__name__)
 BLOCK_DEVICE_WAIT_S = 10.0
 BLOCK_DEVICE_POLL_S = 0.05
 PCI_ROOT_BUS = "pci0000:00"
-PCI_SLOT = re.compile(r"^[0-9a-fA-F]{2}$")
+# A slot, with the function on the root bus (a root port at 00:10.3 is "10.3").
+PCI_SLOT = re.compile(r"^[0-9a-fA-F]{2}(\.[0-7])?$")
 
 MS_RDONLY = 1
 MS_NOSUID = 2
@@ -112,6 +115,7 @@ class Storage:
     fstype: str
     options: list[str] = field(default_factory=list)
     mount_point: str = ""
+    create_filesystem: bool = False
 
     def check(self) -> Storage:
         """:raise InvalidArgumentError: unknown driver, bad mount point or source."""
@@ -128,11 +132,17 @@ class Storage:
             parse_pci_path(self.source)
             if not self.fstype:
                 raise InvalidArgumentError(f"blk storage {self.source} needs an fstype")
+            if self.create_filesystem and self.fstype not in MKFS:
+                raise InvalidArgumentError(f"cannot create a {self.fstype} filesystem (the "
+                                           f"guest makes {', '.join(sorted(MKFS))})")
+        elif self.create_filesystem:
+            raise InvalidArgumentError(f"create_filesystem needs a blk storage, not {self.driver}")
         return self
 
 
 def parse_pci_path(pci_path: str) -> list[str]:
-    """"02/01" → ["02", "01"]: the slot of each bridge, then the device's.
+    """"02/01" → ["02", "01"]: the slot of each bridge (or port), then the device's;
+    a slot may name its function ("10.3"; else function 0).
 
     :raise InvalidArgumentError: not slash-separated two-digit hex slots.
     """
@@ -148,7 +158,7 @@ def resolve_pci_path(pci_path: str, sysfs: Path = Path("/sys")) -> Path | None:
     here = sysfs / "devices" / PCI_ROOT_BUS
     slots = parse_pci_path(pci_path)
     for i, slot in enumerate(slots):
-        here = here / f"{bus}:{slot}.0"
+        here = here / f"{bus}:{slot if '.' in slot else slot + '.0'}"
         if not here.is_dir():
             return None
         if i < len(slots) - 1:
@@ -190,6 +200,22 @@ async def wait_for_block_device(pci_path: str, *, sysfs: Path = Path("/sys"),
         await asyncio.sleep(BLOCK_DEVICE_POLL_S)
 
 
+# Filesystems the guest can make and grow (e2fsprogs is in the guest image).
+MKFS = {"ext4": ("mkfs.ext4", "-q", "-F"), "ext3": ("mkfs.ext3", "-q", "-F"),
+        "ext2": ("mkfs.ext2", "-q", "-F")}
+GROWFS = {"ext4": "resize2fs", "ext3": "resize2fs", "ext2": "resize2fs"}
+BLKID_NOTHING_FOUND = 2
+TOOL_TIMEOUT_S = 120.0
+RESIZE_WAIT_S = 10.0
+SECTOR_BYTES = 512
+
+
+class Tools(Protocol):
+    """The guest programs storage needs (agent.volumes runs them)."""
+
+    async def make_filesystem_if_blank(self, device: str, fstype: str) -> None: ...
+
+
 @dataclass
 class MountedStorage:
     storage: Storage
@@ -201,7 +227,7 @@ class MountedStorage:
 
 
 async def mount_storage(storage: Storage, *, sysfs: Path = Path("/sys"),
-                        devfs: Path = Path("/dev")) -> MountedStorage:
+                        devfs: Path = Path("/dev"), tools: Tools | None = None) -> MountedStorage:
     """Mount ``storage`` at its mount point (created if needed).
 
     :raise InvalidArgumentError: the storage is malformed.
@@ -212,6 +238,10 @@ async def mount_storage(storage: Storage, *, sysfs: Path = Path("/sys"),
     options = list(storage.options)
     if storage.driver == "blk":
         source = str(await wait_for_block_device(storage.source, sysfs=sysfs, devfs=devfs))
+        if storage.create_filesystem:
+            if tools is None:
+                raise GuestError("cannot create filesystems here (no guest tools)")
+            await tools.make_filesystem_if_blank(source, storage.fstype)
     else:
         source = storage.source
         if storage.driver == "9p":

@@ -19,18 +19,20 @@ class Empty(_message.Message):
     def __init__(self) -> None: ...
 
 class Storage(_message.Message):
-    __slots__ = ("driver", "source", "fstype", "options", "mount_point")
+    __slots__ = ("driver", "source", "fstype", "options", "mount_point", "create_filesystem")
     DRIVER_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     FSTYPE_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     MOUNT_POINT_FIELD_NUMBER: _ClassVar[int]
+    CREATE_FILESYSTEM_FIELD_NUMBER: _ClassVar[int]
     driver: str
     source: str
     fstype: str
     options: _containers.RepeatedScalarFieldContainer[str]
     mount_point: str
-    def __init__(self, driver: _Optional[str] = ..., source: _Optional[str] = ..., fstype: _Optional[str] = ..., options: _Optional[_Iterable[str]] = ..., mount_point: _Optional[str] = ...) -> None: ...
+    create_filesystem: bool
+    def __init__(self, driver: _Optional[str] = ..., source: _Optional[str] = ..., fstype: _Optional[str] = ..., options: _Optional[_Iterable[str]] = ..., mount_point: _Optional[str] = ..., create_filesystem: _Optional[bool] = ...) -> None: ...
 
 class CreateSandboxRequest(_message.Message):
     __slots__ = ("sandbox_id", "hostname", "dns", "storages", "sysctls", "network")
@@ -316,3 +318,33 @@ class GuestDetails(_message.Message):
     cpus: int
     memory_bytes: int
     def __init__(self, agent_version: _Optional[str] = ..., kernel_release: _Optional[str] = ..., python_version: _Optional[str] = ..., oci_runtime_version: _Optional[str] = ..., cpus: _Optional[int] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
+
+class VolumeRequest(_message.Message):
+    __slots__ = ("mount_point",)
+    MOUNT_POINT_FIELD_NUMBER: _ClassVar[int]
+    mount_point: str
+    def __init__(self, mount_point: _Optional[str] = ...) -> None: ...
+
+class VolumeStats(_message.Message):
+    __slots__ = ("capacity_bytes", "used_bytes", "available_bytes", "inodes", "inodes_used", "inodes_free")
+    CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    INODES_FIELD_NUMBER: _ClassVar[int]
+    INODES_USED_FIELD_NUMBER: _ClassVar[int]
+    INODES_FREE_FIELD_NUMBER: _ClassVar[int]
+    capacity_bytes: int
+    used_bytes: int
+    available_bytes: int
+    inodes: int
+    inodes_used: int
+    inodes_free: int
+    def __init__(self, capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., available_bytes: _Optional[int] = ..., inodes: _Optional[int] = ..., inodes_used: _Optional[int] = ..., inodes_free: _Optional[int] = ...) -> None: ...
+
+class ResizeVolumeRequest(_message.Message):
+    __slots__ = ("mount_point", "size_bytes")
+    MOUNT_POINT_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    mount_point: str
+    size_bytes: int
+    def __init__(self, mount_point: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...

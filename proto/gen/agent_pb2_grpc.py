@@ -129,6 +129,16 @@ class AgentServiceStub:
                 request_serializer=agent__pb2.CheckRequest.SerializeToString,
                 response_deserializer=agent__pb2.CheckResponse.FromString,
                 _registered_method=True)
+        self.GetVolumeStats = channel.unary_unary(
+                '/husk.agent.AgentService/GetVolumeStats',
+                request_serializer=agent__pb2.VolumeRequest.SerializeToString,
+                response_deserializer=agent__pb2.VolumeStats.FromString,
+                _registered_method=True)
+        self.ResizeVolume = channel.unary_unary(
+                '/husk.agent.AgentService/ResizeVolume',
+                request_serializer=agent__pb2.ResizeVolumeRequest.SerializeToString,
+                response_deserializer=agent__pb2.Empty.FromString,
+                _registered_method=True)
         self.UpdateNetwork = channel.unary_unary(
                 '/husk.agent.AgentService/UpdateNetwork',
                 request_serializer=agent__pb2.NetworkConfig.SerializeToString,
@@ -269,6 +279,19 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetVolumeStats(self, request, context):
+        """Block volumes mounted by the agent, by their guest mount point.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResizeVolume(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UpdateNetwork(self, request, context):
         """Network (the pod's at boot comes with CreateSandbox)
         """
@@ -385,6 +408,16 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Check,
                     request_deserializer=agent__pb2.CheckRequest.FromString,
                     response_serializer=agent__pb2.CheckResponse.SerializeToString,
+            ),
+            'GetVolumeStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetVolumeStats,
+                    request_deserializer=agent__pb2.VolumeRequest.FromString,
+                    response_serializer=agent__pb2.VolumeStats.SerializeToString,
+            ),
+            'ResizeVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResizeVolume,
+                    request_deserializer=agent__pb2.ResizeVolumeRequest.FromString,
+                    response_serializer=agent__pb2.Empty.SerializeToString,
             ),
             'UpdateNetwork': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateNetwork,
@@ -915,6 +948,60 @@ class AgentService:
             '/husk.agent.AgentService/Check',
             agent__pb2.CheckRequest.SerializeToString,
             agent__pb2.CheckResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetVolumeStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/husk.agent.AgentService/GetVolumeStats',
+            agent__pb2.VolumeRequest.SerializeToString,
+            agent__pb2.VolumeStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResizeVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/husk.agent.AgentService/ResizeVolume',
+            agent__pb2.ResizeVolumeRequest.SerializeToString,
+            agent__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,

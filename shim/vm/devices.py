@@ -1,11 +1,12 @@
 """Where devices sit on the VM's PCI Express tree, and the guest-side path to each.
 
 The q35 root bus (pcie.0) has fixed devices at 0x02-0x05 (root disk, shared
-filesystem, virtio-serial, vsock), free root ports for hot-plugged devices
-from 0x10 up, and the slots left over for devices present at boot (NICs).
-One place hands out slots and names the PCI path the agent resolves
-("06" on the root bus, "10/00" behind the root port at 0x10), so the slot a
-device gets and the path the guest looks for cannot disagree.
+filesystem, virtio-serial, vsock), free root ports for hot-plugged devices at
+0x10-0x17 (eight functions per slot, so up to 64 ports), and the slots left
+over for devices present at boot (NICs). One place hands out slots and names
+the PCI path the agent resolves ("06" on the root bus, "10.3/00" behind the
+root port at 00:10.3), so the slot a device gets and the path the guest looks
+for cannot disagree.
 """
 from __future__ import annotations
 
@@ -26,13 +27,17 @@ FIRST_HOTPLUG_PORT_ADDR = 0x10
 # Root-bus slots for devices present at boot: below the root ports and above
 # them, short of 0x1f (q35's LPC bridge).
 COLDPLUG_ADDRS = (*range(0x06, 0x10), *range(0x18, 0x1F))
-MAX_HOTPLUG_PORTS = 8  # 0x10-0x17
+PORT_FUNCTIONS = 8
+MAX_HOTPLUG_PORTS = 8 * PORT_FUNCTIONS  # slots 0x10-0x17, functions 0-7
 
 
 # QEMU answers device_add at once; the guest acknowledging an unplug (the
 # DEVICE_DELETED event) takes its PCIe hot-plug handshake, seconds under TCG.
 DEVICE_ADD_TIMEOUT_S = 10.0
 DEVICE_DEL_TIMEOUT_S = 20.0
+# Opening a backend can wait on the network (Ceph's monitors); librbd's own
+# connect timeout is set lower than this (client_mount_timeout).
+BACKEND_OPEN_TIMEOUT_S = 30.0
 
 
 class SlotError(Exception):
@@ -46,7 +51,8 @@ class DeviceError(Exception):
 class QmpPort(Protocol):
     """What the device model needs from the VM (shim.vm.qemu.Vm)."""
 
-    def qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Awaitable[Any]: ...
+    def qmp(self, command: str, arguments: dict[str, Any] | None = None,
+            timeout_s: float = ...) -> Awaitable[Any]: ...
     def pass_fd(self, name: str, fd: int) -> Awaitable[None]: ...
     def expect_event(self, name: str, device: str = "") -> asyncio.Future[dict[str, Any]]: ...
 
@@ -66,8 +72,9 @@ def hotplug_port_id(index: int) -> str:
     return f"{HOTPLUG_PORT_PREFIX}{index}"
 
 
-def hotplug_port_addr(index: int) -> int:
-    return FIRST_HOTPLUG_PORT_ADDR + index
+def hotplug_port_addr(index: int) -> tuple[int, int]:
+    """(slot, function) of root port ``index`` on the root bus."""
+    return FIRST_HOTPLUG_PORT_ADDR + index // PORT_FUNCTIONS, index % PORT_FUNCTIONS
 
 
 @dataclass
@@ -96,8 +103,8 @@ class SlotMap:
         for index in range(self.hotplug_ports):
             if index not in self._ports_used:
                 self._ports_used[index] = device_id
-                return PciSlot(hotplug_port_id(index), 0,
-                               f"{hotplug_port_addr(index):02x}/00")
+                slot, function = hotplug_port_addr(index)
+                return PciSlot(hotplug_port_id(index), 0, f"{slot:02x}.{function}/00")
         raise SlotError(f"all {self.hotplug_ports} hot-plug ports are in use "
                         "(raise [hypervisor] hotplug_ports in husk.toml)")
 
@@ -110,9 +117,29 @@ class SlotMap:
         """-device arguments for the root ports."""
         args = []
         for i in range(self.hotplug_ports):
+            slot, function = hotplug_port_addr(i)
+            multifunction = ",multifunction=on" if function == 0 else ""
             args += ["-device", f"pcie-root-port,id={hotplug_port_id(i)},bus={ROOT_BUS},"
-                                f"chassis={i + 1},slot={i + 1},addr={hotplug_port_addr(i):#x}"]
+                                f"chassis={i + 1},slot={i + 1},addr={slot:#x}.{function}"
+                                f"{multifunction}"]
         return args
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """A virtio-blk disk on a block backend QEMU opens (host_device, rbd...)."""
+
+    id: str                  # the device's id; its block node is "<id>-node"
+    backend: dict[str, Any]  # blockdev-add arguments without node-name
+    read_only: bool = False
+    serial: str = ""
+    # An object-add secret the backend names (a cephx key as "data"): only read
+    # while the backend opens, so deleted right after.
+    secret: dict[str, Any] | None = None
+
+    @property
+    def node_name(self) -> str:
+        return f"{self.id}-node"
 
 
 @dataclass
@@ -144,14 +171,14 @@ class Devices:
             netdev: dict[str, Any] = {"type": "tap", "id": nic.id, "fds": ":".join(tap_names)}
             if vhost_names:
                 netdev.update(vhost=True, vhostfds=":".join(vhost_names))
-            await asyncio.wait_for(self.vm.qmp("netdev_add", netdev), DEVICE_ADD_TIMEOUT_S)
+            await self.vm.qmp("netdev_add", netdev, DEVICE_ADD_TIMEOUT_S)
             undo.append(("netdev_del", {"id": nic.id}))
             device: dict[str, Any] = {"driver": "virtio-net-pci", "id": nic.id, "netdev": nic.id,
                                       "mac": nic.mac, "host_mtu": nic.mtu, "romfile": "",
                                       "bus": slot.bus, "addr": "0x0"}
             if len(nic.tap_fds) > 1:
                 device.update(mq=True, vectors=2 * len(nic.tap_fds) + 2)
-            await asyncio.wait_for(self.vm.qmp("device_add", device), DEVICE_ADD_TIMEOUT_S)
+            await self.vm.qmp("device_add", device, DEVICE_ADD_TIMEOUT_S)
         except Exception as exc:
             await self._undo(undo)
             self.slots.release(nic.id)
@@ -162,6 +189,49 @@ class Devices:
                  slot.path)
         return slot
 
+    async def add_disk(self, disk: DiskSpec) -> PciSlot:
+        """Open the disk's backend and hot-plug a virtio-blk device on it.
+
+        :raise DeviceError: no free port, the backend did not open (the device
+            is missing, Ceph refused the key...), or QEMU refused the device;
+            nothing is left added.
+        """
+        try:
+            slot = self.slots.hotplug(disk.id)
+        except SlotError as exc:
+            raise DeviceError(f"disk {disk.id}: {exc}") from exc
+        undo: list[tuple[str, dict[str, Any]]] = []
+        try:
+            if disk.secret is not None:
+                await self.vm.qmp("object-add", disk.secret, DEVICE_ADD_TIMEOUT_S)
+                undo.append(("object-del", {"id": disk.secret["id"]}))
+            node = {**disk.backend, "node-name": disk.node_name, "read-only": disk.read_only}
+            await self.vm.qmp("blockdev-add", node, BACKEND_OPEN_TIMEOUT_S)
+            undo.append(("blockdev-del", {"node-name": disk.node_name}))
+            if disk.secret is not None:
+                await self._undo([undo.pop(0)])
+            device = {"driver": "virtio-blk-pci", "id": disk.id, "drive": disk.node_name,
+                      "bus": slot.bus, "addr": "0x0"}
+            if disk.serial:
+                device["serial"] = disk.serial
+            await self.vm.qmp("device_add", device, DEVICE_ADD_TIMEOUT_S)
+        except Exception as exc:
+            await self._undo(undo)
+            self.slots.release(disk.id)
+            raise DeviceError(f"cannot attach disk {disk.id}: {exc or 'timed out'}") from exc
+        self._backends[disk.id] = [u for u in undo if u[0] == "blockdev-del"]
+        log.info("hot-plugged disk %s (%s) on %s (PCI path %s)", disk.id,
+                 disk.backend.get("driver"), slot.bus, slot.path)
+        return slot
+
+    async def resize_disk(self, disk_id: str, size_bytes: int) -> None:
+        """:raise DeviceError: QEMU refused (shrinking, a backend that cannot grow)."""
+        try:
+            await self.vm.qmp("block_resize", {
+                "node-name": f"{disk_id}-node", "size": size_bytes}, DEVICE_ADD_TIMEOUT_S)
+        except Exception as exc:
+            raise DeviceError(f"cannot resize disk {disk_id}: {exc or 'timed out'}") from exc
+
     async def remove(self, device_id: str) -> None:
         """Unplug a hot-plugged device and its backends, and free its slot.
 
@@ -169,8 +239,7 @@ class Devices:
         """
         deleted = self.vm.expect_event("DEVICE_DELETED", device_id)
         try:
-            await asyncio.wait_for(self.vm.qmp("device_del", {"id": device_id}),
-                                   DEVICE_ADD_TIMEOUT_S)
+            await self.vm.qmp("device_del", {"id": device_id}, DEVICE_ADD_TIMEOUT_S)
             await asyncio.wait_for(deleted, DEVICE_DEL_TIMEOUT_S)
         except Exception as exc:
             deleted.cancel()
@@ -191,6 +260,6 @@ class Devices:
     async def _undo(self, undo: list[tuple[str, dict[str, Any]]]) -> None:
         for command, arguments in reversed(undo):
             try:
-                await asyncio.wait_for(self.vm.qmp(command, arguments), DEVICE_ADD_TIMEOUT_S)
+                await self.vm.qmp(command, arguments, DEVICE_ADD_TIMEOUT_S)
             except Exception as exc:  # noqa: BLE001 - the rest still goes
                 log.warning("QMP %s %s: %s", command, arguments, exc)

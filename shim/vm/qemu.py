@@ -22,7 +22,7 @@ from shim.util import child
 from shim.vm.cmdline import CONSOLE_CHARDEV, GUEST_LOG_CHARDEV, SharedFsType, VmSpec, build_cmdline
 from shim.vm.devices import Devices, SlotError, SlotMap
 from shim.vm.guestlog import GuestLog, GuestLogError
-from shim.vm.qmp import Qmp, QmpError
+from shim.vm.qmp import QMP_TIMEOUT_S, Qmp, QmpError
 from shim.vm.virtiofsd import VirtiofsdError, start_virtiofsd
 
 log = logging.getLogger(__name__)
@@ -139,12 +139,14 @@ class Vm:
             await self.stop()
             raise
 
-    async def qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        """:raise VmError: the VM is not running or QEMU rejected the command."""
+    async def qmp(self, command: str, arguments: dict[str, Any] | None = None,
+                  timeout_s: float = QMP_TIMEOUT_S) -> Any:
+        """:raise VmError: the VM is not running, QEMU rejected the command or did
+        not answer within ``timeout_s``."""
         if self._qmp is None or not self.running:
             raise VmError(f"VM {self.spec.name} is not running")
         try:
-            return await self._qmp.execute(command, arguments)
+            return await self._qmp.execute(command, arguments, timeout_s)
         except QmpError as exc:
             raise VmError(str(exc)) from exc
 

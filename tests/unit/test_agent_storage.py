@@ -58,6 +58,13 @@ async def test_pci_path_resolution(tmp_path: Path) -> None:
         sysfs / "devices/pci0000:00/0000:00:02.0/0000:01:01.0"
     assert resolve_pci_path("02", sysfs) == sysfs / "devices/pci0000:00/0000:00:02.0"
     assert resolve_pci_path("03/01", sysfs) is None
+    # A root port that is function 3 of slot 0x10 (husk's hot-plug ports).
+    port = sysfs / "devices" / "pci0000:00" / "0000:00:10.3"
+    (port / "pci_bus" / "0000:05").mkdir(parents=True)
+    (port / "0000:05:00.0").mkdir()
+    assert resolve_pci_path("10.3/00", sysfs) == port / "0000:05:00.0"
+    with pytest.raises(InvalidArgumentError):
+        resolve_pci_path("10.8/00", sysfs)
 
     # The /dev node shows up late (hotplug): the wait sees it.
     async def appear() -> None:
