@@ -14,7 +14,7 @@ HOST_PACKAGES := qemu-system-x86 qemu-utils containerd runc crun mmdebstrap \
 	iproute2 kmod e2fsprogs iptables
 
 .PHONY: all deps venv proto guest-image test test-unit test-vm test-cri demo soak critest \
-	bench-boot bench-cri clean
+	bench-boot bench-cri bench-net clean
 
 all: venv guest-image
 
@@ -86,6 +86,11 @@ bench-boot: deps venv guest-image
 
 bench-cri: deps venv guest-image
 	$(PY) -m tests.bench.cri
+
+# TCP throughput and latency, pod<->pod and node->pod, husk against runc (~75 s under TCG);
+# BENCH_RUNS=n rounds (default 5); the JSON also goes to build/bench/net.json.
+bench-net: deps venv guest-image
+	$(PY) -m tests.bench.net
 
 clean:
 	rm -rf $(BUILD) $(VENV)
