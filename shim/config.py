@@ -55,7 +55,7 @@ class HypervisorConfig:
     max_vcpus: int = 8
     max_memory_mib: int = 16384
     accel: str = "auto"
-    hotplug_ports: int = 4
+    hotplug_ports: int = 16
 
     def guest_file(self, name: str, override: str) -> Path:
         if override:

@@ -50,6 +50,8 @@ def write_test_config(path: Path, state_dir: Path, agent: dict[str, object] | No
     lines = ["[hypervisor]", f'guest_dir = "{GUEST_DIR}"', *_toml_lines(hypervisor)]
     if agent:
         lines += ["[agent]", *_toml_lines(agent)]
+    # Direct-volume records of the tests' pods, apart from a node's real ones.
+    lines += ["[storage]", f'direct_volumes_dir = "{state_dir}/direct-volumes"']
     lines += ["[runtime]", f'state_dir = "{state_dir}"']
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -81,10 +81,12 @@ class Storage:
     fstype: str
     mount_point: str
     options: tuple[str, ...] = ()
+    create_filesystem: bool = False
 
     def to_proto(self) -> pb.Storage:
         return pb.Storage(driver=self.driver, source=self.source, fstype=self.fstype,
-                          options=list(self.options), mount_point=self.mount_point)
+                          options=list(self.options), mount_point=self.mount_point,
+                          create_filesystem=self.create_filesystem)
 
 
 @dataclass(frozen=True)
@@ -297,6 +299,16 @@ class AgentClient:
     def port_forward(self, port: int) -> PortForwardStream:
         """A byte stream to ``port`` on the guest's loopback (the pod's localhost)."""
         return PortForwardStream(self._stub.PortForward(), port)
+
+    async def volume_stats(self, mount_point: str) -> dict[str, int]:
+        reply = await self._call("GetVolumeStats", pb.VolumeRequest(mount_point=mount_point))
+        return {k: int(getattr(reply, k)) for k in (
+            "capacity_bytes", "used_bytes", "available_bytes", "inodes", "inodes_used",
+            "inodes_free")}
+
+    async def resize_volume(self, mount_point: str, size_bytes: int) -> None:
+        await self._call("ResizeVolume", pb.ResizeVolumeRequest(mount_point=mount_point,
+                                                                size_bytes=size_bytes))
 
     async def tty_resize(self, container_id: str, exec_id: str, rows: int, columns: int) -> None:
         await self._call("TtyWinResize", pb.TtyWinResizeRequest(

@@ -20,10 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from shim import errors
-from shim.agentclient.client import ContainerStats
+from shim.agentclient.client import ContainerStats, Storage
 from shim.sandbox.process import Process, ProcessState
 from shim.sandbox.sandbox import POD_SHM_STORAGE, Sandbox
+from shim.storage.blockvolume import PodVolumes
+from shim.storage.directvolume import DirectVolumes
 from shim.storage.share import RootfsMount, check_id
+from shim.vm.devices import Devices
 from shim.sandbox.stdio import ProcessIO
 from shim.util.mount import submounts
 from shim.util.ratelimit import PerKeyRateLimit
@@ -81,6 +84,9 @@ class Pod:
         self._oom_limiter = PerKeyRateLimit(OOM_EVENT_INTERVAL_S)
         self._oom_events = 0  # from the guest, in all
         self._oom_summary_at = 0.0
+        self.volumes = PodVolumes(
+            DirectVolumes(Path(sandbox.config.storage.direct_volumes_dir)),
+            sandbox.sandbox_id, sandbox.run_dir)
 
     @property
     def agent(self) -> Any:
@@ -197,6 +203,7 @@ class Pod:
             for proc in [container.init, *container.execs.values()]:
                 proc.io.close()
         await self.sandbox.stop()
+        self.volumes.release_all()  # the disks went with the VM
 
     def _exited(self, proc: Process, status: int) -> None:
         if proc.set_exited(status):
@@ -228,11 +235,13 @@ class Pod:
             else:
                 root = share.bind_rootfs(container_id, Path(bundle) / "rootfs")
             spec.setdefault("root", {})["path"] = root
-            spec["mounts"] = self._share_mounts(container_id, spec.get("mounts") or [])
+            mounts = spec.get("mounts") or []
+            storages, direct = await self._attach_direct_volumes(container_id, mounts)
+            spec["mounts"] = self._share_mounts(container_id, mounts, direct)
             await io.open()
             proc = Process(container_id, "", io, pid=self.vm_pid)
             container = Container(container_id, bundle, proc, is_sandbox=False)
-            proc.guest_pid = await self.agent.create_container(container_id, spec)
+            proc.guest_pid = await self.agent.create_container(container_id, spec, storages)
             # The agent buffers output from creation on: nothing is lost by starting here.
             io.start_output(self.agent)
             if not io.stdin:
@@ -241,18 +250,54 @@ class Pod:
         except BaseException:
             io.close()
             share.release(container_id)
+            await self.volumes.detach_container(self._devices(), container_id)
             raise
         self.containers[container_id] = container
         return container
 
-    def _share_mounts(self, container_id: str, mounts: list[Any]) -> list[dict[str, Any]]:
-        """Rewrite host bind sources into the shared directory."""
+    def _devices(self) -> Devices | None:
+        vm = self.sandbox.vm
+        return vm.devices if vm is not None and vm.running else None
+
+    async def _attach_direct_volumes(self, container_id: str, mounts: Any
+                                     ) -> tuple[list[Storage], dict[int, dict[str, Any]]]:
+        """Disks for the bind mounts whose source has a direct-volume record.
+
+        :return: the storages the agent mounts, and the container's mounts that
+            replace those binds (by index), bound from the disks' guest mounts.
+        """
+        storages: list[Storage] = []
+        direct: dict[int, dict[str, Any]] = {}
+        for index, mount in enumerate(mounts if isinstance(mounts, list) else []):
+            source = mount.get("source") if isinstance(mount, dict) else None
+            if not isinstance(source, str) or not source.startswith("/") or not _is_bind(mount):
+                continue
+            info = self.volumes.record(source)
+            if info is None:
+                continue
+            devices = self._devices()
+            if devices is None:
+                raise errors.UnavailableError(f"sandbox {self.sandbox.sandbox_id} has no VM")
+            options = mount.get("options") or []
+            storage = await self.volumes.attach(devices, container_id, source, info,
+                                                "ro" in options)
+            storages.append(storage)
+            direct[index] = {**mount, "type": "bind", "source": storage.mount_point,
+                             "options": [o for o in options if o != "rbind"] + ["bind"]}
+        return storages, direct
+
+    def _share_mounts(self, container_id: str, mounts: list[Any],
+                      direct: dict[int, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """Rewrite host bind sources into the shared directory (direct volumes: their disk)."""
         if not isinstance(mounts, list):
             raise errors.InvalidArgumentError("config.json: mounts must be a list")
         shared: list[dict[str, Any]] = []
         for index, mount in enumerate(mounts):
             if not isinstance(mount, dict) or not isinstance(mount.get("destination"), str):
                 raise errors.InvalidArgumentError(f"config.json: mount {index} is malformed")
+            if direct and index in direct:
+                shared.append(direct[index])
+                continue
             if not _is_bind(mount):
                 shared.append(mount)
                 continue
@@ -374,8 +419,9 @@ class Pod:
             return proc
         if not container.is_sandbox:
             with contextlib.suppress(errors.HuskError):
-                await self.agent.remove_container(container_id)
+                await self.agent.remove_container(container_id)  # unmounts its volumes
             self.sandbox.shared.release(container_id)
+            await self.volumes.detach_container(self._devices(), container_id)
         proc.io.close()
         del self.containers[container_id]
         return proc

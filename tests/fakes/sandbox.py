@@ -16,6 +16,7 @@ FAKE_VM_PID = 4242
 class FakeVm:
     pid = FAKE_VM_PID
     running = True
+    devices = None  # no hot-plug: a fake VM has no direct volumes
 
     def __init__(self) -> None:
         self._exit = asyncio.get_event_loop().create_future()
