@@ -4,6 +4,8 @@
     husk probe-accel
     husk direct-volume add --volume-path P --mount-info JSON
     husk direct-volume remove --volume-path P
+    husk direct-volume stats --volume-path P
+    husk direct-volume resize --volume-path P --size BYTES
     husk direct-volume publish --volume-path P --volume-id ID --annotations JSON ...
 
 ``run`` boots a VM, runs CMD from the local rootfs directory, streams its
@@ -30,7 +32,9 @@ from typing import Any
 
 from shim import errors, oci
 from shim.config import ConfigError, load_config
+from shim.sandbox import manage
 from shim.sandbox.description import PodDescription
+from shim.sandbox.sandbox import SANDBOXES_DIR
 from shim.storage.directvolume import DirectVolumes, MountInfo, VolumeRecordError
 from shim.storage.publish import CephAccess, decide, publish
 from shim.sandbox.sandbox import Sandbox
@@ -177,9 +181,22 @@ def _main_probe(args: argparse.Namespace) -> int:
 
 def _main_direct_volume(args: argparse.Namespace) -> int:
     """Kata's ``direct-volume`` verbs, on husk's (or the configured) record directory."""
-    volumes = DirectVolumes(Path(load_config(args.config).storage.direct_volumes_dir))
+    config = load_config(args.config)
+    volumes = DirectVolumes(Path(config.storage.direct_volumes_dir))
     try:
-        if args.verb == "add":
+        if args.verb in ("stats", "resize"):
+            sandbox_id = volumes.user(args.volume_path)
+            if sandbox_id is None:
+                raise VolumeRecordError(f"no running pod uses {args.volume_path}")
+            request: dict[str, Any] = {"op": f"volume-{args.verb}", "volume_path": args.volume_path}
+            if args.verb == "resize":
+                request["size"] = args.size
+            reply = manage.call(Path(config.runtime.state_dir) / SANDBOXES_DIR / sandbox_id,
+                                request)
+            if not reply.get("ok"):
+                raise VolumeRecordError(str(reply.get("error"))[:2000])
+            print(json.dumps(reply.get("stats", {})))
+        elif args.verb == "add":
             print(volumes.add(args.volume_path, MountInfo.from_json(args.mount_info)))
         elif args.verb == "remove":
             volumes.remove(args.volume_path)
@@ -193,7 +210,7 @@ def _main_direct_volume(args: argparse.Namespace) -> int:
             print(json.dumps({"direct": info is not None,
                               "volume-type": info.volume_type if info else "",
                               "record": str(record) if record else ""}))
-    except (VolumeRecordError, OSError) as exc:
+    except (VolumeRecordError, OSError, errors.HuskError) as exc:
         print(f"husk direct-volume {args.verb}: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -218,6 +235,12 @@ def _direct_volume_parser(sub: Any) -> None:
                                                          "metadata, options")
     remove = verbs.add_parser("remove", help="delete a record")
     remove.add_argument("--volume-path", required=True)
+    stats = verbs.add_parser("stats", help="the guest's usage of a volume of a running pod")
+    stats.add_argument("--volume-path", required=True)
+    resize = verbs.add_parser("resize", help="grow a volume of a running pod (its disk, then "
+                                             "its filesystem in the guest)")
+    resize.add_argument("--volume-path", required=True)
+    resize.add_argument("--size", required=True, type=int, help="the new size in bytes")
     pub = verbs.add_parser("publish", help="for a CSI node plugin at NodePublishVolume: write "
                                            "a record if the PVC asks for direct mode")
     pub.add_argument("--volume-path", required=True, help="the target path the kubelet gave")

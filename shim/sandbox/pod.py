@@ -26,7 +26,8 @@ from shim.sandbox.sandbox import POD_SHM_STORAGE, Sandbox
 from shim.storage.blockvolume import PodVolumes
 from shim.storage.directvolume import DirectVolumes
 from shim.storage.share import RootfsMount, check_id
-from shim.vm.devices import Devices
+from shim.sandbox.manage import ManageServer
+from shim.vm.devices import DeviceError, Devices
 from shim.sandbox.stdio import ProcessIO
 from shim.util.mount import submounts
 from shim.util.ratelimit import PerKeyRateLimit
@@ -84,6 +85,7 @@ class Pod:
         self._oom_limiter = PerKeyRateLimit(OOM_EVENT_INTERVAL_S)
         self._oom_events = 0  # from the guest, in all
         self._oom_summary_at = 0.0
+        self._manage: ManageServer | None = None
         self.volumes = PodVolumes(
             DirectVolumes(Path(sandbox.config.storage.direct_volumes_dir)),
             sandbox.sandbox_id, sandbox.run_dir)
@@ -109,6 +111,14 @@ class Pod:
     async def boot(self) -> None:
         await self.sandbox.start()
         assert self.sandbox.vm is not None
+        self._manage = ManageServer(self.sandbox.run_dir, {
+            "volume-stats": self._volume_stats, "volume-resize": self._volume_resize},
+            f"sandbox {self.sandbox.sandbox_id}")
+        try:
+            await self._manage.start()
+        except OSError as exc:
+            log.error("sandbox %s: no management socket (direct-volume stats and resize will "
+                      "not reach this pod): %s", self.sandbox.sandbox_id, exc)
         self._watchers = [asyncio.create_task(self._watch_vm(), name="vm-watch"),
                           asyncio.create_task(self._watch_oom(), name="oom-watch"),
                           asyncio.create_task(self._keepalive(), name="agent-keepalive")]
@@ -192,6 +202,8 @@ class Pod:
                     self._exited(proc, VM_GONE_STATUS)
 
     async def shutdown(self) -> None:
+        if self._manage is not None:
+            await self._manage.stop()
         for watcher in self._watchers:
             watcher.cancel()
         await asyncio.gather(*self._watchers, return_exceptions=True)
@@ -254,6 +266,31 @@ class Pod:
             raise
         self.containers[container_id] = container
         return container
+
+    # Section: direct volumes, from the management socket
+
+    async def _volume_stats(self, request: dict[str, Any]) -> dict[str, Any]:
+        volume = self.volumes.find(str(request["volume_path"]))
+        return {"volume-type": volume.info.volume_type,
+                "stats": await self.agent.volume_stats(volume.guest_path)}
+
+    async def _volume_resize(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Grow the disk (QEMU) and then its filesystem (the agent)."""
+        size = request["size"]
+        if not isinstance(size, int) or size <= 0:
+            raise errors.InvalidArgumentError(f"size must be a positive byte count, not {size!r}")
+        volume = self.volumes.find(str(request["volume_path"]))
+        devices = self._devices()
+        if devices is None:
+            raise errors.UnavailableError(f"sandbox {self.sandbox.sandbox_id} has no VM")
+        try:
+            await devices.resize_disk(volume.disk_id, size)
+        except DeviceError as exc:
+            raise errors.FailedPreconditionError(
+                f"{exc} (a block volume's host device must be grown first: lvextend, "
+                "rbd resize, losetup -c)") from exc
+        await self.agent.resize_volume(volume.guest_path, size)
+        return {"stats": await self.agent.volume_stats(volume.guest_path)}
 
     def _devices(self) -> Devices | None:
         vm = self.sandbox.vm

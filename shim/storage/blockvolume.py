@@ -187,6 +187,14 @@ class PodVolumes:
             log.info("sandbox %s: detached direct volume %s", self.sandbox_id,
                      volume.volume_path)
 
+    def find(self, volume_path: str) -> AttachedVolume:
+        """:raise errors.NotFoundError: the volume is not attached to this pod."""
+        try:
+            return self.attached[os.path.normpath(volume_path)]
+        except KeyError:
+            raise errors.NotFoundError(f"direct volume {volume_path} is not attached to "
+                                       f"sandbox {self.sandbox_id}") from None
+
     def release_all(self) -> None:
         """The VM is gone, and its disks with it: give the volumes back."""
         for volume in list(self.attached.values()):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from shim.storage.directvolume import DirectVolumes, MountInfo
 from tests.conftest import HUSK_CRI_STATE
 from tests.cri.cri import CriClient, CriError, api
+from tests.cri.harness import ContainerdOptions
 from tests.cri.images import BUSYBOX_REF
 
 pytestmark = [pytest.mark.cri, pytest.mark.timeout(900)]
@@ -85,7 +87,15 @@ def _wait_free(disk: LoopDisk) -> None:
         time.sleep(0.2)
 
 
+def _husk(config: Path, *args: str) -> dict[str, int]:
+    done = subprocess.run([sys.executable, "-m", "shim.cli", "--config", str(config),
+                           "direct-volume", *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
 def test_block_volume_is_a_disk_in_the_guest(cri: CriClient, disks: list[LoopDisk],
+                                             containerd_options: ContainerdOptions,
                                              tmp_path: Path) -> None:
     disk = LoopDisk(tmp_path, "vol-a")
     disks.append(disk)
@@ -106,8 +116,22 @@ def test_block_volume_is_a_disk_in_the_guest(cri: CriClient, disks: list[LoopDis
         cri.run_container(other, BUSYBOX_REF, ["true"], mounts=[disk.mount()])
     cri.stop_pod(other.id)
     cri.remove_pod(other.id)
-    written = cri.exec_sync(cid, ["sh", "-c", "echo from-the-guest > /data/proof && sync"])
+    written = cri.exec_sync(cid, ["sh", "-c", "echo from-the-guest > /data/proof && "
+                                        "dd if=/dev/zero of=/data/blob bs=1M count=8 && sync"])
     assert written.exit_code == 0, written.err
+    # stats (a CSI plugin's NodeGetVolumeStats) report the guest's usage...
+    config = containerd_options.husk_config
+    assert config is not None
+    stats = _husk(config, "stats", "--volume-path", str(disk.target))
+    assert 50 * MIB < stats["capacity_bytes"] < 64 * MIB and stats["used_bytes"] >= 8 * MIB
+    # ...and resize (NodeExpandVolume) grows it live, once the host device has grown.
+    with open(disk.image, "r+b") as f:
+        f.truncate(128 * MIB)
+    subprocess.run(["losetup", "-c", disk.device], check=True)
+    grown = _husk(config, "resize", "--volume-path", str(disk.target), "--size", str(128 * MIB))
+    assert grown["capacity_bytes"] > 100 * MIB, grown
+    df = cri.exec_sync(cid, ["df", "-k", "/data"]).out.splitlines()[-1].split()
+    assert int(df[1]) * 1024 > 100 * MIB, df
     cri.stop_container(cid, timeout=1)
     cri.remove_container(cid)
     _wait_free(disk)  # unplugged with its container, the pod still runs
