@@ -11,7 +11,7 @@ GUEST := $(BUILD)/guest
 # Host packages, all from Debian bookworm.
 HOST_PACKAGES := qemu-system-x86 qemu-utils containerd runc crun mmdebstrap \
 	busybox-static squashfs-tools cpio zstd containernetworking-plugins \
-	iproute2 kmod e2fsprogs iptables
+	iproute2 kmod e2fsprogs iptables ceph-mon ceph-osd ceph-common qemu-block-extra
 
 .PHONY: all deps venv proto guest-image test test-unit test-vm test-cri demo soak critest \
 	bench-boot bench-cri bench-net clean

@@ -15,8 +15,10 @@ slot freed and the claim released. Backends:
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -38,6 +40,9 @@ DEFAULT_FSTYPE = "ext4"
 # monitors, with QEMU's main loop blocked meanwhile: a pod must fail sooner.
 RBD_CONNECT_TIMEOUT_S = 10
 RBD_CONF = "rbd-client.conf"
+RBD_PROBE_TIMEOUT_S = RBD_CONNECT_TIMEOUT_S + 5
+PROBE_SECRET_ID = "probe-key"
+QEMU_IMG = "qemu-img"
 MAX_KEY_BYTES = 1024
 CEPH_DEFAULT_PORT = "3300"
 
@@ -51,14 +56,36 @@ class AttachedVolume:
     guest_path: str
 
 
+def _monitor_entries(monitors: str) -> list[str]:
+    """Split on commas outside brackets: "a:3300,[v2:b:3300/0,v1:b:6789/0]" → 2 entries."""
+    entries, depth, current = [], 0, ""
+    for char in monitors:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            entries.append(current)
+            current = ""
+        else:
+            current += char
+    return [e.strip() for e in [*entries, current] if e.strip()]
+
+
 def _servers(monitors: str) -> list[dict[str, str]]:
-    """"10.0.0.1:3300,[fd00::1]:6789" → QEMU's InetSocketAddressBase list."""
+    """Monitor addresses as ceph-csi or ``ceph mon dump`` write them ("10.0.0.1:3300",
+    "[fd00::1]:6789", "v2:10.0.0.1:3300/0", "[v2:…:3300/0,v1:…:6789/0]") → QEMU's
+    InetSocketAddressBase list (the first address of each monitor)."""
     servers = []
-    for monitor in filter(None, (m.strip() for m in monitors.split(","))):
-        host, sep, port = monitor.rpartition(":")
-        if not sep or (host.count(":") and not host.startswith("[")):
-            host, port = monitor, CEPH_DEFAULT_PORT
-        servers.append({"host": host.strip("[]"), "port": port})
+    for entry in _monitor_entries(monitors):
+        if entry.startswith("[v"):  # one monitor's address vector: take its first
+            entry = _monitor_entries(entry[1:-1])[0]
+        entry = entry.removeprefix("v2:").removeprefix("v1:").split("/")[0]
+        if entry.startswith("["):  # [IPv6]:port or [IPv6]
+            host, _, rest = entry[1:].partition("]")
+            port = rest.removeprefix(":") or CEPH_DEFAULT_PORT
+        elif entry.count(":") == 1:
+            host, port = entry.split(":")
+        else:  # a bare host name, IPv4 or IPv6 address
+            host, port = entry, CEPH_DEFAULT_PORT
+        servers.append({"host": host, "port": port})
     return servers
 
 
@@ -69,6 +96,48 @@ def _read_key(path: str) -> str:
     if not key or len(key) > MAX_KEY_BYTES or any(c.isspace() for c in key):
         raise VolumeRecordError(f"key file {path} does not hold one cephx key")
     return key
+
+
+async def probe_rbd(backend: dict[str, Any], key: str) -> None:
+    """Open the image once in a short-lived ``qemu-img`` before QEMU does.
+
+    QEMU opens a backend on its main loop, which freezes the VM meanwhile, and
+    librbd has no deadline for OSDs that stop answering (client_mount_timeout
+    covers the monitors only). A probe that opens within RBD_PROBE_TIMEOUT_S
+    means QEMU's own open will too; one that does not is killed, and the VM
+    never waits. The key goes through a pipe, never the command line.
+
+    :raise DeviceError: the image did not open, with librbd's reason.
+    """
+    image = f"{backend.get('pool')}/{backend.get('image')}"
+    spec = {"driver": "raw", "file": {**backend, "key-secret": PROBE_SECRET_ID}}
+    read_fd, write_fd = os.pipe()
+    try:
+        os.write(write_fd, key.encode())
+    finally:
+        os.close(write_fd)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            QEMU_IMG, "info", "--output=json", "--force-share",
+            "--object", f"secret,id={PROBE_SECRET_ID},format=base64,file=/dev/fd/{read_fd}",
+            "json:" + json.dumps(spec), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            pass_fds=(read_fd,))
+    except OSError as exc:
+        raise DeviceError(f"cannot run {QEMU_IMG} to check rbd image {image}: "
+                          f"{exc.strerror}") from exc
+    finally:
+        os.close(read_fd)
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), RBD_PROBE_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise DeviceError(f"rbd image {image} did not open within {RBD_PROBE_TIMEOUT_S} s "
+                          "(monitors or OSDs not answering)") from None
+    if proc.returncode != 0:
+        reason = err.decode(errors="replace").strip().splitlines()[-1:] or ["no reason given"]
+        raise DeviceError(f"rbd image {image}: {reason[0][:500]}")
 
 
 def _check_not_in_use(device: Path) -> None:
@@ -122,6 +191,8 @@ class PodVolumes:
         self._next_disk += 1
         try:
             disk = self._disk(disk_id, info, readonly)
+            if disk.secret is not None:
+                await probe_rbd(disk.backend, str(disk.secret["data"]))
             slot = await devices.add_disk(disk)
         except VolumeRecordError as exc:
             self.records.release(path, self.sandbox_id)
@@ -168,8 +239,9 @@ class PodVolumes:
         """librbd's settings for every rbd disk of this pod (no monitors: the record has them)."""
         path = self.run_dir / RBD_CONF
         if not path.exists():
-            path.write_text(f"[global]\nclient_mount_timeout = {RBD_CONNECT_TIMEOUT_S}\n"
-                            f"rados_mon_op_timeout = {RBD_CONNECT_TIMEOUT_S}\n")
+            # Only the first connect: a lasting rados_mon_op_timeout would also fail
+            # the monitor requests of a healthy image during an election.
+            path.write_text(f"[global]\nclient_mount_timeout = {RBD_CONNECT_TIMEOUT_S}\n")
         return path
 
     async def detach_container(self, devices: Devices | None, container_id: str) -> None:

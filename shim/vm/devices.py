@@ -206,8 +206,10 @@ class Devices:
                 await self.vm.qmp("object-add", disk.secret, DEVICE_ADD_TIMEOUT_S)
                 undo.append(("object-del", {"id": disk.secret["id"]}))
             node = {**disk.backend, "node-name": disk.node_name, "read-only": disk.read_only}
-            await self.vm.qmp("blockdev-add", node, BACKEND_OPEN_TIMEOUT_S)
+            # Queued before the add: if the add times out and completes later, the
+            # delete behind it closes the backend instead of leaving it open.
             undo.append(("blockdev-del", {"node-name": disk.node_name}))
+            await self.vm.qmp("blockdev-add", node, BACKEND_OPEN_TIMEOUT_S)
             if disk.secret is not None:
                 await self._undo([undo.pop(0)])
             device = {"driver": "virtio-blk-pci", "id": disk.id, "drive": disk.node_name,

@@ -161,3 +161,19 @@ def test_publish_cli_writes_a_record_or_none(tmp_path: Path) -> None:
     assert DirectVolumes(tmp_path / "dv").get(TARGET) is None
     bad = husk("add", "--volume-path", TARGET, "--mount-info", '{"volume-type":"nfs"}')
     assert bad.returncode == 1 and "volume-type" in bad.stderr
+
+
+@pytest.mark.parametrize("monitors, servers", [
+    ("10.0.0.1:3300,10.0.0.2:6789", [("10.0.0.1", "3300"), ("10.0.0.2", "6789")]),
+    ("[fd00::1]:6789", [("fd00::1", "6789")]),
+    ("v2:10.0.0.1:3300/0", [("10.0.0.1", "3300")]),
+    # `ceph mon dump`'s address vectors: the first address of each monitor.
+    ("[v2:10.0.0.1:3300/0,v1:10.0.0.1:6789/0],[v2:10.0.0.2:3300/0,v1:10.0.0.2:6789/0]",
+     [("10.0.0.1", "3300"), ("10.0.0.2", "3300")]),
+    ("[v2:[fd00::1]:3300/0,v1:[fd00::1]:6789/0]", [("fd00::1", "3300")]),
+    ("mon.example", [("mon.example", "3300")]),
+])
+def test_monitor_addresses_in_every_form_ceph_writes(monitors: str,
+                                                     servers: list[tuple[str, str]]) -> None:
+    from shim.storage.blockvolume import _servers
+    assert [(s["host"], s["port"]) for s in _servers(monitors)] == servers
