@@ -14,7 +14,7 @@ HOST_PACKAGES := qemu-system-x86 qemu-utils containerd runc crun mmdebstrap \
 	iproute2 kmod e2fsprogs iptables ceph-mon ceph-osd ceph-common qemu-block-extra
 
 .PHONY: all deps venv proto guest-image test test-unit test-vm test-cri demo soak critest \
-	bench-boot bench-cri bench-net clean
+	bench-boot bench-cri bench-net bench-io clean
 
 all: venv guest-image
 
@@ -46,11 +46,11 @@ guest-image: deps venv
 
 # Unit tests first (seconds); then VM and CRI tests, two workers, one file per worker.
 test: deps venv guest-image
-	$(PY) -m pytest -q -p no:cacheprovider tests/unit
-	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests/integration
+	$(PY) -m pytest -q -rs -p no:cacheprovider tests/unit
+	$(PY) -m pytest -q -rs -p no:cacheprovider -n 2 --dist loadfile tests/integration
 
 test-unit: venv
-	$(PY) -m pytest -q -p no:cacheprovider tests/unit
+	$(PY) -m pytest -q -rs -p no:cacheprovider tests/unit
 
 test-vm: deps venv guest-image
 	$(PY) -m pytest -q -p no:cacheprovider -m vm tests/integration
@@ -91,6 +91,20 @@ bench-cri: deps venv guest-image
 # BENCH_RUNS=n rounds (default 5); the JSON also goes to build/bench/net.json.
 bench-net: deps venv guest-image
 	$(PY) -m tests.bench.net
+
+# fio in a container: 1 MiB sequential and 4 KiB random reads and writes, direct I/O, on
+# a runc pod's host path (the ceiling) and a husk pod's virtio-fs, block and rbd volumes
+# (~10 min under TCG); BENCH_RUNS=n rounds (default 3); the JSON also goes to
+# build/bench/io.json. The fio image is made of the host's fio and the libraries it loads.
+bench-io: deps venv guest-image
+	@missing=$$(for p in fio; do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+		| grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing host packages: $$missing"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			--no-install-recommends $$missing; \
+	fi
+	$(PY) -m tests.bench.io
 
 clean:
 	rm -rf $(BUILD) $(VENV)
