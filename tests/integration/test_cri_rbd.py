@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,7 +27,7 @@ from shim.storage.directvolume import DirectVolumes, MountInfo
 from tests.conftest import HUSK_CRI_STATE
 from tests.cri.ceph import QEMU_POOL, QEMU_USER, CephCluster, generate_key, missing_programs
 from tests.cri.cri import CriClient, CriError, Pod, api
-from tests.cri.harness import Containerd
+from tests.cri.harness import Containerd, ContainerdOptions
 from tests.cri.images import BUSYBOX_REF
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,7 @@ def _assert_pod_unharmed(cri: CriClient, pod: Pod, running: str) -> None:
 
 def test_container_writes_through_an_rbd_volume(cri: CriClient, ceph: CephCluster,
                                                 volumes: list[RbdVolume],
+                                                containerd_options: ContainerdOptions,
                                                 tmp_path: Path) -> None:
     volume = RbdVolume.create(ceph, tmp_path, "vol1")
     volumes.append(volume)
@@ -187,6 +189,18 @@ def test_container_writes_through_an_rbd_volume(cri: CriClient, ceph: CephCluste
     written = cri.exec_sync(cid, ["sh", "-c", f"echo from-the-guest > {MOUNT_POINT}/proof && "
                                               "sync"])
     assert written.exit_code == 0, written.err
+    # Grown live: QEMU's librbd resizes the image, the agent the filesystem.
+    config = containerd_options.husk_config
+    assert config is not None
+    size = 2 * IMAGE_MIB * (1 << 20)
+    resize = subprocess.run([sys.executable, "-m", "shim.cli", "--config", str(config),
+                             "direct-volume", "resize", "--volume-path", str(volume.target),
+                             "--size", str(size)], capture_output=True, text=True, timeout=300)
+    assert resize.returncode == 0, resize.stderr
+    assert json.loads(resize.stdout)["capacity_bytes"] > 1.5 * IMAGE_MIB * (1 << 20)
+    info = json.loads(ceph.run(["rbd", "info", "--format", "json",
+                                f"{QEMU_POOL}/{volume.image}"]))
+    assert info["size"] == size, "the image itself did not grow"
     cri.stop_container(cid, timeout=1)
     cri.remove_container(cid)
     volume.wait_closed()  # unplugged and closed with its container, the pod still runs
