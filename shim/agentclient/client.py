@@ -160,11 +160,21 @@ class AgentClient:
         await self._channel.close(grace=None)
 
     async def _call(self, method: str, request: Any, timeout_s: float | None = None) -> Any:
+        """One unary call, its deadline kept on the host.
+
+        No gRPC deadline is sent: the agent would enforce it with the guest's
+        clock, which the guest controls and which runs at the wrong rate when
+        a TCG guest calibrated its TSC under load (seen: 11× fast).
+        """
         rpc: Callable[..., Awaitable[Any]] = getattr(self._stub, method)
+        timeout = timeout_s or self.timeout_s
         try:
-            return _parsed(method, await rpc(request, timeout=timeout_s or self.timeout_s))
+            return _parsed(method, await asyncio.wait_for(rpc(request), timeout))
         except grpc.aio.AioRpcError as exc:
             raise _translate(method, exc) from None
+        except asyncio.TimeoutError:
+            raise errors.DeadlineExceededError(
+                f"agent {method}: no answer within {timeout:.0f}s") from None
 
     async def wait_ready(self, timeout_s: float, alive: Callable[[], str | None]) -> None:
         """Poll Check until the agent serves.
@@ -182,13 +192,15 @@ class AgentClient:
             if dead:
                 raise errors.UnavailableError(f"the VM stopped before its agent answered: {dead}")
             try:
-                reply = await self._stub.Check(pb.CheckRequest(), timeout=CHECK_TIMEOUT_S,
-                                               wait_for_ready=True)
+                reply = await asyncio.wait_for(
+                    self._stub.Check(pb.CheckRequest(), wait_for_ready=True), CHECK_TIMEOUT_S)
                 if reply is not None and reply.status == pb.CheckResponse.SERVING:
                     return
                 last = f"agent status {reply.status if reply is not None else 'unreadable'}"
             except grpc.aio.AioRpcError as exc:
                 last = f"{exc.code().name}: {exc.details()}"
+            except asyncio.TimeoutError:
+                last = f"no answer to a check within {CHECK_TIMEOUT_S:.0f}s"
             await asyncio.sleep(READY_POLL_S)
         raise errors.UnavailableError(f"the agent did not answer within {timeout_s:.0f}s ({last})")
 
