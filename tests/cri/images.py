@@ -833,6 +833,108 @@ def build_critest_images(
     return [img for img in cached.values() if img is not None]
 
 
+# ----------------------------------------------------------------------------
+# fio's image (make bench-io)
+#
+# The busybox image's layer (for sh), read back from its tarball so both images
+# share it, and a layer with the host's fio (Debian's package, which
+# `make bench-io` installs) and every shared library it loads, at the paths the
+# host's loader finds them (ldd). Debian links all of fio's engines in (rbd,
+# gluster, nbd, pmem, rdma): ~60 libraries and ~40 MB, all of them already on
+# the host, where resolving and downloading that package closure again would
+# buy nothing. The cache key hashes every file, so a host upgrade rebuilds it.
+
+FIO_REF = "husk.test/fio:1"
+FIO_BINARY = Path("/usr/bin/fio")
+FIO_ENTRYPOINT = (str(FIO_BINARY),)
+FIO_CMD = ("--version",)
+FIO = ImageDefinition(ref=FIO_REF, entrypoint=list(FIO_ENTRYPOINT), cmd=list(FIO_CMD))
+# Bump when the fio image code changes in a way that alters the output bytes.
+FIO_BUILDER_VERSION = "1"
+FIO_HINT = "install Debian's fio (`apt-get install fio`; `make bench-io` does)"
+LDD_TIMEOUT_S = 30
+
+
+def shared_libraries(binary: Path) -> list[Path]:
+    """What `binary` loads, its loader included, where the host's loader finds it (ldd).
+
+    :raise ImageBuildError: the host lacks one of them.
+    """
+    out = _run(["ldd", str(binary)], timeout=LDD_TIMEOUT_S)
+    missing = [line.split()[0] for line in out.splitlines() if "not found" in line]
+    if missing:
+        raise ImageBuildError(f"{binary} needs {', '.join(missing)}, missing on the host: {FIO_HINT}")
+    # "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)", "/lib64/ld-linux-x86-64.so.2 (0x...)";
+    # linux-vdso.so.1 is the kernel's, no file.
+    found = {next((f for f in line.split() if f.startswith("/")), "") for line in out.splitlines()}
+    return sorted(Path(p) for p in found if p)
+
+
+def fio_layer_entries(binary: Path, libraries: Sequence[Path]) -> dict[str, _Entry]:
+    """The binary and its libraries, each a regular file at the path the loader asks for
+    (the host's symlinks, such as merged /usr's lib -> usr/lib, are resolved, not copied)."""
+    entries: dict[str, _Entry] = {}
+    for path in (binary, *libraries):
+        real = path.resolve()
+        _add_entry(entries, path.as_posix().lstrip("/"), _regular(real.read_bytes(), real.stat().st_mode & 0o777))
+    return entries
+
+
+def image_layers(image: BuiltImage) -> list[Layer]:
+    """A built image's layers, read back from its tarball, to build another image on."""
+    with tarfile.open(image.tarball) as tar:
+
+        def blob(digest: str) -> bytes:
+            member = tar.extractfile(f"blobs/sha256/{digest.removeprefix('sha256:')}")
+            if member is None:
+                raise ImageBuildError(f"{image.tarball} has no blob {digest}")
+            return member.read()
+
+        manifest = json.loads(blob(image.manifest_digest))
+        history = json.loads(blob(image.config_digest))["history"]
+        blobs = [blob(entry["digest"]) for entry in manifest["layers"]]
+    return [Layer(gzip.decompress(gz), gz, step["created_by"]) for gz, step in zip(blobs, history, strict=True)]
+
+
+def _check_fio_layer(layer_tar: bytes, workdir: Path) -> str:
+    """`fio --version` chrooted into the layer alone: every library is there. Returns the version."""
+    root = workdir / "fio-root"
+    with tarfile.open(fileobj=io.BytesIO(layer_tar)) as tar:
+        tar.extractall(root, filter="data")
+    return _run(["chroot", str(root), str(FIO_BINARY), "--version"], timeout=LDD_TIMEOUT_S).strip()
+
+
+def _fio_key(base: BuiltImage, entries: Mapping[str, _Entry]) -> str:
+    return hashlib.sha256(_json_bytes({
+        "builder": FIO_BUILDER_VERSION,
+        "base": base.manifest_digest,
+        "files": {path: [e.kind.decode(), e.mode, hashlib.sha256(e.data).hexdigest()] for path, e in entries.items()},
+        "image": asdict(FIO),
+    })).hexdigest()
+
+
+def build_fio_image(cache_dir: Path = DEFAULT_CACHE_DIR) -> BuiltImage:
+    """Builds (or reuses from `cache_dir`) fio's image-layout tarball: busybox's layer, then fio's."""
+    if not FIO_BINARY.is_file():
+        raise ImageBuildError(f"{FIO_BINARY} is missing: {FIO_HINT}")
+    [base] = build_images(cache_dir, (BUSYBOX,))
+    entries = fio_layer_entries(FIO_BINARY, shared_libraries(FIO_BINARY))
+    key = _fio_key(base, entries)
+    cached = _read_cached(cache_dir, FIO, key)
+    if cached is not None:
+        log.debug("fio image up to date in %s", cache_dir)
+        return cached
+    layer = Layer.of(entries, f"husk tests/cri/images.py (the host's {FIO_BINARY} and its libraries)")
+    with tempfile.TemporaryDirectory(prefix="husk-fio-img-") as tmp:
+        version = _check_fio_layer(layer.tar, Path(tmp))
+    config = {"Env": list(FIO.env), "WorkingDir": FIO.working_dir, "Entrypoint": list(FIO_ENTRYPOINT),
+              "Cmd": list(FIO_CMD)}
+    built = _store(cache_dir, FIO, key, oci_image_layout(FIO.ref, config, [*image_layers(base), layer]))
+    files = sum(e.kind == tarfile.REGTYPE for e in entries.values())
+    log.info("built %s (%s) from %s, %d files", FIO.ref, built.manifest_digest, version, files)
+    return built
+
+
 def import_images(containerd_address: str | Path, images: list[BuiltImage], namespace: str = "k8s.io") -> None:
     """`ctr images import` of every tarball into `namespace` (k8s.io is the CRI's namespace)."""
     for img in images:
