@@ -94,8 +94,9 @@ bench-net: deps venv guest-image
 
 # fio in a container: 1 MiB sequential and 4 KiB random reads and writes, direct I/O, on
 # a runc pod's host path (the ceiling) and a husk pod's virtio-fs, block and rbd volumes
-# (~10 min under TCG); BENCH_RUNS=n rounds (default 3); the JSON also goes to
-# build/bench/io.json. The fio image is made of the host's fio and the libraries it loads.
+# (~6 min under TCG, ~3 more when a pod's I/O hangs and is retried); BENCH_RUNS=n rounds
+# (default 3); the JSON also goes to build/bench/io.json. The fio image is made of the
+# host's fio and the libraries it loads.
 bench-io: deps venv guest-image
 	@missing=$$(for p in fio; do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
 		| grep -q 'install ok installed' || echo $$p; done); \

@@ -28,6 +28,12 @@ direct=1 is the guest's: below the VM, virtiofsd opens files without O_DIRECT
 (it has no allow_direct_io) and the loop device is buffered (losetup's default),
 so husk_virtiofs and husk_block both reach the host's page cache, while the
 ceiling's O_DIRECT goes to the host's disk.
+
+Under TCG a husk pod's I/O sometimes never completes (a few in a hundred fio
+runs, on virtio-fs and rbd alike): fio then hangs and the pod cannot stop. A
+fio run that takes EXEC_TIMEOUT_S counts as hung: the pod's VM is killed (so the
+pod can be removed), and the backend starts over once in a new pod on a new
+volume; the JSON lists each backend's hung attempts.
 """
 from __future__ import annotations
 
@@ -47,19 +53,23 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import grpc
 from cri_api.v1 import api_pb2 as api
 
+from shim.config import load_config
 from shim.storage.directvolume import DirectVolumes, MountInfo
 from tests.bench import machine
 from tests.bench.net import _accel, _cpu_model
 from tests.conftest import write_test_config
 from tests.cri.ceph import QEMU_POOL, QEMU_USER, CephCluster
-from tests.cri.cri import CriClient
+from tests.cri.cri import CriClient, CriError
 from tests.cri.harness import REPO_ROOT, Containerd, ContainerdOptions, mounts_under
 from tests.cri.images import FIO_REF, build_fio_image, build_images
 
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 OUTPUT = REPO_ROOT / "build" / "bench" / "io.json"
+# containerd's log (the shims' are in it) of every run, for when one fails.
+LOGS_DIR = REPO_ROOT / "build" / "bench" / "logs"
 # Disk-backed on Debian (a tmpfs /tmp would refuse the ceiling's O_DIRECT and put
 # the loop device's file in RAM).
 WORK_BASE = Path("/var/tmp")
@@ -76,9 +86,17 @@ RUNTIME_S = 5
 RAMP_S = 1
 IOENGINE = "libaio"
 IODEPTH = 4
-# A round takes ~30 s: I/O that never completes fails it after this, not after 10 min.
-EXEC_TIMEOUT_S = 180
+# A round takes ~30 s: a fio run this long is hung (IoHang).
+EXEC_TIMEOUT_S = 120
 IDLE_COMMAND = ["sleep", "86400"]
+# After a failure: the pod gets this long to stop before containerd's teardown takes over.
+FAILED_POD_STOP_TIMEOUT_S = 30.0
+# A backend whose pod's I/O hangs gets a new pod (and volume) this many times.
+HANG_RETRIES = 1
+# In husk's sandbox run dir (<state_dir>/sb/<pod id>/).
+QEMU_PID_FILE = "qemu.pid"
+# The shim reports a killed VM's containers exited within seconds (tests/integration/test_faults.py).
+VM_GONE_TIMEOUT_S = 30.0
 # fio's latency percentile key in its JSON.
 P99 = "99.000000"
 
@@ -160,7 +178,7 @@ class Backend:
 
     name: str
     handler: str
-    volume: str  # "hostpath", "block" or "rbd": which Volumes method makes it
+    volume: str  # "hostpath", "block" or "rbd": which Bench method makes it
     description: str
     fstype: str | None = None  # /data's filesystem in the container; None: the host's, unchecked
     disk: bool = False  # /data is a virtio-blk disk of the VM (/dev/vd*)
@@ -188,21 +206,95 @@ class Measured:
     kernel: str  # the container's (the guest's for husk)
     fio_version: str
     seconds: float
+    hangs: list[str]  # the fio runs of earlier attempts that hung, e.g. "round 2"
+
+
+class IoHang(RuntimeError):
+    """A fio run made no progress for EXEC_TIMEOUT_S: its I/O never completed.
+
+    Seen in husk pods under TCG, on virtio-fs and on an rbd disk alike: the guest
+    has requests in flight that the device never completes, and the pod can no
+    longer stop (its processes wait for that I/O).
+    """
+
+
+def data_mount(cri: CriClient, cid: str, backend: Backend) -> str:
+    """/data's source and fstype in the container, checked against the backend: the
+    figures must be of the storage they are named after."""
+    mounts = cri.exec_sync(cid, ["cat", "/proc/mounts"]).out
+    found = [line.split() for line in mounts.splitlines() if line.split()[1] == MOUNT_POINT]
+    if not found:
+        raise RuntimeError(f"{backend.name}: no {MOUNT_POINT} in the container:\n{mounts}")
+    source, fstype = found[-1][0], found[-1][2]
+    if (backend.fstype is not None and fstype != backend.fstype) or \
+            (backend.disk and not source.startswith("/dev/vd")):
+        raise RuntimeError(f"{backend.name}: {MOUNT_POINT} is {source} ({fstype}), "
+                           f"not {backend.description}")
+    return f"{source} {fstype}"
+
+
+def run_fio(cri: CriClient, cid: str, args: list[str], what: str) -> dict[str, Any]:
+    """fio's JSON report; raises IoHang if it hangs, RuntimeError if it or a job failed."""
+    try:
+        result = cri.exec_sync(cid, ["fio", *args], timeout=EXEC_TIMEOUT_S)
+    except CriError as exc:
+        if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise IoHang(f"fio's {what} hung ({EXEC_TIMEOUT_S} s without finishing)") from exc
+        raise
+    if result.exit_code != 0 or "{" not in result.out:
+        raise RuntimeError(f"fio exited {result.exit_code}: {result.err.strip() or result.out.strip()}")
+    # fio may print notices ahead of the report.
+    report: dict[str, Any] = json.loads(result.out[result.out.index("{"):])
+    failed = {job["jobname"]: job["error"] for job in report["jobs"] if job["error"]}
+    if failed:
+        raise RuntimeError(f"fio jobs failed (errno): {failed}; {result.err.strip()}")
+    return report
 
 
 @dataclass
-class Volumes:
-    """Makes each backend's volume under `work` and names it in `records` where it is a
-    direct volume; each is undone (record, loop device, cluster) on leaving its with."""
+class Bench:
+    """One run's containerd and dirs: makes each backend's volume and pod, measures it,
+    and undoes each (pod, record, loop device, cluster) on leaving its with."""
 
     cd: Containerd
     work: Path
-    records: DirectVolumes
+    state: Path  # husk's (runtime.state_dir)
 
-    def make(self, backend: Backend) -> contextlib.AbstractContextManager[Path]:
+    @property
+    def records(self) -> DirectVolumes:
+        return DirectVolumes(self.state / "direct-volumes")
+
+    def measure(self, backend: Backend) -> Measured:
+        """RUNS rounds in one pod; a pod whose I/O hangs is replaced once, on a new volume."""
+        hangs: list[str] = []
+        for attempt in range(1 + HANG_RETRIES):
+            try:
+                return self._measure_once(backend, f"{backend.name}-{attempt}", hangs)
+            except IoHang as hang:
+                if attempt == HANG_RETRIES:
+                    raise
+                hangs.append(str(hang))
+                print(f"{backend.name}: {hang}; again in a new pod", file=sys.stderr)
+        raise AssertionError("unreachable")
+
+    def _measure_once(self, backend: Backend, name: str, hangs: list[str]) -> Measured:
+        begin = time.monotonic()
+        cri = self.cd.cri
+        with self.volume(backend, name) as host_path, self.pod(backend, name, host_path) as cid:
+            mount = data_mount(cri, cid, backend)
+            kernel = cri.exec_sync(cid, ["uname", "-r"]).out.strip()
+            version = str(run_fio(cri, cid, LAYOUT_ARGS, "layout run")["fio version"])
+            rounds = []
+            for i in range(RUNS):
+                rounds.append(Round.from_fio(run_fio(cri, cid, ROUND_ARGS, f"round {i + 1}")))
+                print(f"{backend.name} {i + 1}/{RUNS}: {json.dumps(asdict(rounds[-1]))}",
+                      file=sys.stderr)
+        return Measured(rounds, mount, kernel, version, round(time.monotonic() - begin, 1), hangs)
+
+    def volume(self, backend: Backend, name: str) -> contextlib.AbstractContextManager[Path]:
         """The host path to mount at /data."""
         makers = {"hostpath": self.host_dir, "block": self.loop_block, "rbd": self.rbd}
-        return makers[backend.volume](backend.name)
+        return makers[backend.volume](name)
 
     @contextlib.contextmanager
     def host_dir(self, name: str) -> Iterator[Path]:
@@ -246,60 +338,43 @@ class Volumes:
             undo.callback(self.records.remove, str(target))
             yield target
 
-
-@contextlib.contextmanager
-def fio_container(cri: CriClient, backend: Backend, host_path: Path) -> Iterator[str]:
-    """An idle fio container in a pod of the backend's handler, `host_path` at /data; the
-    pod is stopped and removed on the way out (before its volume is undone)."""
-    pod = cri.run_pod(f"bench-io-{backend.name.replace('_', '-')}", handler=backend.handler)
-    try:
-        yield cri.run_container(pod, FIO_REF, IDLE_COMMAND, mounts=[
-            api.Mount(container_path=MOUNT_POINT, host_path=str(host_path))])
-    finally:
+    @contextlib.contextmanager
+    def pod(self, backend: Backend, name: str, host_path: Path) -> Iterator[str]:
+        """An idle fio container in a pod of the backend's handler, `host_path` at /data;
+        the pod is stopped and removed on the way out (before its volume is undone)."""
+        cri = self.cd.cri
+        pod = cri.run_pod(f"bench-io-{name.replace('_', '-')}", handler=backend.handler)
+        cid = ""
+        try:
+            cid = cri.run_container(pod, FIO_REF, IDLE_COMMAND, mounts=[
+                api.Mount(container_path=MOUNT_POINT, host_path=str(host_path))])
+            yield cid
+        except IoHang:
+            # Once the shim has seen the VM go, the pod stops as any other.
+            self.kill_vm(pod.id)
+            cri.wait_container_exit(cid, timeout=VM_GONE_TIMEOUT_S)
+            cri.stop_pod(pod.id)
+            cri.remove_pod(pod.id)
+            raise
+        except BaseException:
+            # The body's error is the one to report: a pod that does not stop in time is
+            # left to containerd's teardown, which kills what it must.
+            with contextlib.suppress(CriError):
+                cri.stop_pod(pod.id, timeout=FAILED_POD_STOP_TIMEOUT_S)
+                cri.remove_pod(pod.id, timeout=FAILED_POD_STOP_TIMEOUT_S)
+            raise
         cri.stop_pod(pod.id)
         cri.remove_pod(pod.id)
 
-
-def data_mount(cri: CriClient, cid: str, backend: Backend) -> str:
-    """/data's source and fstype in the container, checked against the backend: the
-    figures must be of the storage they are named after."""
-    mounts = cri.exec_sync(cid, ["cat", "/proc/mounts"]).out
-    found = [line.split() for line in mounts.splitlines() if line.split()[1] == MOUNT_POINT]
-    if not found:
-        raise RuntimeError(f"{backend.name}: no {MOUNT_POINT} in the container:\n{mounts}")
-    source, fstype = found[-1][0], found[-1][2]
-    if (backend.fstype is not None and fstype != backend.fstype) or \
-            (backend.disk and not source.startswith("/dev/vd")):
-        raise RuntimeError(f"{backend.name}: {MOUNT_POINT} is {source} ({fstype}), "
-                           f"not {backend.description}")
-    return f"{source} {fstype}"
-
-
-def run_fio(cri: CriClient, cid: str, args: list[str]) -> dict[str, Any]:
-    """fio's JSON report; raises if fio or any of its jobs failed."""
-    result = cri.exec_sync(cid, ["fio", *args], timeout=EXEC_TIMEOUT_S)
-    if result.exit_code != 0 or "{" not in result.out:
-        raise RuntimeError(f"fio exited {result.exit_code}: {result.err.strip() or result.out.strip()}")
-    # fio may print notices ahead of the report.
-    report: dict[str, Any] = json.loads(result.out[result.out.index("{"):])
-    failed = {job["jobname"]: job["error"] for job in report["jobs"] if job["error"]}
-    if failed:
-        raise RuntimeError(f"fio jobs failed (errno): {failed}; {result.err.strip()}")
-    return report
-
-
-def measure(cri: CriClient, volumes: Volumes, backend: Backend) -> Measured:
-    """RUNS rounds in one container on the backend's volume, after the untimed layout run."""
-    begin = time.monotonic()
-    with volumes.make(backend) as host_path, fio_container(cri, backend, host_path) as cid:
-        mount = data_mount(cri, cid, backend)
-        kernel = cri.exec_sync(cid, ["uname", "-r"]).out.strip()
-        version = str(run_fio(cri, cid, LAYOUT_ARGS)["fio version"])
-        rounds = []
-        for i in range(RUNS):
-            rounds.append(Round.from_fio(run_fio(cri, cid, ROUND_ARGS)))
-            print(f"{backend.name} {i + 1}/{RUNS}: {json.dumps(asdict(rounds[-1]))}", file=sys.stderr)
-    return Measured(rounds, mount, kernel, version, round(time.monotonic() - begin, 1))
+    def kill_vm(self, pod_id: str) -> None:
+        """SIGKILL of a husk pod's QEMU, by its pid file: a pod whose I/O hung cannot
+        stop, but one whose VM died can (the shim reports its processes exited)."""
+        pid_file = self.state / "sb" / pod_id / QEMU_PID_FILE
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pid_file.read_text())
+            if pod_id in Path(f"/proc/{pid}/cmdline").read_text(errors="replace"):
+                os.kill(pid, signal.SIGKILL)
+                print(f"killed the VM of pod {pod_id} (QEMU pid {pid})", file=sys.stderr)
 
 
 def _rounded(value: float, metric: str) -> float:
@@ -340,11 +415,12 @@ def _exit_on_sigterm(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def report(measured: dict[str, Measured], state: Path, load_at_start: float,
+def report(measured: dict[str, Measured], config: Path, state: Path, load_at_start: float,
            started: float) -> dict[str, Any]:
     """The JSON: the machine, each backend, every metric's summary, the goal, the method."""
     results = {metric: summary(measured, metric) for metric in METRICS}
     husk = measured["husk_virtiofs"]
+    vm = load_config(str(config))
     return {
         "benchmark": "io",
         "machine": {**machine(), "cpu_model": _cpu_model(), "accel": _accel(state),
@@ -355,11 +431,14 @@ def report(measured: dict[str, Measured], state: Path, load_at_start: float,
         "ceiling": CEILING,
         "backends": {b.name: {"handler": b.handler, "volume": b.description,
                               "data_mount": measured[b.name].data_mount,
-                              "seconds": measured[b.name].seconds} for b in BACKENDS},
+                              "seconds": measured[b.name].seconds,
+                              "hung_attempts": measured[b.name].hangs} for b in BACKENDS},
         **results,
         "goal": goal(results),
         "method": {
             "fio": husk.fio_version,
+            "husk_vm": {"vcpus": vm.hypervisor.vcpus, "memory_mib": vm.hypervisor.memory_mib,
+                        "shared_fs": vm.shared_fs.type, "virtiofs_cache": vm.shared_fs.virtiofs_cache},
             "jobs": {job.name: f"rw={job.rw} bs={job.block}" for job in JOBS},
             "every_job": (f"direct=1 ioengine={IOENGINE} iodepth={IODEPTH} on {DATA_FILE} "
                           f"({FILE_MIB} MiB, written by an untimed fio run first); "
@@ -386,11 +465,12 @@ def main() -> int:
     try:
         config = write_test_config(work / "husk.toml", state)
         images = [*build_images(), build_fio_image()]
-        options = ContainerdOptions(images=images, husk_config=config, log_level="info")
+        options = ContainerdOptions(images=images, husk_config=config, log_level="info",
+                                    keep_logs_dir=LOGS_DIR)
         with Containerd.started(options) as cd:
-            volumes = Volumes(cd, work, DirectVolumes(state / "direct-volumes"))
-            measured = {b.name: measure(cd.cri, volumes, b) for b in BACKENDS}
-        result = report(measured, state, load_at_start, started)
+            bench = Bench(cd, work, state)
+            measured = {b.name: bench.measure(b) for b in BACKENDS}
+        result = report(measured, config, state, load_at_start, started)
         OUTPUT.parent.mkdir(parents=True, exist_ok=True)
         OUTPUT.write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
