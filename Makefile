@@ -18,16 +18,21 @@ HOST_PACKAGES := qemu-system-x86 qemu-utils containerd runc crun mmdebstrap \
 
 all: venv guest-image
 
-# Installs only what is missing, so a prepared machine pays nothing.
-deps: $(BUILD)/.host-deps
-$(BUILD)/.host-deps: Makefile
-	@missing=$$(for p in $(HOST_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+# $(call apt_install,packages): installs from Debian those not installed yet, so a
+# prepared machine pays nothing.
+define apt_install
+	@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
 		| grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing host packages: $$missing"; \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
 			--no-install-recommends $$missing; \
 	fi
+endef
+
+deps: $(BUILD)/.host-deps
+$(BUILD)/.host-deps: Makefile
+	$(call apt_install,$(HOST_PACKAGES))
 	@mkdir -p $(BUILD) && touch $@
 
 venv: $(VENV)/.installed
@@ -72,13 +77,7 @@ soak: deps venv guest-image
 # few specs; CRITEST_DIR is where critest is (default ../shared/tools/cri-tools).
 # gcc and libc6-dev build critest's nginx and nonewprivs stand-in images.
 critest: deps venv guest-image
-	@missing=$$(for p in gcc libc6-dev; do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
-		| grep -q 'install ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-		echo "installing host packages: $$missing"; \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-			--no-install-recommends $$missing; \
-	fi
+	$(call apt_install,gcc libc6-dev)
 	$(PY) -m tests.cri.critest
 
 bench-boot: deps venv guest-image
@@ -98,13 +97,7 @@ bench-net: deps venv guest-image
 # (default 3); the JSON also goes to build/bench/io.json. The fio image is made of the
 # host's fio and the libraries it loads.
 bench-io: deps venv guest-image
-	@missing=$$(for p in fio; do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
-		| grep -q 'install ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-		echo "installing host packages: $$missing"; \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-			--no-install-recommends $$missing; \
-	fi
+	$(call apt_install,fio)
 	$(PY) -m tests.bench.io
 
 clean:

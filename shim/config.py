@@ -26,6 +26,8 @@ ANNOTATION_PREFIX = "io.husk."
 ANNOTATION_VCPUS = "io.husk.vcpus"
 ANNOTATION_MEMORY = "io.husk.memory_mib"
 ALLOWED_ANNOTATIONS = frozenset({ANNOTATION_VCPUS, ANNOTATION_MEMORY})
+# The least memory a guest boots and runs its agent in.
+MIN_MEMORY_MIB = 128
 
 ACCEL_MODES = ("auto", "kvm", "tcg")
 SHARED_FS_TYPES = ("virtio-fs", "9p")
@@ -43,6 +45,14 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class SizeOverrides:
+    """A pod's io.husk.vcpus / io.husk.memory_mib annotations; 0 = not given."""
+
+    vcpus: int = 0
+    memory_mib: int = 0
+
+
+@dataclass(frozen=True)
 class HypervisorConfig:
     qemu_path: str = "/usr/bin/qemu-system-x86_64"
     guest_dir: str = ""  # holds vmlinuz, initrd.img, rootfs.img; "" = search GUEST_DIRS
@@ -50,8 +60,13 @@ class HypervisorConfig:
     initrd: str = ""
     image: str = ""
     kernel_params: str = ""
+    # A pod without limits gets vcpus and memory_mib. A pod with limits gets
+    # them (containerd's sums) plus the base, for the guest's own kernel and agent.
     vcpus: int = 1
     memory_mib: int = 512
+    base_vcpus: int = 0
+    base_memory_mib: int = 256
+    # What a VM can grow to (the CPUs and memory it boots with room for).
     max_vcpus: int = 8
     max_memory_mib: int = 16384
     accel: str = "auto"
@@ -115,6 +130,10 @@ class StorageConfig:
     # Where direct-volume records are (husk direct-volume add/publish write them);
     # Kata's is /run/kata-containers/shared/direct-volumes, for CSI drivers written for it.
     direct_volumes_dir: str = "/run/husk/direct-volumes"
+    # Each direct-volume disk gets its own QEMU I/O thread, so its requests are
+    # served beside the vCPUs instead of under QEMU's global lock (Kata's
+    # enable_iothreads).
+    disk_iothreads: bool = True
 
 
 @dataclass(frozen=True)
@@ -132,13 +151,13 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
-    def with_pod_annotations(self, annotations: Mapping[str, str]) -> "Config":
-        """Apply the allowlisted ``io.husk.*`` pod annotations.
+    def size_overrides(self, annotations: Mapping[str, str]) -> SizeOverrides:
+        """The allowlisted ``io.husk.*`` pod annotations (an operator's VM size).
 
         :raise ConfigError: an unknown ``io.husk.`` key or an out-of-range value.
         """
         hv = self.hypervisor
-        changes: dict[str, Any] = {}
+        vcpus = memory_mib = 0
         for key, value in annotations.items():
             if not key.startswith(ANNOTATION_PREFIX):
                 continue
@@ -146,12 +165,21 @@ class Config:
                 allowed = ", ".join(sorted(ALLOWED_ANNOTATIONS))
                 raise ConfigError(f"annotation {key!r} is not supported (allowed: {allowed})")
             if key == ANNOTATION_VCPUS:
-                changes["vcpus"] = _bounded_int(key, value, 1, hv.max_vcpus)
+                vcpus = _bounded_int(key, value, 1, hv.max_vcpus)
             elif key == ANNOTATION_MEMORY:
-                changes["memory_mib"] = _bounded_int(key, value, 128, hv.max_memory_mib)
+                memory_mib = _bounded_int(key, value, MIN_MEMORY_MIB, hv.max_memory_mib)
+        return SizeOverrides(vcpus, memory_mib)
+
+    def with_pod_annotations(self, annotations: Mapping[str, str]) -> "Config":
+        """The config with the ``io.husk.*`` size annotations as its defaults (``husk run``).
+
+        :raise ConfigError: an unknown ``io.husk.`` key or an out-of-range value.
+        """
+        overrides = self.size_overrides(annotations)
+        changes = {k: v for k, v in dataclasses.asdict(overrides).items() if v}
         if not changes:
             return self
-        return dataclasses.replace(self, hypervisor=dataclasses.replace(hv, **changes))
+        return dataclasses.replace(self, hypervisor=dataclasses.replace(self.hypervisor, **changes))
 
 
 def _bounded_int(name: str, value: Any, low: int, high: int) -> int:
@@ -212,9 +240,12 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     hv = config.hypervisor
     _choice("hypervisor.accel", hv.accel, ACCEL_MODES)
     _bounded_int("hypervisor.max_vcpus", hv.max_vcpus, 1, 255)
-    _bounded_int("hypervisor.max_memory_mib", hv.max_memory_mib, 128, 1 << 22)
+    _bounded_int("hypervisor.max_memory_mib", hv.max_memory_mib, MIN_MEMORY_MIB, 1 << 22)
     _bounded_int("hypervisor.vcpus", hv.vcpus, 1, hv.max_vcpus)
-    _bounded_int("hypervisor.memory_mib", hv.memory_mib, 128, hv.max_memory_mib)
+    _bounded_int("hypervisor.memory_mib", hv.memory_mib, MIN_MEMORY_MIB, hv.max_memory_mib)
+    _bounded_int("hypervisor.base_vcpus", hv.base_vcpus, 0, hv.max_vcpus - 1)
+    _bounded_int("hypervisor.base_memory_mib", hv.base_memory_mib, MIN_MEMORY_MIB,
+                 hv.max_memory_mib)
     _bounded_int("hypervisor.hotplug_ports", hv.hotplug_ports, 0, MAX_HOTPLUG_PORTS)
     if any(c in hv.kernel_params for c in "\n\0"):
         raise ConfigError("hypervisor.kernel_params must be one line")

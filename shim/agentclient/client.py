@@ -313,10 +313,17 @@ class AgentClient:
         return PortForwardStream(self._stub.PortForward(), port)
 
     async def volume_stats(self, mount_point: str) -> dict[str, int]:
+        """statvfs of a guest mount, checked: CSI's NodeGetVolumeStats carries int64s, and
+        a part is never more than its whole."""
         reply = await self._call("GetVolumeStats", pb.VolumeRequest(mount_point=mount_point))
-        return {k: int(getattr(reply, k)) for k in (
+        stats = {k: int(getattr(reply, k)) for k in (
             "capacity_bytes", "used_bytes", "available_bytes", "inodes", "inodes_used",
             "inodes_free")}
+        if (max(stats.values()) >= 1 << 63
+                or max(stats["used_bytes"], stats["available_bytes"]) > stats["capacity_bytes"]
+                or max(stats["inodes_used"], stats["inodes_free"]) > stats["inodes"]):
+            raise errors.InternalError(f"agent GetVolumeStats: inconsistent figures {stats}")
+        return stats
 
     async def resize_volume(self, mount_point: str, size_bytes: int) -> None:
         await self._call("ResizeVolume", pb.ResizeVolumeRequest(mount_point=mount_point,

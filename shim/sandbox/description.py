@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shim import errors
+from shim.config import SizeOverrides
 
 SANDBOX_NAME = "io.kubernetes.cri.sandbox-name"
 # containerd's sum of the pod's container limits (on the sandbox spec).
@@ -44,6 +45,7 @@ class PodDescription:
     dns: tuple[str, ...] = ()  # resolv.conf lines, when not bind-mounted by containerd
     sysctls: tuple[tuple[str, str], ...] = ()
     resources: PodResources = field(default_factory=PodResources)
+    size_overrides: SizeOverrides = field(default_factory=SizeOverrides)  # io.husk.* annotations
 
     @property
     def sysctl_map(self) -> dict[str, str]:
@@ -51,8 +53,10 @@ class PodDescription:
 
     @classmethod
     def from_spec(cls, sandbox_id: str, spec: Mapping[str, Any], annotations: Mapping[str, str],
-                  cri_sandbox: bool = True) -> PodDescription:
+                  cri_sandbox: bool = True,
+                  size_overrides: SizeOverrides = SizeOverrides()) -> PodDescription:
         """:param cri_sandbox: a CRI pod (else a standalone container, ``ctr run``).
+        :param size_overrides: the pod's io.husk.* size annotations, checked by the config.
         :raise errors.InvalidArgumentError: the spec asks for what a VM cannot give."""
         raw_linux = spec.get("linux")
         linux: Mapping[str, Any] = raw_linux if isinstance(raw_linux, dict) else {}
@@ -62,7 +66,7 @@ class PodDescription:
         return cls(sandbox_id=sandbox_id, hostname=hostname[:HOSTNAME_MAX],
                    cgroup_path=cgroup_path if isinstance(cgroup_path, str) else "",
                    netns_path=network_namespace(linux, cri_sandbox), sysctls=tuple(sysctls(linux).items()),
-                   resources=_resources(annotations))
+                   resources=_resources(annotations), size_overrides=size_overrides)
 
 
 def network_namespace(linux: Mapping[str, Any], cri_sandbox: bool = True) -> str:

@@ -88,7 +88,7 @@ class Pod:
         self._manage: ManageServer | None = None
         self.volumes = PodVolumes(
             DirectVolumes(Path(sandbox.config.storage.direct_volumes_dir)),
-            sandbox.sandbox_id, sandbox.run_dir)
+            sandbox.sandbox_id, sandbox.run_dir, sandbox.config.storage.disk_iothreads)
 
     @property
     def agent(self) -> Any:

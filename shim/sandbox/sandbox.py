@@ -33,6 +33,7 @@ from shim.network.setup import PodNetworking
 from shim.network.tcfilter import TapEndpoint, queue_count, vhost_net_available
 from shim.network.watch import NetnsWatcher
 from shim.sandbox.description import PodDescription
+from shim.sandbox.sizing import size_vm
 from shim.util.mount import mounts_under
 from shim.storage.share import GUEST_SHARED_DIR, SharedDir, check_id
 from shim.vm.accel import AccelChoice, choose_accel
@@ -85,6 +86,7 @@ class Sandbox:
         check_id("sandbox", self.pod.sandbox_id)
         self.run_dir = Path(self.config.runtime.state_dir) / SANDBOXES_DIR / self.sandbox_id
         self.shared = SharedDir(self.run_dir)
+        self.size = size_vm(self.config.hypervisor, self.pod.resources, self.pod.size_overrides)
 
     @property
     def sandbox_id(self) -> str:
@@ -157,7 +159,7 @@ class Sandbox:
             return
         self._nic_vhost = settings.vhost_net == "on" or (settings.vhost_net == "auto"
                                                          and vhost_net_available())
-        self._nic_queues = queue_count(self.config.hypervisor.vcpus)
+        self._nic_queues = queue_count(self.size.vcpus)
         try:
             self.networking = await network_setup.connect(
                 self.pod.netns_path, self._nic_queues, self._nic_vhost)
@@ -192,13 +194,15 @@ class Sandbox:
         spec = VmSpec(
             name=self.sandbox_id[:32], paths=VmPaths(self.run_dir), qemu_path=hv.qemu_path,
             kernel=hv.kernel_path, initrd=hv.initrd_path, image=hv.image_path,
-            vcpus=hv.vcpus, memory_mib=hv.memory_mib, accel=self.accel,
+            vcpus=self.size.vcpus, memory_mib=self.size.memory_mib,
+            max_vcpus=self.size.max_vcpus, max_memory_mib=self.size.max_memory_mib, accel=self.accel,
             shared_fs=SharedFsType(self.config.shared_fs.type),
             shared_dir=self.shared.host_dir, transport=self._transport, vsock_cid=cid,
             vhost_fd=vhost_fd, hotplug_ports=hv.hotplug_ports,
             msize_9p=self.config.shared_fs.msize_9p, kernel_params=hv.kernel_params,
             debug=self.config.runtime.debug,
             extra_fds=[vhost_fd] if vhost_fd >= 0 else [], nics=self._nics())
+        log.info("sandbox %s: VM of %s", self.sandbox_id, self.size)
         self.vm = Vm(spec, self.config.shared_fs.virtiofsd_path,
                      self.config.shared_fs.virtiofs_cache)
         cgroup = SandboxCgroup.from_spec_path(self.pod.cgroup_path)

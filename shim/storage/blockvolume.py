@@ -157,6 +157,7 @@ class PodVolumes:
     records: DirectVolumes
     sandbox_id: str
     run_dir: Path
+    iothreads: bool = True  # each disk served by an I/O thread of its own
     attached: dict[str, AttachedVolume] = field(default_factory=dict)  # by volume path
     _next_disk: int = 0
 
@@ -218,7 +219,7 @@ class PodVolumes:
             backend: dict[str, Any] = {"driver": "host_device", "filename": str(device),
                                        "aio": "native", "cache": {"direct": True,
                                                                   "no-flush": False}}
-            return DiskSpec(disk_id, backend, readonly, serial)
+            return DiskSpec(disk_id, backend, readonly, serial, iothread=self.iothreads)
         meta = info.metadata
         secret_id = f"{disk_id}-key"
         backend = {"driver": "rbd", "pool": meta["pool"], "image": meta["image"],
@@ -233,7 +234,7 @@ class PodVolumes:
                                     "with the user's cephx key)")
         secret = {"qom-type": "secret", "id": secret_id, "format": "base64",
                   "data": _read_key(meta["keyFile"])}
-        return DiskSpec(disk_id, backend, readonly, serial, secret)
+        return DiskSpec(disk_id, backend, readonly, serial, secret, self.iothreads)
 
     def _rbd_conf(self) -> Path:
         """librbd's settings for every rbd disk of this pod (no monitors: the record has them)."""

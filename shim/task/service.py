@@ -168,12 +168,13 @@ class TaskService:
     async def _new_pod(self, request: api.CreateTaskRequest, spec: dict[str, Any]) -> Pod:
         annotations = _annotations(spec)
         config: Config = load_config(_config_path(request.options) or self._config_path)
-        config = config.with_pod_annotations(annotations)
+        overrides = config.size_overrides(annotations)
         if log.isEnabledFor(logging.DEBUG) and not config.runtime.debug:
             config = _with_debug(config)
         # Checked before anything exists.
         description = PodDescription.from_spec(
-            request.id, spec, annotations, cri_sandbox=annotations.get(CONTAINER_TYPE) == "sandbox")
+            request.id, spec, annotations, cri_sandbox=annotations.get(CONTAINER_TYPE) == "sandbox",
+            size_overrides=overrides)
         sandbox = self._sandbox_factory(description, config)
         _note_run_dir(request.bundle, sandbox.run_dir)
         pod = Pod(sandbox, self._publish_exit,

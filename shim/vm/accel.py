@@ -10,6 +10,7 @@ The verdict is cached per host boot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import fcntl
 import json
@@ -92,15 +93,22 @@ async def _probe_qemu_kvm(qemu: str) -> str | None:
     """
     commands = b"".join(json.dumps({"execute": c}).encode() + b"\n"
                         for c in ("qmp_capabilities", "query-kvm", "quit"))
+    # Shielded: cancelled while its pipes connect, asyncio would kill only the
+    # process it forked and then wait for everything holding the pipes to exit.
+    spawn = asyncio.ensure_future(asyncio.create_subprocess_exec(
+        qemu, "-accel", "kvm", "-cpu", "host", "-machine", "q35", "-nodefaults",
+        "-no-user-config", "-display", "none", "-S", "-qmp", "stdio",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, start_new_session=True,
+        preexec_fn=child.die_with_parent))
     try:
-        proc = await asyncio.create_subprocess_exec(
-            qemu, "-accel", "kvm", "-cpu", "host", "-machine", "q35", "-nodefaults",
-            "-no-user-config", "-display", "none", "-S", "-qmp", "stdio",
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, start_new_session=True,
-            preexec_fn=child.die_with_parent)
+        proc = await asyncio.shield(spawn)
     except OSError as exc:
         return f"cannot run {qemu}: {exc.strerror}"
+    except asyncio.CancelledError:
+        with contextlib.suppress(OSError):
+            await _kill_probe(await asyncio.shield(spawn))
+        raise
     try:
         out, err = await asyncio.wait_for(proc.communicate(commands), PROBE_TIMEOUT_S)
     except asyncio.TimeoutError:

@@ -24,12 +24,18 @@ GUEST_LOG_CHARDEV = "guestlog"
 LOG_PORT_NAME = "io.husk.log"
 SHARED_FS_TAG = "husk-shared"
 AGENT_VSOCK_PORT = 1024
+# DIMM slots for memory hot-added to a running VM, one per grow step. vhost-user
+# backends (virtiofsd) map each as a region: libvhost-user takes 32 at most.
+MEMORY_SLOTS = 8
 # Linux's sockaddr_un.sun_path holds 108 bytes including the terminator;
 # leave margin for the suffixes QEMU and virtiofsd add.
 UNIX_PATH_MAX = 106
 FAST_BOOT_PARAMS = ("tsc=reliable", "no_timer_check", "rcupdate.rcu_expedited=1",
                     "i8042.direct=1", "i8042.dumbkbd=1", "i8042.nopnp=1", "i8042.noaux=1",
                     "noreplace-smp", "cryptomgr.notests")
+# No DMA bounce buffers: virtio devices reach all guest memory, and a VM with room
+# for memory above 4 GiB (maxmem) would otherwise reserve and zero 64 MiB for them.
+NO_BOUNCE_BUFFERS = "swiotlb=noforce"
 # QEMU's seccomp filter: QEMU never needs to run programs (no helper scripts,
 # no -daemonize), change uids or use obsolete or scheduler/resource syscalls,
 # so a guest that takes over QEMU cannot either.
@@ -157,6 +163,8 @@ class VmSpec:
     shared_fs: SharedFsType
     shared_dir: Path
     transport: AgentTransport
+    max_vcpus: int = 0       # what hot-plug may grow it to; 0 = no room
+    max_memory_mib: int = 0
     vsock_cid: int = 0
     vhost_fd: int = -1
     hotplug_ports: int = 4
@@ -192,7 +200,7 @@ def kernel_cmdline(spec: VmSpec) -> str:
     # panic=-1 with QEMU's -no-reboot: a guest that panics ends QEMU at once.
     params = ["console=ttyS0", "8250.nr_uarts=1", "root=/dev/vda", "ro", "panic=-1",
               # Skip probing hardware a VM never has; saves seconds under TCG.
-              *FAST_BOOT_PARAMS, f"husk.transport={spec.transport.value}"]
+              *FAST_BOOT_PARAMS, NO_BOUNCE_BUFFERS, f"husk.transport={spec.transport.value}"]
     if spec.debug:
         params += ["husk.debug=1", "loglevel=7"]
     else:
@@ -200,6 +208,20 @@ def kernel_cmdline(spec: VmSpec) -> str:
     if spec.kernel_params:
         params.append(spec.kernel_params)
     return " ".join(params)
+
+
+def smp_args(spec: VmSpec) -> str:
+    """-smp: the vCPUs present at boot, and as many more possible for hot-plug."""
+    if spec.max_vcpus > spec.vcpus:
+        return f"{spec.vcpus},maxcpus={spec.max_vcpus}"
+    return str(spec.vcpus)
+
+
+def memory_args(spec: VmSpec) -> str:
+    """-m: boot memory, and DIMM slots up to the maximum for hot-added memory."""
+    if spec.max_memory_mib > spec.memory_mib:
+        return f"{spec.memory_mib}M,slots={MEMORY_SLOTS},maxmem={spec.max_memory_mib}M"
+    return f"{spec.memory_mib}M"
 
 
 def build_cmdline(spec: VmSpec, slots: SlotMap | None = None) -> list[str]:
@@ -218,7 +240,7 @@ def build_cmdline(spec: VmSpec, slots: SlotMap | None = None) -> list[str]:
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-sandbox", QEMU_SANDBOX,
             *spec.accel.qemu_args,
-            "-smp", str(spec.vcpus), "-m", memory,
+            "-smp", smp_args(spec), "-m", memory_args(spec),
             "-kernel", qemu_value(spec.kernel), "-initrd", qemu_value(spec.initrd),
             "-append", kernel_cmdline(spec),
             "-qmp", f"unix:{qemu_value(p.qmp_socket)},server=on,wait=off",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -38,6 +38,10 @@ DEVICE_DEL_TIMEOUT_S = 20.0
 # Opening a backend can wait on the network (Ceph's monitors); librbd's own
 # connect timeout is set lower than this (client_mount_timeout).
 BACKEND_OPEN_TIMEOUT_S = 30.0
+
+
+# A QMP command and its arguments that take back one step of a hot-plug.
+Undo = tuple[str, dict[str, Any]]
 
 
 class SlotError(Exception):
@@ -136,10 +140,15 @@ class DiskSpec:
     # An object-add secret the backend names (a cephx key as "data"): only read
     # while the backend opens, so deleted right after.
     secret: dict[str, Any] | None = None
+    iothread: bool = False  # served by an I/O thread of its own
 
     @property
     def node_name(self) -> str:
         return f"{self.id}-node"
+
+    @property
+    def iothread_id(self) -> str:
+        return f"{self.id}-io"
 
 
 @dataclass
@@ -152,7 +161,7 @@ class Devices:
 
     vm: QmpPort
     slots: SlotMap
-    _backends: dict[str, list[tuple[str, dict[str, Any]]]] = field(default_factory=dict)
+    _backends: dict[str, list[Undo]] = field(default_factory=dict)
 
     async def add_nic(self, nic: NicSpec) -> PciSlot:
         """Hot-plug a virtio-net NIC on its tap fds (QEMU gets copies; the caller
@@ -160,12 +169,7 @@ class Devices:
 
         :raise DeviceError: no free port, or QEMU refused; nothing is left added.
         """
-        try:
-            slot = self.slots.hotplug(nic.id)
-        except SlotError as exc:
-            raise DeviceError(f"NIC {nic.id}: {exc}") from exc
-        undo: list[tuple[str, dict[str, Any]]] = []
-        try:
+        async def plug(slot: PciSlot, undo: list[Undo]) -> None:
             tap_names = await self._pass_fds(f"{nic.id}-tap", nic.tap_fds, undo)
             vhost_names = await self._pass_fds(f"{nic.id}-vhost", nic.vhost_fds, undo)
             netdev: dict[str, Any] = {"type": "tap", "id": nic.id, "fds": ":".join(tap_names)}
@@ -179,12 +183,8 @@ class Devices:
             if len(nic.tap_fds) > 1:
                 device.update(mq=True, vectors=2 * len(nic.tap_fds) + 2)
             await self.vm.qmp("device_add", device, DEVICE_ADD_TIMEOUT_S)
-        except Exception as exc:
-            await self._undo(undo)
-            self.slots.release(nic.id)
-            raise DeviceError(f"cannot hot-plug NIC {nic.id} ({nic.mac}): {exc}") from exc
-        # QEMU closes the passed fds itself when the netdev goes.
-        self._backends[nic.id] = [u for u in undo if u[0] == "netdev_del"]
+
+        slot = await self._hotplug(nic.id, f"NIC {nic.id} ({nic.mac})", plug)
         log.info("hot-plugged NIC %s (%s) on %s (PCI path %s)", nic.id, nic.mac, slot.bus,
                  slot.path)
         return slot
@@ -196,12 +196,11 @@ class Devices:
             is missing, Ceph refused the key...), or QEMU refused the device;
             nothing is left added.
         """
-        try:
-            slot = self.slots.hotplug(disk.id)
-        except SlotError as exc:
-            raise DeviceError(f"disk {disk.id}: {exc}") from exc
-        undo: list[tuple[str, dict[str, Any]]] = []
-        try:
+        async def plug(slot: PciSlot, undo: list[Undo]) -> None:
+            if disk.iothread:
+                await self.vm.qmp("object-add", {"qom-type": "iothread", "id": disk.iothread_id},
+                                  DEVICE_ADD_TIMEOUT_S)
+                undo.append(("object-del", {"id": disk.iothread_id}))
             if disk.secret is not None:
                 await self.vm.qmp("object-add", disk.secret, DEVICE_ADD_TIMEOUT_S)
                 undo.append(("object-del", {"id": disk.secret["id"]}))
@@ -211,19 +210,40 @@ class Devices:
             undo.append(("blockdev-del", {"node-name": disk.node_name}))
             await self.vm.qmp("blockdev-add", node, BACKEND_OPEN_TIMEOUT_S)
             if disk.secret is not None:
-                await self._undo([undo.pop(0)])
+                secret_del = ("object-del", {"id": disk.secret["id"]})
+                undo.remove(secret_del)
+                await self._undo([secret_del])
             device = {"driver": "virtio-blk-pci", "id": disk.id, "drive": disk.node_name,
                       "bus": slot.bus, "addr": "0x0"}
             if disk.serial:
                 device["serial"] = disk.serial
+            if disk.iothread:
+                device["iothread"] = disk.iothread_id
             await self.vm.qmp("device_add", device, DEVICE_ADD_TIMEOUT_S)
-        except Exception as exc:
-            await self._undo(undo)
-            self.slots.release(disk.id)
-            raise DeviceError(f"cannot attach disk {disk.id}: {exc or 'timed out'}") from exc
-        self._backends[disk.id] = [u for u in undo if u[0] == "blockdev-del"]
+
+        slot = await self._hotplug(disk.id, f"disk {disk.id}", plug)
         log.info("hot-plugged disk %s (%s) on %s (PCI path %s)", disk.id,
                  disk.backend.get("driver"), slot.bus, slot.path)
+        return slot
+
+    async def _hotplug(self, device_id: str, what: str,
+                       plug: Callable[[PciSlot, list[Undo]], Awaitable[None]]) -> PciSlot:
+        """Run ``plug`` on a free port; it records the undo of each step it took. On
+        failure those are undone and the port is free again."""
+        try:
+            slot = self.slots.hotplug(device_id)
+        except SlotError as exc:
+            raise DeviceError(f"{what}: {exc}") from exc
+        undo: list[Undo] = []
+        try:
+            await plug(slot, undo)
+        except Exception as exc:
+            await self._undo(undo)
+            self.slots.release(device_id)
+            raise DeviceError(f"cannot hot-plug {what}: {exc or 'timed out'}") from exc
+        # What outlives device_add: its backends. An fd passed with getfd was taken
+        # by the backend that named it, and goes with it.
+        self._backends[device_id] = [u for u in undo if u[0] != "closefd"]
         return slot
 
     async def resize_disk(self, disk_id: str, size_bytes: int) -> None:
@@ -245,12 +265,16 @@ class Devices:
             await asyncio.wait_for(deleted, DEVICE_DEL_TIMEOUT_S)
         except Exception as exc:
             deleted.cancel()
-            raise DeviceError(f"cannot unplug {device_id}: {exc or 'timed out'}") from exc
+            # The guest can eject a device itself (PCIe slot power-off): then only
+            # its backends and slot are left to give back.
+            if getattr(exc, "error_class", "") != "DeviceNotFound":
+                raise DeviceError(f"cannot unplug {device_id}: {exc or 'timed out'}") from exc
+            log.warning("device %s was already gone (ejected by the guest)", device_id)
         await self._undo(self._backends.pop(device_id, []))
         self.slots.release(device_id)
 
     async def _pass_fds(self, prefix: str, fds: tuple[int, ...],
-                        undo: list[tuple[str, dict[str, Any]]]) -> list[str]:
+                        undo: list[Undo]) -> list[str]:
         names = []
         for i, fd in enumerate(fds):
             name = f"{prefix}{i}"
@@ -259,7 +283,7 @@ class Devices:
             names.append(name)
         return names
 
-    async def _undo(self, undo: list[tuple[str, dict[str, Any]]]) -> None:
+    async def _undo(self, undo: list[Undo]) -> None:
         for command, arguments in reversed(undo):
             try:
                 await self.vm.qmp(command, arguments, DEVICE_ADD_TIMEOUT_S)

@@ -41,6 +41,10 @@ VIRTIOFSD_LOG = "virtiofsd.log"
 class VmError(Exception):
     """The VM could not be started, or failed."""
 
+    def __init__(self, message: str, error_class: str = "") -> None:
+        super().__init__(message)
+        self.error_class = error_class  # QEMU's, when QEMU refused a QMP command
+
 
 @dataclass
 class BootTimes:
@@ -148,7 +152,7 @@ class Vm:
         try:
             return await self._qmp.execute(command, arguments, timeout_s)
         except QmpError as exc:
-            raise VmError(str(exc)) from exc
+            raise VmError(str(exc), exc.error_class) from exc
 
     async def pass_fd(self, name: str, fd: int) -> None:
         """:raise VmError: the VM is not running or QEMU refused the fd."""

@@ -39,6 +39,10 @@ MAX_EVENT_WAITERS = 64
 class QmpError(Exception):
     """A QMP command failed or QEMU stopped answering."""
 
+    def __init__(self, message: str, error_class: str = "") -> None:
+        super().__init__(message)
+        self.error_class = error_class  # QEMU's ("DeviceNotFound"...), "" if it never answered
+
 
 @dataclass
 class _EventWaiter:
@@ -121,7 +125,8 @@ class Qmp:
         try:
             return await asyncio.wait_for(self._client.execute(command, arguments), timeout_s)
         except ExecuteError as exc:
-            raise QmpError(f"QMP {command} failed: {exc} ({exc.error_class})") from exc
+            raise QmpError(f"QMP {command} failed: {exc} ({exc.error_class})",
+                           exc.error_class) from exc
         except asyncio.TimeoutError:
             raise QmpError(f"QMP {command} got no answer within {timeout_s:.0f}s") from None
         except Exception as exc:  # connection lost, protocol errors

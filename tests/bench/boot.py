@@ -10,9 +10,7 @@ import asyncio
 import json
 import os
 import secrets
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,8 @@ from shim import oci
 from shim.config import load_config
 from shim.sandbox.description import PodDescription
 from shim.sandbox.sandbox import Sandbox
-from tests.bench import machine, medians
+from tests.bench import emit, machine, medians
+from tests.cri.harness import scratch_dirs
 from tests.conftest import GUEST_DIR, write_test_config
 from tests.rootfs import make_busybox_rootfs
 
@@ -66,9 +65,7 @@ async def one_boot(config_path: Path, rootfs: Path) -> dict[str, Any]:
 
 
 async def main() -> int:
-    work = Path(tempfile.mkdtemp(prefix="husk-bench-"))
-    state = Path("/run") / f"husk-bench-{secrets.token_hex(4)}"
-    try:
+    with scratch_dirs("bboot") as (work, state):
         config = write_test_config(work / "husk.toml", state)
         rootfs = make_busybox_rootfs(work / "rootfs")
         runs = []
@@ -77,11 +74,8 @@ async def main() -> int:
             print(f"run {i + 1}/{RUNS}: {json.dumps(runs[-1])}", file=sys.stderr)
         result = {"benchmark": "boot", "runs": RUNS, "accel": runs[0]["accel"],
                   "median": medians(runs), "guest_image": str(GUEST_DIR), "machine": machine()}
-        print(json.dumps(result, indent=2))
+        emit(result)
         return 0
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(state, ignore_errors=True)
 
 
 if __name__ == "__main__":

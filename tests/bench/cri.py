@@ -8,20 +8,16 @@ QEMU and virtiofsd of a running pod.
 from __future__ import annotations
 
 import json
-import secrets
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import psutil
 
-from tests.bench import machine, medians
+from tests.bench import emit, machine, medians
 from tests.conftest import write_test_config
 from tests.cri.cri import CriClient
-from tests.cri.harness import Containerd, ContainerdOptions
+from tests.cri.harness import Containerd, ContainerdOptions, scratch_dirs
 from tests.cri.images import BUSYBOX_REF, build_images
 
 RUNS = 5
@@ -71,9 +67,7 @@ def one_round(cri: CriClient, handler: str, state: Path, index: int) -> dict[str
 
 
 def main() -> int:
-    work = Path(tempfile.mkdtemp(prefix="husk-bench-cri-"))
-    state = Path("/run") / f"husk-bcri-{secrets.token_hex(3)}"
-    try:
+    with scratch_dirs("bcri") as (work, state):
         config = write_test_config(work / "husk.toml", state)
         options = ContainerdOptions(images=build_images(), husk_config=config, log_level="info")
         results: dict[str, dict[str, float]] = {}
@@ -86,17 +80,9 @@ def main() -> int:
                 results[handler] = medians(rounds)
         ratio = {k: round(results["husk"][k] / results["runc"][k], 1) for k in STEPS
                  if results["runc"][k] > 0}
-        probe = state / "accel-probe.json"
-        accel = json.loads(probe.read_text())["accel"] if probe.exists() else "unknown"
-        result: dict[str, Any] = {
-            "benchmark": "cri", "runs": RUNS, "accel": accel, "median": results,
-            "husk_over_runc": ratio, "machine": machine(),
-        }
-        print(json.dumps(result, indent=2))
+        emit({"benchmark": "cri", "runs": RUNS, "median": results, "husk_over_runc": ratio,
+              "machine": machine(state)})
         return 0
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(state, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -40,13 +40,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
@@ -58,12 +55,11 @@ from cri_api.v1 import api_pb2 as api
 
 from shim.config import load_config
 from shim.storage.directvolume import DirectVolumes, MountInfo
-from tests.bench import machine
-from tests.bench.net import _accel, _cpu_model
+from tests.bench import emit, machine
 from tests.conftest import write_test_config
 from tests.cri.ceph import QEMU_POOL, QEMU_USER, CephCluster
 from tests.cri.cri import CriClient, CriError
-from tests.cri.harness import REPO_ROOT, Containerd, ContainerdOptions, mounts_under
+from tests.cri.harness import REPO_ROOT, Containerd, ContainerdOptions, scratch_dirs
 from tests.cri.images import FIO_REF, build_fio_image, build_images
 
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
@@ -399,17 +395,6 @@ def goal(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "target": GOAL_RATIO, "met": ratio >= GOAL_RATIO}
 
 
-def remove_state(state: Path) -> None:
-    """husk's state dir. A shim that the harness had to kill (its pod would not stop)
-    leaves its share mounts in there: they go first, and nothing is removed through one."""
-    for point in mounts_under(state):  # deepest first
-        subprocess.run(["umount", "--lazy", point], check=False, timeout=60)
-    if left := mounts_under(state):
-        print(f"not removing {state}: still mounted: {', '.join(left)}", file=sys.stderr)
-        return
-    shutil.rmtree(state, ignore_errors=True)
-
-
 def _exit_on_sigterm(signum: int, _frame: object) -> None:
     """SIGTERM unwinds like Ctrl-C: every with-block and finally cleans up on the way out."""
     raise SystemExit(128 + signum)
@@ -423,8 +408,7 @@ def report(measured: dict[str, Measured], config: Path, state: Path, load_at_sta
     vm = load_config(str(config))
     return {
         "benchmark": "io",
-        "machine": {**machine(), "cpu_model": _cpu_model(), "accel": _accel(state),
-                    "guest_kernel": husk.kernel,
+        "machine": {**machine(state), "guest_kernel": husk.kernel,
                     # Other work on the machine (a test run's VMs) shows here, not only in the figures.
                     "load_1m": {"start": round(load_at_start, 2), "end": round(os.getloadavg()[0], 2)}},
         "runs": RUNS,
@@ -460,9 +444,7 @@ def main() -> int:
         raise SystemExit("BENCH_RUNS must be at least 1")
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     started, load_at_start = time.monotonic(), os.getloadavg()[0]
-    work = Path(tempfile.mkdtemp(prefix="husk-bench-io-", dir=WORK_BASE))
-    state = Path("/run") / f"husk-bio-{secrets.token_hex(3)}"
-    try:
+    with scratch_dirs("bio", WORK_BASE) as (work, state):
         config = write_test_config(work / "husk.toml", state)
         images = [*build_images(), build_fio_image()]
         options = ContainerdOptions(images=images, husk_config=config, log_level="info",
@@ -471,13 +453,8 @@ def main() -> int:
             bench = Bench(cd, work, state)
             measured = {b.name: bench.measure(b) for b in BACKENDS}
         result = report(measured, config, state, load_at_start, started)
-        OUTPUT.parent.mkdir(parents=True, exist_ok=True)
-        OUTPUT.write_text(json.dumps(result, indent=2) + "\n")
-        print(json.dumps(result, indent=2))
+        emit(result, OUTPUT)
         return 0
-    finally:
-        remove_state(state)
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

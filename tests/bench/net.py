@@ -24,22 +24,18 @@ import contextlib
 import json
 import os
 import re
-import secrets
-import shutil
 import socket
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-from tests.bench import machine
+from tests.bench import emit, machine
 from tests.conftest import write_test_config
 from tests.cri.cri import CriClient, Pod
-from tests.cri.harness import REPO_ROOT, Containerd, ContainerdOptions
+from tests.cri.harness import REPO_ROOT, Containerd, ContainerdOptions, scratch_dirs
 from tests.cri.images import BUSYBOX_REF, build_images
 
 RUNS = int(os.environ.get("BENCH_RUNS", "5"))
@@ -246,25 +242,11 @@ def summary(rounds: dict[str, list[Round]], key: str, digits: int) -> dict[str, 
             "runs": {h: [round(v, digits) for v in values] for h, values in runs.items()}}
 
 
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
-def _accel(state: Path) -> str:
-    probe = state / "accel-probe.json"
-    return str(json.loads(probe.read_text())["accel"]).upper() if probe.exists() else "unknown"
-
-
 def main() -> int:
     if RUNS < 1:
         raise SystemExit("BENCH_RUNS must be at least 1")
-    work = Path(tempfile.mkdtemp(prefix="husk-bench-net-"))
-    state = Path("/run") / f"husk-bnet-{secrets.token_hex(3)}"
     started = time.monotonic()
-    try:
+    with scratch_dirs("bnet") as (work, state):
         config = write_test_config(work / "husk.toml", state)
         options = ContainerdOptions(images=build_images(), husk_config=config, log_level="info")
         rounds: dict[str, list[Round]] = {}
@@ -274,8 +256,7 @@ def main() -> int:
                 rounds[handler], kernels[handler] = measure(cd, handler)
         result: dict[str, Any] = {
             "benchmark": "net",
-            "machine": {**machine(), "cpu_model": _cpu_model(), "accel": _accel(state),
-                        "guest_kernel": kernels["husk"]},
+            "machine": {**machine(state), "guest_kernel": kernels["husk"]},
             "runs": RUNS,
             **{path: {metric: summary(rounds, f"{path}_{metric}", digits)
                       for metric, digits in METRICS.items()} for path in PATHS},
@@ -290,13 +271,8 @@ def main() -> int:
             },
             "seconds": round(time.monotonic() - started, 1),
         }
-        OUTPUT.parent.mkdir(parents=True, exist_ok=True)
-        OUTPUT.write_text(json.dumps(result, indent=2) + "\n")
-        print(json.dumps(result, indent=2))
+        emit(result, OUTPUT)
         return 0
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(state, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -213,6 +213,7 @@ class CriClient:
         port_mappings: Sequence[PortMapping] = (),
         dns: DnsConfig | None = None,
         host_network: bool = False,
+        resources: api.LinuxContainerResources | None = None,
         timeout: float | None = None,
     ) -> Pod:
         """RunPodSandbox with kubelet-like defaults; handler "" is containerd's default runtime.
@@ -221,7 +222,8 @@ class CriClient:
         privileged lets the pod have privileged containers; host_pid is hostPID: true;
         pid_mode (a NamespaceMode) overrides the PID namespace mode outright.
         port_mappings are hostPorts (CNI portmap), dns the pod's resolv.conf, host_network
-        is hostNetwork: true (the pod shares containerd's netns; no CNI at all).
+        is hostNetwork: true (the pod shares containerd's netns; no CNI at all); resources
+        are the pod's summed limits, as the kubelet sends them (pod.json's linux.resources).
         """
         pid = pid_mode if pid_mode is not None else (
             api.NamespaceMode.NODE if host_pid else api.NamespaceMode.CONTAINER)
@@ -242,6 +244,7 @@ class CriClient:
             linux=api.LinuxPodSandboxConfig(
                 cgroup_parent=cgroup_parent,
                 sysctls=dict(sysctls or {}),
+                resources=resources,
                 security_context=api.LinuxSandboxSecurityContext(
                     # The kubelet's default: pod network and IPC, a PID namespace per container.
                     namespace_options=api.NamespaceOption(

@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import logging
 import platform
-import secrets
-import shutil
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 from tests.conftest import write_test_config
-from tests.cri.harness import Containerd, ContainerdOptions
+from tests.cri.harness import Containerd, ContainerdOptions, scratch_dirs
 from tests.cri.images import BUSYBOX_REF, build_images
 
 SCRIPT = ("echo \"hello from $(hostname), a husk pod\"; "
@@ -29,9 +25,7 @@ SCRIPT = ("echo \"hello from $(hostname), a husk pod\"; "
 
 def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    work = Path(tempfile.mkdtemp(prefix="husk-demo-"))
-    state = Path("/run") / f"husk-demo-{secrets.token_hex(3)}"
-    try:
+    with scratch_dirs("demo") as (work, state):
         config = write_test_config(work / "husk.toml", state)
         print("building the busybox and pause images from Debian packages...", flush=True)
         images = build_images()
@@ -55,9 +49,6 @@ def main() -> int:
         print("pod removed, VM stopped, containerd stopped: nothing left behind.")
         return 0 if status.exit_code == 0 and "husk pod" in log.stdout and "eth0 10." in log.stdout \
             else 1
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(state, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -931,6 +933,26 @@ def _mountinfo() -> list[MountInfo]:
         r = right.split()
         out.append(MountInfo(int(f[0]), _unescape(f[4]), r[0] if r else "", r[1] if len(r) > 1 else ""))
     return out
+
+
+@contextlib.contextmanager
+def scratch_dirs(name: str, work_base: Path | None = None) -> Iterator[tuple[Path, Path]]:
+    """A scratch dir and a husk state dir for one command (demo, a benchmark), both gone
+    on the way out. The state dir is short, under /run (unix socket paths are limited);
+    a shim that had to be killed leaves its share mounts in it, and those go first:
+    nothing is removed through a mount."""
+    work = Path(tempfile.mkdtemp(prefix=f"husk-{name}-", dir=work_base))
+    state = Path("/run") / f"husk-{name}-{secrets.token_hex(3)}"
+    try:
+        yield work, state
+    finally:
+        for point in mounts_under(state):  # deepest first
+            subprocess.run(["umount", "--lazy", point], check=False, timeout=60)
+        if left := mounts_under(state):
+            print(f"not removing {state}: still mounted: {', '.join(left)}", file=sys.stderr)
+        else:
+            shutil.rmtree(state, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def mounts_under(root: Path | str) -> list[str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import re
-import socket
 import time
 from collections.abc import Iterator
 
@@ -19,10 +18,10 @@ import pytest
 
 from tests.cri.cni import CniNetwork
 from tests.cri.cri import CriClient, CriError, Pod
-from tests.cri.crictl import CRICTL_MISSING, Crictl, find_crictl
+from tests.cri.crictl import Crictl, find_crictl
 from tests.cri.fixtures import leak_checked
 from tests.cri.harness import Containerd, ContainerdOptions
-from tests.cri.images import BUSYBOX_REF
+from tests.cri.httpd import HTTP_PORT, http_get, start_httpd
 
 pytestmark = [pytest.mark.cri, pytest.mark.timeout(900)]
 
@@ -30,10 +29,7 @@ NETWORKS = (
     CniNetwork("primary", "husk-br0", "10.88.0.0/16", "fd00:88::/64"),
     CniNetwork("second", "husk-br1", "10.89.0.0/16", mtu=1400, routes=("10.200.0.0/16",)),
 )
-HTTP_PORT = 8080
 HOST_PORT = 30081
-HTTPD = ("mkdir -p /www && echo \"hello from $(hostname)\" > /www/index.html && "
-         f"exec httpd -f -p {HTTP_PORT} -h /www")
 TAP = re.compile(r"tap\d+_husk")
 
 
@@ -74,22 +70,6 @@ def _host_links(cd: Containerd, pod_id: str) -> dict[str, dict[str, object]]:
                   cd.run_in_pod_netns(pod_id, ["ip", "-o", "addr"]).stdout)
 
 
-def _start_httpd(cri: CriClient, pod: Pod) -> str:
-    cid = cri.run_container(pod, BUSYBOX_REF, ["sh", "-c", HTTPD])
-    for _ in range(100):
-        if f":{HTTP_PORT} " in cri.exec_sync(cid, ["netstat", "-ltn"], timeout=30).out:
-            return cid
-        time.sleep(0.1)
-    raise AssertionError("httpd did not start listening")
-
-
-def _http_get(sock: socket.socket) -> str:
-    with sock:
-        sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
-        chunks = []
-        while chunk := sock.recv(4096):
-            chunks.append(chunk)
-    return b"".join(chunks).decode(errors="replace")
 
 
 def _remove(cri: CriClient, *pods: Pod) -> None:
@@ -111,7 +91,7 @@ def test_husk_pod_has_the_cni_network_and_serves_it(net_containerd: Containerd,
         v4, v6 = cri.pod_ips(pod.id)
         assert ipaddress.ip_address(v4) in ipaddress.ip_network(NETWORKS[0].subnet)
         assert ipaddress.ip_address(v6) in ipaddress.ip_network(NETWORKS[0].subnet6 or "")
-        server = _start_httpd(cri, pod)
+        server = start_httpd(cri, pod)
         guest, host = _guest_links(cri, server), _host_links(cd, pod.id)
         for name in ("eth0", "eth1"):
             assert guest[name]["mac"] == host[name]["mac"], f"{name}: guest MAC is not CNI's"
@@ -131,16 +111,16 @@ def test_husk_pod_has_the_cni_network_and_serves_it(net_containerd: Containerd,
 
         # The node (the host side of the bridge) reaches the server over both families...
         hello = "hello from husk-net\n"
-        assert _http_get(cd.connect(v4, HTTP_PORT)).endswith(hello)
-        assert _http_get(cd.connect(v6, HTTP_PORT)).endswith(hello)
+        assert http_get(cd.connect(v4, HTTP_PORT)).endswith(hello)
+        assert http_get(cd.connect(v6, HTTP_PORT)).endswith(hello)
         # ...through a hostPort (portmap's DNAT on the node)...
-        assert _http_get(cd.connect(cd.bridge_gateway(), HOST_PORT)).endswith(hello)
+        assert http_get(cd.connect(cd.bridge_gateway(), HOST_PORT)).endswith(hello)
         # ...and through containerd's PortForward (localhost in the pod's netns).
         binary = find_crictl()
         if binary is not None:
             with Crictl(binary, cd).port_forward(pod.id, 0, HTTP_PORT) as fwd:
                 for _ in range(2):
-                    assert _http_get(fwd.connect()).endswith(hello)
+                    assert http_get(fwd.connect()).endswith(hello)
         # Without crictl the same path as containerd's: dial localhost in the pod netns.
         wget = cd.run_in_pod_netns(pod.id, ["busybox", "wget", "-q", "-O-",
                                             f"http://127.0.0.1:{HTTP_PORT}/"])
@@ -182,7 +162,7 @@ def test_husk_and_runc_pods_reach_each_other(cri: CriClient) -> None:
     pods = [cri.run_pod(name, handler=handler)
             for name, handler in (("husk-a", "husk"), ("husk-b", "husk"), ("runc-c", "runc"))]
     try:
-        servers = {pod.name: (_start_httpd(cri, pod), cri.pod_ips(pod.id)[0]) for pod in pods}
+        servers = {pod.name: (start_httpd(cri, pod), cri.pod_ips(pod.id)[0]) for pod in pods}
         for src, (src_cid, _) in servers.items():
             for dst, (_, dst_ip) in servers.items():
                 if src == dst:

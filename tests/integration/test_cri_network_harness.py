@@ -11,7 +11,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-import socket
 from collections.abc import Iterator
 
 import pytest
@@ -21,6 +20,7 @@ from tests.cri.cri import CriClient, Pod
 from tests.cri.crictl import CRICTL_MISSING, Crictl, find_crictl
 from tests.cri.fixtures import leak_checked
 from tests.cri.harness import DEFAULT_KEEP_LOGS_DIR, Containerd, ContainerdOptions
+from tests.cri.httpd import HTTP_PORT, http_get, start_httpd
 from tests.cri.images import BUSYBOX_REF, BuiltImage
 
 pytestmark = [pytest.mark.cri, pytest.mark.timeout(300)]
@@ -30,11 +30,7 @@ NETWORKS = (
     CniNetwork("primary", "husk-br0", "10.88.0.0/16", "fd00:88::/64"),
     CniNetwork("second", "husk-br1", "10.89.0.0/16"),
 )
-HTTP_PORT = 8080
 HOST_PORT = 30080
-# busybox httpd in the foreground, serving "hello from <hostname>".
-HTTPD = ("mkdir -p /www && echo \"hello from $(hostname)\" > /www/index.html && "
-         f"exec httpd -f -p {HTTP_PORT} -h /www")
 
 
 @pytest.fixture(scope="module")
@@ -50,22 +46,6 @@ def net_cri(net_containerd: Containerd, request: pytest.FixtureRequest) -> Itera
         yield client
 
 
-def _http_get(sock: socket.socket) -> str:
-    with sock:
-        sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
-        chunks = []
-        while chunk := sock.recv(4096):
-            chunks.append(chunk)
-    return b"".join(chunks).decode(errors="replace")
-
-
-def _start_httpd(cri: CriClient, pod: Pod) -> str:
-    cid = cri.run_container(pod, BUSYBOX_REF, ["sh", "-c", HTTPD])
-    # Listening once netstat shows it (the container started before httpd bound).
-    for _ in range(100):
-        if f":{HTTP_PORT} " in cri.exec_sync(cid, ["netstat", "-ltn"], timeout=10).out:
-            return cid
-    raise AssertionError("httpd did not start listening")
 
 
 def _remove(cri: CriClient, pod: Pod) -> None:
@@ -122,10 +102,10 @@ def test_host_port_reaches_the_pod_from_containerds_netns(net_containerd: Contai
     cd, cri = net_containerd, net_cri
     pod = cri.run_pod("hostport", handler=HANDLER, port_mappings=[(HTTP_PORT, HOST_PORT, "TCP")])
     try:
-        _start_httpd(cri, pod)
+        start_httpd(cri, pod)
         # The host side of the bridge, from this process (a socket made in containerd's netns) ...
-        assert _http_get(cd.connect(cd.bridge_gateway(), HOST_PORT)).endswith("hello from hostport\n")
-        assert _http_get(cd.connect(cd.bridge_gateway(ipv6=True), HOST_PORT)).endswith("hello from hostport\n")
+        assert http_get(cd.connect(cd.bridge_gateway(), HOST_PORT)).endswith("hello from hostport\n")
+        assert http_get(cd.connect(cd.bridge_gateway(ipv6=True), HOST_PORT)).endswith("hello from hostport\n")
         # ... and from a command run there, through loopback (portmap's snat).
         wget = cd.run_in_netns(["busybox", "wget", "-q", "-O-", f"http://127.0.0.1:{HOST_PORT}/"])
         assert (wget.returncode, wget.stdout) == (0, "hello from hostport\n"), wget.stderr
@@ -143,11 +123,11 @@ def test_crictl_port_forward_reaches_the_pod(net_containerd: Containerd, net_cri
     cd, cri = net_containerd, net_cri
     pod = cri.run_pod("portfwd", handler=HANDLER)
     try:
-        _start_httpd(cri, pod)
+        start_httpd(cri, pod)
         with Crictl(binary, cd).port_forward(pod.id, 0, HTTP_PORT) as fwd:
             assert fwd.local_port > 0
             for _ in range(2):  # each connection is a stream of its own
-                assert _http_get(fwd.connect()).endswith("hello from portfwd\n")
+                assert http_get(fwd.connect()).endswith("hello from portfwd\n")
         assert fwd.proc.poll() is not None, "crictl port-forward outlived its block"
         assert "Handling connection" in fwd.output()
     finally:

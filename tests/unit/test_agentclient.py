@@ -9,6 +9,7 @@ import grpc
 import pytest
 
 from shim import errors
+from proto.gen import agent_pb2 as pb
 from shim.agentclient.client import MAX_MESSAGE_BYTES, AgentClient
 
 # Starts with an invalid tag: no message type parses it.
@@ -83,3 +84,15 @@ async def test_out_of_range_values_are_refused(hostile: Hostile) -> None:
     client = await hostile(b"\x08" + bytes([0x80, 0x80, 0x80, 0x80, 0x04]))
     with pytest.raises(errors.InternalError, match="invalid pid"):
         await client.create_container("c1", {})
+
+
+async def test_volume_stats_that_do_not_add_up_are_refused(hostile: Hostile) -> None:
+    honest = pb.VolumeStats(capacity_bytes=100, used_bytes=40, available_bytes=60, inodes=10,
+                            inodes_used=4, inodes_free=6)
+    assert (await (await hostile(honest.SerializeToString())).volume_stats("/v"))["used_bytes"] == 40
+    for lie in (pb.VolumeStats(capacity_bytes=100, used_bytes=101),
+                pb.VolumeStats(inodes=1, inodes_free=2),
+                pb.VolumeStats(capacity_bytes=1 << 63, used_bytes=1)):
+        client = await hostile(lie.SerializeToString())
+        with pytest.raises(errors.InternalError, match="inconsistent"):
+            await client.volume_stats("/v")

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import psutil
 import pytest
 
 from shim.vm import accel
@@ -98,6 +99,26 @@ async def test_cancelled_probe_kills_what_its_qemu_started(tmp_path: Path) -> No
             break
         await asyncio.sleep(0.01)
     assert _gone(grandchild)
+
+
+async def test_a_probe_cancelled_while_it_spawns_leaves_nothing(tmp_path: Path) -> None:
+    """Cancelled at any point of its start (before, during and after the fork), the probe
+    returns at once and its wrapper's children go with it."""
+    marker = f"600.{os.getpid()}"
+    qemu = _fake_qemu(tmp_path, f"sleep {marker} & wait")
+    for delay_ms in range(0, 40, 2):
+        probe = asyncio.create_task(accel._probe_qemu_kvm(str(qemu)))
+        await asyncio.sleep(delay_ms / 1000)
+        probe.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(probe, 5)
+    for _ in range(200):
+        left = [p.pid for p in psutil.process_iter(["cmdline"])
+                if marker in " ".join(p.info["cmdline"] or []) and p.status() != "zombie"]
+        if not left:
+            break
+        await asyncio.sleep(0.01)
+    assert not left
 
 
 async def test_probe_that_never_answers_times_out(tmp_path: Path,

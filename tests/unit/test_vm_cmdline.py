@@ -30,6 +30,15 @@ def test_virtiofs_needs_shared_memory(tmp_path: Path) -> None:
     assert "-nodefaults" in argv and "-smp" in argv and argv[argv.index("-smp") + 1] == "2"
 
 
+def test_the_vm_boots_with_room_to_grow_to_its_maximum(tmp_path: Path) -> None:
+    argv = build_cmdline(_spec(tmp_path, vcpus=2, memory_mib=768, max_vcpus=8,
+                               max_memory_mib=4096))
+    assert argv[argv.index("-smp") + 1] == "2,maxcpus=8"
+    assert argv[argv.index("-m") + 1] == "768M,slots=8,maxmem=4096M"
+    # Only the boot memory is guest RAM backed by the shared memfd.
+    assert "memory-backend-memfd,id=mem,size=768M,share=on" in " ".join(argv)
+
+
 def test_9p_has_no_shared_memory(tmp_path: Path) -> None:
     joined = " ".join(build_cmdline(_spec(tmp_path, shared_fs=SharedFsType.NINE_P)))
     assert "virtio-9p-pci" in joined and "memfd" not in joined
