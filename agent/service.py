@@ -21,6 +21,7 @@ import grpc
 from agent import __version__
 from agent import network
 from agent.container import Container, Runtime
+from agent.hotplug import Hotplug
 from agent.errors import (AgentError, AlreadyExistsError, CommandError, DeadlineError,
                           FailedPreconditionError, GuestError, InvalidArgumentError,
                           NotFoundError)
@@ -111,6 +112,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         self._oom_kills: dict[str, int] = {}  # OOM kills already reported, per container
         self._port_forwards = 0  # open PortForward streams
         self._tools = VolumeTools(runtime.reaper, runtime.config.sysfs)
+        self._hotplug = Hotplug(runtime.config.sysfs)
 
     # Section: lookups
 
@@ -360,6 +362,11 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
     @unary
     async def Check(self, request: pb.CheckRequest) -> pb.CheckResponse:
         return pb.CheckResponse(status=pb.CheckResponse.SERVING)
+
+    @unary
+    async def OnlineCPUMem(self, request: pb.OnlineCPUMemRequest) -> pb.GuestResources:
+        now = await self._hotplug.settle(request.vcpus, request.min_memory_bytes)
+        return pb.GuestResources(online_vcpus=now.online_vcpus, memory_bytes=now.memory_bytes)
 
     @unary
     async def GetGuestDetails(self, request: pb.Empty) -> pb.GuestDetails:

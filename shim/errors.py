@@ -34,6 +34,10 @@ class DeadlineExceededError(HuskError):
     pass
 
 
+class ResourceExhaustedError(HuskError):
+    """Out of something finite: the VM's vCPU or DIMM slots, its maximum size."""
+
+
 class UnimplementedError(HuskError):
     pass
 

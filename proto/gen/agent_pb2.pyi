@@ -348,3 +348,19 @@ class ResizeVolumeRequest(_message.Message):
     mount_point: str
     size_bytes: int
     def __init__(self, mount_point: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
+class OnlineCPUMemRequest(_message.Message):
+    __slots__ = ("vcpus", "min_memory_bytes")
+    VCPUS_FIELD_NUMBER: _ClassVar[int]
+    MIN_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    vcpus: int
+    min_memory_bytes: int
+    def __init__(self, vcpus: _Optional[int] = ..., min_memory_bytes: _Optional[int] = ...) -> None: ...
+
+class GuestResources(_message.Message):
+    __slots__ = ("online_vcpus", "memory_bytes")
+    ONLINE_VCPUS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    online_vcpus: int
+    memory_bytes: int
+    def __init__(self, online_vcpus: _Optional[int] = ..., memory_bytes: _Optional[int] = ...) -> None: ...

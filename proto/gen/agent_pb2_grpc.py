@@ -154,6 +154,11 @@ class AgentServiceStub:
                 request_serializer=agent__pb2.Empty.SerializeToString,
                 response_deserializer=agent__pb2.GuestDetails.FromString,
                 _registered_method=True)
+        self.OnlineCPUMem = channel.unary_unary(
+                '/husk.agent.AgentService/OnlineCPUMem',
+                request_serializer=agent__pb2.OnlineCPUMemRequest.SerializeToString,
+                response_deserializer=agent__pb2.GuestResources.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -311,6 +316,13 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OnlineCPUMem(self, request, context):
+        """VM resize: after the host hot-plugged vCPUs or memory, and before it unplugs vCPUs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -433,6 +445,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.GetGuestDetails,
                     request_deserializer=agent__pb2.Empty.FromString,
                     response_serializer=agent__pb2.GuestDetails.SerializeToString,
+            ),
+            'OnlineCPUMem': grpc.unary_unary_rpc_method_handler(
+                    servicer.OnlineCPUMem,
+                    request_deserializer=agent__pb2.OnlineCPUMemRequest.FromString,
+                    response_serializer=agent__pb2.GuestResources.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1083,6 +1100,33 @@ class AgentService:
             '/husk.agent.AgentService/GetGuestDetails',
             agent__pb2.Empty.SerializeToString,
             agent__pb2.GuestDetails.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OnlineCPUMem(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/husk.agent.AgentService/OnlineCPUMem',
+            agent__pb2.OnlineCPUMemRequest.SerializeToString,
+            agent__pb2.GuestResources.FromString,
             options,
             channel_credentials,
             insecure,

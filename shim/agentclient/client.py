@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 REQUEST_TIMEOUT_S = 30.0
 READY_POLL_S = 0.05
 CHECK_TIMEOUT_S = 2.0
+# The guest waits up to 20 s (its clock) for hot-plugged CPUs and memory to appear.
+HOTPLUG_SETTLE_TIMEOUT_S = 40.0
 # A reply larger than this is a misbehaving guest, not data we want.
 MAX_MESSAGE_BYTES = 8 << 20
 MAX_PID = 1 << 22
@@ -324,6 +326,13 @@ class AgentClient:
                 or max(stats["inodes_used"], stats["inodes_free"]) > stats["inodes"]):
             raise errors.InternalError(f"agent GetVolumeStats: inconsistent figures {stats}")
         return stats
+
+    async def online_cpu_mem(self, vcpus: int, min_memory_bytes: int) -> tuple[int, int]:
+        """Have the guest use exactly ``vcpus`` CPUs and all its memory (after a hot-plug);
+        (online vCPUs, online memory bytes) as the guest reports them."""
+        reply = await self._call("OnlineCPUMem", pb.OnlineCPUMemRequest(
+            vcpus=vcpus, min_memory_bytes=min_memory_bytes), timeout_s=HOTPLUG_SETTLE_TIMEOUT_S)
+        return int(reply.online_vcpus), int(reply.memory_bytes)
 
     async def resize_volume(self, mount_point: str, size_bytes: int) -> None:
         await self._call("ResizeVolume", pb.ResizeVolumeRequest(mount_point=mount_point,

@@ -22,6 +22,7 @@ from typing import Any
 from shim import errors
 from shim.agentclient.client import ContainerStats, Storage
 from shim.sandbox.process import Process, ProcessState
+from shim.sandbox.resize import Limits, VmResizer
 from shim.sandbox.sandbox import POD_SHM_STORAGE, Sandbox
 from shim.storage.blockvolume import PodVolumes
 from shim.storage.directvolume import DirectVolumes
@@ -86,6 +87,7 @@ class Pod:
         self._oom_events = 0  # from the guest, in all
         self._oom_summary_at = 0.0
         self._manage: ManageServer | None = None
+        self.resizer = VmResizer(sandbox.config.hypervisor, sandbox.size)
         self.volumes = PodVolumes(
             DirectVolumes(Path(sandbox.config.storage.direct_volumes_dir)),
             sandbox.sandbox_id, sandbox.run_dir, sandbox.config.storage.disk_iothreads)
@@ -249,6 +251,10 @@ class Pod:
             spec.setdefault("root", {})["path"] = root
             mounts = spec.get("mounts") or []
             storages, direct = await self._attach_direct_volumes(container_id, mounts)
+            # A container whose limits need more than the VM has grows it first.
+            self.resizer.limits[container_id] = Limits.from_resources(
+                (spec.get("linux") or {}).get("resources"))
+            await self._grow()
             spec["mounts"] = self._share_mounts(container_id, mounts, direct)
             await io.open()
             proc = Process(container_id, "", io, pid=self.vm_pid)
@@ -260,6 +266,7 @@ class Pod:
                 # Every guest process gets a stdin pipe: without one it must read EOF.
                 await self.agent.close_stdin(container_id, "")
         except BaseException:
+            self.resizer.forget(container_id)
             io.close()
             share.release(container_id)
             await self.volumes.detach_container(self._devices(), container_id)
@@ -459,6 +466,7 @@ class Pod:
                 await self.agent.remove_container(container_id)  # unmounts its volumes
             self.sandbox.shared.release(container_id)
             await self.volumes.detach_container(self._devices(), container_id)
+            self.resizer.forget(container_id)
         proc.io.close()
         del self.containers[container_id]
         return proc
@@ -478,10 +486,19 @@ class Pod:
         container.init.transition(ProcessState.RUNNING)
 
     async def update(self, container_id: str, resources: dict[str, Any]) -> None:
+        """New limits for a container: the VM grows first when their sum needs it, the
+        container's cgroup in the guest follows, then what is no longer needed goes."""
         container = self.get(container_id)
         if container.is_sandbox:
-            return  # the VM's size is fixed at boot
+            return  # the kubelet resizes containers; a pod-level update never reaches a shim
+        self.resizer.limits[container_id] = Limits.from_resources(resources)
+        await self._grow()
         await self.agent.update_container(container_id, resources)
+        await self.resizer.shrink(self.agent)
+
+    async def _grow(self) -> None:
+        if (devices := self._devices()) is not None:  # else the agent call after says why
+            await self.resizer.grow(devices, self.agent)
 
     async def stats(self, container_id: str) -> ContainerStats | None:
         container = self.get(container_id)

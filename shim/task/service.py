@@ -50,6 +50,7 @@ _CODES: dict[type[errors.HuskError], Code] = {
     errors.FailedPreconditionError: Code.FAILED_PRECONDITION,
     errors.UnavailableError: Code.UNAVAILABLE,
     errors.DeadlineExceededError: Code.DEADLINE_EXCEEDED,
+    errors.ResourceExhaustedError: Code.RESOURCE_EXHAUSTED,
     errors.UnimplementedError: Code.UNIMPLEMENTED,
     errors.InternalError: Code.INTERNAL,
 }

@@ -246,6 +246,56 @@ class Devices:
         self._backends[device_id] = [u for u in undo if u[0] != "closefd"]
         return slot
 
+    async def add_vcpu(self) -> str:
+        """Hot-plug one vCPU into the lowest free CPU slot; its device id. The guest
+        brings it online (the agent's OnlineCPUMem).
+
+        :raise DeviceError: every possible vCPU is present (max_vcpus), or QEMU refused.
+        """
+        try:
+            slots = await self.vm.qmp("query-hotpluggable-cpus", None, DEVICE_ADD_TIMEOUT_S)
+            free = [s for s in slots if "qom-path" not in s]
+            if not free:
+                raise DeviceError("every possible vCPU is present (raise [hypervisor] max_vcpus)")
+            slot = min(free, key=lambda s: sorted(s["props"].items()))
+            props = {k: int(v) for k, v in slot["props"].items()}
+            device_id = "vcpu-" + "-".join(f"{k.removesuffix('-id')}{props[k]}"
+                                           for k in sorted(props))
+            await self.vm.qmp("device_add", {"driver": str(slot["type"]), "id": device_id,
+                                             **props}, DEVICE_ADD_TIMEOUT_S)
+        except DeviceError:
+            raise
+        except Exception as exc:
+            raise DeviceError(f"cannot hot-plug a vCPU: {exc or 'timed out'}") from exc
+        self._backends[device_id] = []
+        log.info("hot-plugged vCPU %s", device_id)
+        return device_id
+
+    async def add_memory(self, size_mib: int) -> str:
+        """Hot-plug a DIMM of ``size_mib`` (shared memory, as virtiofsd maps all guest
+        RAM); its device id. The guest onlines it (the agent's OnlineCPUMem).
+
+        :raise DeviceError: no free DIMM slot or address space (max_memory_mib), or
+            QEMU refused.
+        """
+        index = next(i for i in range(len(self._backends) + 1) if f"dimm{i}" not in self._backends)
+        dimm_id, memdev_id = f"dimm{index}", f"dimm{index}-mem"
+        undo: list[Undo] = []
+        try:
+            await self.vm.qmp("object-add", {"qom-type": "memory-backend-memfd", "id": memdev_id,
+                                             "size": size_mib << 20, "share": True},
+                              DEVICE_ADD_TIMEOUT_S)
+            undo.append(("object-del", {"id": memdev_id}))
+            await self.vm.qmp("device_add", {"driver": "pc-dimm", "id": dimm_id,
+                                             "memdev": memdev_id}, DEVICE_ADD_TIMEOUT_S)
+        except Exception as exc:
+            await self._undo(undo)
+            raise DeviceError(f"cannot hot-plug {size_mib} MiB of memory: "
+                              f"{exc or 'timed out'}") from exc
+        self._backends[dimm_id] = undo
+        log.info("hot-plugged %d MiB of memory as %s", size_mib, dimm_id)
+        return dimm_id
+
     async def resize_disk(self, disk_id: str, size_bytes: int) -> None:
         """:raise DeviceError: QEMU refused (shrinking, a backend that cannot grow)."""
         try:

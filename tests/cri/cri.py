@@ -385,6 +385,13 @@ class CriClient:
 
     # -- logs -----------------------------------------------------------------
 
+    def update_container_resources(self, container_id: str,
+                                   resources: api.LinuxContainerResources,
+                                   timeout: float | None = None) -> None:
+        """UpdateContainerResources, as `crictl update` and the kubelet's in-place resize."""
+        self._call("UpdateContainerResources", api.UpdateContainerResourcesRequest(
+            container_id=container_id, linux=resources), timeout)
+
     def container_stats(self, container_id: str) -> api.ContainerStats:
         resp = self._call("ContainerStats", api.ContainerStatsRequest(container_id=container_id))
         return resp.stats  # type: ignore[attr-defined,no-any-return]

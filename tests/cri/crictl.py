@@ -111,7 +111,9 @@ class Crictl:
         pod's server first.
         """
         spec = f"{local_port}:{pod_port}" if local_port else f":{pod_port}"
-        with tempfile.TemporaryFile() as output:
+        # Append mode: crictl shares the file's offset with output(), whose seek(0)
+        # would otherwise make crictl's next line overwrite its first.
+        with tempfile.TemporaryFile(mode="a+b") as output:
             proc = subprocess.Popen(self.argv("port-forward", pod_id, spec), stdin=subprocess.DEVNULL,
                                     stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
             fwd = PortForward(self.containerd, local_port, pod_port, proc, output)

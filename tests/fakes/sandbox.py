@@ -7,6 +7,7 @@ from pathlib import Path
 
 from shim.config import Config
 from shim.sandbox.description import PodDescription
+from shim.sandbox.sizing import size_vm
 from shim.storage.share import SharedDir
 from tests.fakes.agent import FakeAgent
 
@@ -43,6 +44,7 @@ class FakeSandbox:
         self.config = config
         self.run_dir = root / "sb" / pod.sandbox_id
         self.shared = SharedDir(self.run_dir)
+        self.size = size_vm(config.hypervisor, pod.resources, pod.size_overrides)
         self.agent: FakeAgent | None = None
         self.vm: FakeVm | None = None
         self.stopped = False

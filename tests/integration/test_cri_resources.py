@@ -49,3 +49,46 @@ def test_a_pod_without_limits_gets_the_default_size(cri: CriClient) -> None:
     assert 512 - KERNEL_MIB <= memory_mib <= 512, memory_mib
     cri.stop_pod(pod.id)
     cri.remove_pod(pod.id)
+
+
+def _limit_in_guest(cri: CriClient, cid: str) -> int:
+    """The container's memory limit in the guest's cgroup2 tree (its own cgroup, by
+    /proc/self/cgroup, whether or not it has a cgroup namespace)."""
+    result = cri.exec_sync(cid, ["sh", "-c", "cat /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)"
+                                             "/memory.max; cat /proc/self/cgroup"])
+    assert result.out.split(), result.err
+    return int(result.out.split()[0])
+
+
+def test_update_grows_the_vm_and_lowering_offlines_what_it_added(cri: CriClient) -> None:
+    small = api.LinuxContainerResources(cpu_period=100_000, cpu_quota=100_000,
+                                        memory_limit_in_bytes=256 * MIB)
+    pod = cri.run_pod("resized", handler=HANDLER, resources=small)
+    cid = cri.run_container(pod, BUSYBOX_REF, ["sleep", "600"], resources=small)
+    boot_cpus, boot_mib = _guest_size(cri, cid)
+    assert boot_cpus == 1
+
+    big = api.LinuxContainerResources(cpu_period=100_000, cpu_quota=300_000,
+                                      memory_limit_in_bytes=1024 * MIB)
+    cri.update_container_resources(cid, big, timeout=120)
+    cpus, memory_mib = _guest_size(cri, cid)
+    assert cpus == 3, "ceil(300000 / 100000) vCPUs, hot-plugged and online"
+    assert memory_mib >= 1024 + BASE_MEMORY_MIB - KERNEL_MIB, (boot_mib, memory_mib)
+    assert _limit_in_guest(cri, cid) == 1024 * MIB
+    # The container can use what it was given: dd fills a 600 MiB buffer, more than the
+    # whole VM had at boot.
+    fill = cri.exec_sync(cid, ["dd", "if=/dev/zero", "of=/dev/null", "bs=600M", "count=1"],
+                         timeout=120)
+    assert fill.exit_code == 0 and "1+0 records out" in fill.err, fill.out + fill.err
+
+    cri.update_container_resources(cid, small, timeout=120)
+    cpus, kept_mib = _guest_size(cri, cid)
+    assert cpus == 1, "the hot-plugged vCPUs go offline"
+    assert _limit_in_guest(cri, cid) == 256 * MIB
+    assert kept_mib == memory_mib, "hot-added memory stays (and the shim log says so)"
+
+    # Growing again brings the offline vCPUs back.
+    cri.update_container_resources(cid, big, timeout=120)
+    assert _guest_size(cri, cid)[0] == 3
+    cri.stop_pod(pod.id)
+    cri.remove_pod(pod.id)

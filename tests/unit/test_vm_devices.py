@@ -51,9 +51,11 @@ class RecordingQemu:
     """QEMU's side of QMP for the device model: records commands, fails the ones told to,
     and emits DEVICE_DELETED when the guest would let go of a device."""
 
-    def __init__(self, fail: dict[str, VmError] | None = None) -> None:
+    def __init__(self, fail: dict[str, VmError] | None = None,
+                 replies: dict[str, Any] | None = None) -> None:
         self.commands: list[tuple[str, dict[str, Any]]] = []
         self.fail = fail or {}
+        self.replies = replies or {}
         self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
 
     async def qmp(self, command: str, arguments: dict[str, Any] | None = None,
@@ -63,7 +65,8 @@ class RecordingQemu:
             raise self.fail[command]
         if command == "device_del" and (waiter := self._waiters.get(arguments["id"])):
             waiter.set_result({"device": arguments["id"]})
-        return {}
+        reply = self.replies.get(command, {})
+        return reply(self.commands) if callable(reply) else reply
 
     async def pass_fd(self, name: str, fd: int) -> None:
         self.commands.append(("getfd", {"fdname": name}))
