@@ -14,7 +14,7 @@ HOST_PACKAGES := qemu-system-x86 qemu-utils containerd runc crun mmdebstrap \
 	iproute2 kmod e2fsprogs iptables ceph-mon ceph-osd ceph-common qemu-block-extra
 
 .PHONY: all deps venv proto guest-image test test-unit test-vm test-cri demo soak critest \
-	bench-boot bench-cri bench-net bench-io clean
+	bench-boot bench-cri bench-net bench-io bench-resize clean
 
 all: venv guest-image
 
@@ -99,6 +99,11 @@ bench-net: deps venv guest-image
 bench-io: deps venv guest-image
 	$(call apt_install,fio)
 	$(PY) -m tests.bench.io
+
+# In-place resize: UpdateContainerResources until the guest has the new vCPUs and
+# memory online, husk against runc (medians of 5).
+bench-resize: deps venv guest-image
+	$(PY) -m tests.bench.resize
 
 clean:
 	rm -rf $(BUILD) $(VENV)

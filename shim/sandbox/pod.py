@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from shim import errors
 from shim.agentclient.client import ContainerStats, Storage
 from shim.sandbox.process import Process, ProcessState
@@ -113,6 +115,7 @@ class Pod:
     async def boot(self) -> None:
         await self.sandbox.start()
         assert self.sandbox.vm is not None
+        self.resizer.present_vcpus = self.sandbox.present_vcpus
         self._manage = ManageServer(self.sandbox.run_dir, {
             "volume-stats": self._volume_stats, "volume-resize": self._volume_resize},
             f"sandbox {self.sandbox.sandbox_id}")
@@ -501,11 +504,34 @@ class Pod:
             await self.resizer.grow(devices, self.agent)
 
     async def stats(self, container_id: str) -> ContainerStats | None:
+        """A container's from its cgroup in the guest; the sandbox's is the VM's on the
+        host (QEMU and virtiofsd), what the pod costs the node."""
         container = self.get(container_id)
         if container.is_sandbox:
-            return None
+            return self._vm_usage()
         stats: ContainerStats = await self.agent.stats_container(container_id)
         return stats
+
+    def _vm_usage(self) -> ContainerStats | None:
+        vm = self.sandbox.vm
+        if vm is None or not vm.running:
+            return None
+        user = system = rss = 0.0
+        pids = [pid for pid in (vm.pid, vm.virtiofsd_pid) if pid > 0]
+        for pid in pids:
+            try:
+                proc = psutil.Process(pid)
+                with proc.oneshot():
+                    times, memory = proc.cpu_times(), proc.memory_info()
+            except psutil.Error:
+                continue  # gone meanwhile: the exit path reports it
+            user, system, rss = user + times.user, system + times.system, rss + memory.rss
+        ns = 1_000_000_000
+        return ContainerStats(
+            cpu_usage_ns=int((user + system) * ns), cpu_user_ns=int(user * ns),
+            cpu_system_ns=int(system * ns), memory_usage_bytes=int(rss), memory_limit_bytes=0,
+            memory_max_usage_bytes=0, memory_cache_bytes=0, memory_rss_bytes=int(rss),
+            pids_current=len(pids), pids_limit=0)
 
     async def guest_pids(self, container_id: str) -> list[int]:
         container = self.get(container_id)

@@ -69,6 +69,7 @@ class VmResizer:
     hv: HypervisorConfig
     boot: VmSize
     limits: dict[str, Limits] = field(default_factory=dict)  # by live container id
+    present_vcpus: int = 0  # plugged at boot (online or not); 0 = the boot count
     vcpus_added: list[str] = field(default_factory=list)     # device ids, oldest first
     online_vcpus: int = 0  # in the guest; 0 = the boot count
     dimms_added: list[tuple[str, int]] = field(default_factory=list)  # (device id, MiB)
@@ -76,11 +77,12 @@ class VmResizer:
 
     def __post_init__(self) -> None:
         self.online_vcpus = self.online_vcpus or self.boot.vcpus
+        self.present_vcpus = self.present_vcpus or self.boot.vcpus
 
     @property
     def vcpus(self) -> int:
         """Present (plugged), online or not."""
-        return self.boot.vcpus + len(self.vcpus_added)
+        return self.present_vcpus + len(self.vcpus_added)
 
     @property
     def memory_mib(self) -> int:

@@ -36,7 +36,7 @@ from shim.sandbox.description import PodDescription
 from shim.sandbox.sizing import size_vm
 from shim.util.mount import mounts_under
 from shim.storage.share import GUEST_SHARED_DIR, SharedDir, check_id
-from shim.vm.accel import AccelChoice, choose_accel
+from shim.vm.accel import Accel, AccelChoice, choose_accel
 from shim.vm.cmdline import (AGENT_CHARDEV, SHARED_FS_TAG, AgentTransport, NicSpec, SharedFsType,
                              VmPaths, VmSpec)
 from shim.vm.devices import DeviceError
@@ -91,6 +91,12 @@ class Sandbox:
     @property
     def sandbox_id(self) -> str:
         return self.pod.sandbox_id
+
+    @property
+    def present_vcpus(self) -> int:
+        """vCPUs plugged into the VM at boot, online or not (see VmSpec.all_vcpus_present)."""
+        spec = self.vm.spec if self.vm is not None else None
+        return spec.max_vcpus if spec is not None and spec.all_vcpus_present else self.size.vcpus
 
     def _choose_transport(self) -> AgentTransport:
         mode = self.config.agent.transport
@@ -195,7 +201,8 @@ class Sandbox:
             name=self.sandbox_id[:32], paths=VmPaths(self.run_dir), qemu_path=hv.qemu_path,
             kernel=hv.kernel_path, initrd=hv.initrd_path, image=hv.image_path,
             vcpus=self.size.vcpus, memory_mib=self.size.memory_mib,
-            max_vcpus=self.size.max_vcpus, max_memory_mib=self.size.max_memory_mib, accel=self.accel,
+            max_vcpus=self.size.max_vcpus, max_memory_mib=self.size.max_memory_mib,
+            all_vcpus_present=self.accel.accel is Accel.TCG, accel=self.accel,
             shared_fs=SharedFsType(self.config.shared_fs.type),
             shared_dir=self.shared.host_dir, transport=self._transport, vsock_cid=cid,
             vhost_fd=vhost_fd, hotplug_ports=hv.hotplug_ports,

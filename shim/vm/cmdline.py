@@ -165,6 +165,10 @@ class VmSpec:
     transport: AgentTransport
     max_vcpus: int = 0       # what hot-plug may grow it to; 0 = no room
     max_memory_mib: int = 0
+    # Every possible vCPU present from the start, the guest booting only `vcpus` of
+    # them (the rest come online on resize): for TCG, where QEMU 7.2 aborts when a
+    # hot-plugged vCPU's thread finds the translation buffer's regions all taken.
+    all_vcpus_present: bool = False
     vsock_cid: int = 0
     vhost_fd: int = -1
     hotplug_ports: int = 4
@@ -205,6 +209,8 @@ def kernel_cmdline(spec: VmSpec) -> str:
         params += ["husk.debug=1", "loglevel=7"]
     else:
         params += ["quiet", "loglevel=3"]
+    if spec.all_vcpus_present and spec.max_vcpus > spec.vcpus:
+        params.append(f"maxcpus={spec.vcpus}")
     if spec.kernel_params:
         params.append(spec.kernel_params)
     return " ".join(params)
@@ -212,6 +218,8 @@ def kernel_cmdline(spec: VmSpec) -> str:
 
 def smp_args(spec: VmSpec) -> str:
     """-smp: the vCPUs present at boot, and as many more possible for hot-plug."""
+    if spec.all_vcpus_present and spec.max_vcpus > spec.vcpus:
+        return f"{spec.max_vcpus},maxcpus={spec.max_vcpus}"
     if spec.max_vcpus > spec.vcpus:
         return f"{spec.vcpus},maxcpus={spec.max_vcpus}"
     return str(spec.vcpus)

@@ -392,6 +392,11 @@ class CriClient:
         self._call("UpdateContainerResources", api.UpdateContainerResourcesRequest(
             container_id=container_id, linux=resources), timeout)
 
+    def pod_stats(self, pod_id: str) -> api.PodSandboxStats:
+        """PodSandboxStats, as `crictl statsp` and the kubelet's pod stats."""
+        return self._call("PodSandboxStats", api.PodSandboxStatsRequest(
+            pod_sandbox_id=pod_id)).stats
+
     def container_stats(self, container_id: str) -> api.ContainerStats:
         resp = self._call("ContainerStats", api.ContainerStatsRequest(container_id=container_id))
         return resp.stats  # type: ignore[attr-defined,no-any-return]

@@ -18,6 +18,7 @@ class FakeVm:
     pid = FAKE_VM_PID
     running = True
     devices = None  # no hot-plug: a fake VM has no direct volumes
+    virtiofsd_pid = 0
 
     def __init__(self) -> None:
         self._exit = asyncio.get_event_loop().create_future()
@@ -45,6 +46,7 @@ class FakeSandbox:
         self.run_dir = root / "sb" / pod.sandbox_id
         self.shared = SharedDir(self.run_dir)
         self.size = size_vm(config.hypervisor, pod.resources, pod.size_overrides)
+        self.present_vcpus = self.size.vcpus
         self.agent: FakeAgent | None = None
         self.vm: FakeVm | None = None
         self.stopped = False

@@ -92,3 +92,21 @@ def test_update_grows_the_vm_and_lowering_offlines_what_it_added(cri: CriClient)
     assert _guest_size(cri, cid)[0] == 3
     cri.stop_pod(pod.id)
     cri.remove_pod(pod.id)
+
+
+def test_pod_stats_are_the_vms_and_rise_under_load(cri: CriClient) -> None:
+    pod = cri.run_pod("statsp", handler=HANDLER)
+    cid = cri.run_container(pod, BUSYBOX_REF, ["sleep", "600"])
+    before = cri.pod_stats(pod.id).linux
+    assert before.memory.working_set_bytes.value > 64 * MIB, "QEMU's memory, at least"
+    cpu_before = before.cpu.usage_core_nano_seconds.value
+    assert cpu_before > 0
+    # Three seconds of a busy loop in the container: the VM burns host CPU for it.
+    cri.exec_sync(cid, ["timeout", "3", "sh", "-c", "while :; do :; done"], timeout=60)
+    after = cri.pod_stats(pod.id).linux
+    assert after.cpu.usage_core_nano_seconds.value - cpu_before > 1_000_000_000
+    container = cri.container_stats(cid)
+    assert 0 < container.memory.working_set_bytes.value < before.memory.working_set_bytes.value, \
+        "the container's own figures come from its cgroup in the guest"
+    cri.stop_pod(pod.id)
+    cri.remove_pod(pod.id)

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from google.protobuf.message import Message
 
@@ -200,6 +201,17 @@ async def test_stats_are_cgroup_v1_metrics(env: Any) -> None:
     metrics = metrics_pb2.Metrics.FromString(reply.stats.value)
     assert metrics.cpu.usage.total == 5000 and metrics.memory.usage.usage == 1 << 20
     assert metrics.pids.current == 3
+
+
+async def test_the_sandbox_stats_are_the_vm_processes_on_the_host(env: Any) -> None:
+    await _run_pod(env)
+    vm = env.sandboxes[0].vm
+    vm.pid = os.getpid()  # stands for QEMU: a live process with CPU time and memory
+    reply = await env.service.stats(api.StatsRequest(id=SANDBOX))
+    metrics = metrics_pb2.Metrics.FromString(reply.stats.value)
+    own = psutil.Process().memory_info().rss
+    assert metrics.cpu.usage.total > 0 and metrics.pids.current == 1
+    assert own // 2 < metrics.memory.usage.usage < own * 2
 
 
 async def test_vm_crash_fails_running_processes(env: Any) -> None:

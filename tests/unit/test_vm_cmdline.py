@@ -39,6 +39,13 @@ def test_the_vm_boots_with_room_to_grow_to_its_maximum(tmp_path: Path) -> None:
     assert "memory-backend-memfd,id=mem,size=768M,share=on" in " ".join(argv)
 
 
+def test_under_tcg_every_vcpu_is_present_and_the_guest_boots_only_its_share(
+        tmp_path: Path) -> None:
+    argv = build_cmdline(_spec(tmp_path, vcpus=2, max_vcpus=8, all_vcpus_present=True))
+    assert argv[argv.index("-smp") + 1] == "8,maxcpus=8"
+    assert "maxcpus=2" in argv[argv.index("-append") + 1].split()
+
+
 def test_9p_has_no_shared_memory(tmp_path: Path) -> None:
     joined = " ".join(build_cmdline(_spec(tmp_path, shared_fs=SharedFsType.NINE_P)))
     assert "virtio-9p-pci" in joined and "memfd" not in joined

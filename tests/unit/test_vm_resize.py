@@ -101,6 +101,14 @@ def test_shrinking_offlines_the_extra_vcpus_and_keeps_them_for_the_next_grow() -
     assert guest.calls[-1][0] == 2 and resizer.online_vcpus == 2
 
 
+def test_vcpus_present_from_boot_are_onlined_not_hot_plugged() -> None:
+    resizer, qemu, devices, guest = _resizer()
+    resizer.present_vcpus = 4
+    resizer.limits["a"] = Limits(2500, 0)
+    asyncio.run(resizer.grow(devices, guest))
+    assert not qemu.commands and guest.calls == [(3, 0)]
+
+
 def test_a_vm_at_its_maximum_cannot_grow_and_says_so() -> None:
     resizer, qemu, devices, guest = _resizer()
     qemu.replies["query-hotpluggable-cpus"] = hotpluggable_cpus(4)
