@@ -47,6 +47,10 @@ def test_a_pod_without_limits_gets_the_default_size(cri: CriClient) -> None:
     cpus, memory_mib = _guest_size(cri, cid)
     assert cpus == 1
     assert 512 - KERNEL_MIB <= memory_mib <= 512, memory_mib
+    # A container whose limits need more than the VM has grows it before it starts.
+    limited = api.LinuxContainerResources(cpu_period=100_000, cpu_quota=250_000)
+    big = cri.run_container(pod, BUSYBOX_REF, ["sleep", "600"], resources=limited)
+    assert _guest_size(cri, big)[0] == 3, "ceil(2.5) vCPUs online before it started"
     cri.stop_pod(pod.id)
     cri.remove_pod(pod.id)
 
@@ -101,11 +105,15 @@ def test_pod_stats_are_the_vms_and_rise_under_load(cri: CriClient) -> None:
     assert before.memory.working_set_bytes.value > 64 * MIB, "QEMU's memory, at least"
     cpu_before = before.cpu.usage_core_nano_seconds.value
     assert cpu_before > 0
-    # Three seconds of a busy loop in the container: the VM burns host CPU for it.
+    container_cpu_before = cri.container_stats(cid).cpu.usage_core_nano_seconds.value
+    # Three seconds of a busy loop in the container: the VM burns host CPU for it, and
+    # the container's own figure counts the loop (its share of one vCPU).
     cri.exec_sync(cid, ["timeout", "3", "sh", "-c", "while :; do :; done"], timeout=60)
     after = cri.pod_stats(pod.id).linux
     assert after.cpu.usage_core_nano_seconds.value - cpu_before > 1_000_000_000
     container = cri.container_stats(cid)
+    busy_ns = container.cpu.usage_core_nano_seconds.value - container_cpu_before
+    assert 1_500_000_000 < busy_ns < 4_000_000_000, busy_ns
     assert 0 < container.memory.working_set_bytes.value < before.memory.working_set_bytes.value, \
         "the container's own figures come from its cgroup in the guest"
     cri.stop_pod(pod.id)
