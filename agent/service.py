@@ -370,11 +370,18 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
 
     @unary
     async def GetGuestDetails(self, request: pb.Empty) -> pb.GuestDetails:
-        if self._oci_version is None:
-            self._oci_version = await self._runtime.crun.version()
+        oci_version = self._oci_version
+        if oci_version is None:
+            # Details for the log: a crun that is slow to answer (ten TCG guests booting
+            # at once) must not fail the pod's start.
+            try:
+                oci_version = self._oci_version = await self._runtime.crun.version()
+            except AgentError as exc:
+                log.warning("crun --version: %s", exc)
+                oci_version = "unknown"
         return pb.GuestDetails(
             agent_version=__version__, kernel_release=os.uname().release,
-            python_version=platform.python_version(), oci_runtime_version=self._oci_version,
+            python_version=platform.python_version(), oci_runtime_version=oci_version,
             cpus=os.cpu_count() or 0, memory_bytes=_memory_total())
 
 
