@@ -494,9 +494,14 @@ class Pod:
         container = self.get(container_id)
         if container.is_sandbox:
             return  # the kubelet resizes containers; a pod-level update never reaches a shim
+        before = self.resizer.limits.get(container_id, Limits())
         self.resizer.limits[container_id] = Limits.from_resources(resources)
-        await self._grow()
-        await self.agent.update_container(container_id, resources)
+        try:
+            await self._grow()
+            await self.agent.update_container(container_id, resources)
+        except BaseException:
+            self.resizer.limits[container_id] = before  # the update did not happen
+            raise
         await self.resizer.shrink(self.agent)
 
     async def _grow(self) -> None:
