@@ -49,10 +49,12 @@ proto: venv
 guest-image: deps venv
 	guest-image/build.sh $(GUEST)
 
-# Unit tests first (seconds); then VM and CRI tests, two workers, one file per worker.
+# Unit tests first (seconds); then VM and CRI tests, two workers, one file per worker;
+# then the tests that load the whole machine (ten VMs at once), alone.
 test: deps venv guest-image
 	$(PY) -m pytest -q -rs -p no:cacheprovider tests/unit
-	$(PY) -m pytest -q -rs -p no:cacheprovider -n 2 --dist loadfile tests/integration
+	$(PY) -m pytest -q -rs -p no:cacheprovider -n 2 --dist loadfile -m "not whole_machine" tests/integration
+	$(PY) -m pytest -q -rs -p no:cacheprovider -m whole_machine tests/integration
 
 test-unit: venv
 	$(PY) -m pytest -q -rs -p no:cacheprovider tests/unit

@@ -42,6 +42,11 @@ CHANNEL_OPTIONS = [
     # reach the guest merged with the next one (the port is one byte stream).
     # The sandbox dials only once the guest has opened the port.
     ("grpc.max_reconnect_backoff_ms", 2000),
+    # gRPC closes the transport when a ping goes unacknowledged for a minute (its
+    # default), which a TCG guest starved by its neighbours' boots has hit in the middle
+    # of CreateSandbox. Whether the guest is alive is the pod's keepalive's call and
+    # every call has its own deadline; this is only the outer bound.
+    ("grpc.http2.ping_timeout_ms", 300_000),
 ]
 
 _CODE_TO_ERROR: dict[grpc.StatusCode, type[errors.HuskError]] = {

@@ -138,6 +138,7 @@ def test_container_lifecycles_leave_the_shim_as_it_was(cri: CriClient) -> None:
     _assert_no_vm_left()
 
 
+@pytest.mark.whole_machine
 def test_ten_pods_at_once(cri: CriClient) -> None:
     def bring_up(i: int) -> tuple[Pod, str]:
         pod = cri.run_pod(f"many-{i}", handler="husk", timeout=RUN_POD_TIMEOUT_S)
