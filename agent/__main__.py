@@ -9,6 +9,8 @@ container processes are still reparented to it.
 Settings come from the arguments, else the kernel command line:
 ``husk.transport=serial|vsock`` (default serial) and ``husk.debug=1``.
 ``husk.test_hooks=1`` (test configs only) enables agent.testhooks.
+``husk.template=1``: this guest becomes a VM template (shim.sandbox.template);
+the agent loads what pods need before it serves, so restored guests have it.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from agent import __version__, testhooks
+from agent import __version__, network, testhooks
 from agent.channel import (AGENT_PORT_NAME, LOG_PORT_NAME, PortLogHandler, SerialBridge,
                            VsockBridge, find_virtio_port, wait_for_port)
 from agent.config import (DEFAULT_CGROUP_PARENT, DEFAULT_CGROUP_ROOT, DEFAULT_SHARED_DIR,
@@ -149,9 +151,14 @@ def _bridge(transport: str, socket_path: str) -> Callable[[], Coroutine[Any, Any
 
 
 async def serve(args: argparse.Namespace, config: AgentConfig, transport: str,
-                hooks: testhooks.Hooks | None = None) -> None:
+                hooks: testhooks.Hooks | None = None, warm_up: bool = False) -> None:
     """Start the reaper, the gRPC server and the bridge; run until SIGTERM/SIGINT."""
     loop = asyncio.get_running_loop()
+    if warm_up:
+        try:
+            await asyncio.to_thread(network.preload)  # pyroute2 runs a loop of its own
+        except Exception:  # noqa: BLE001 - a cold import later is only slower
+            log.exception("warming up for a template failed")
     reaper = Reaper()
     reaper.start()
     for directory in (config.state_dir, config.crun_root, config.bundles_dir):
@@ -213,7 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          resolv_conf=args.resolv_conf)
     status = 0
     try:
-        asyncio.run(serve(args, config, transport, hooks))
+        asyncio.run(serve(args, config, transport, hooks,
+                          warm_up=cmdline.get("husk.template") == "1"))
         log.info("husk-agent stopped")
     except BaseException:  # noqa: BLE001 - PID 1 must not die
         log.critical("husk-agent failed", exc_info=True)

@@ -200,6 +200,21 @@ async def wait_for_block_device(pci_path: str, *, sysfs: Path = Path("/sys"),
         await asyncio.sleep(BLOCK_DEVICE_POLL_S)
 
 
+async def wait_for_virtiofs(*, sysfs: Path = Path("/sys"),
+                            timeout: float = BLOCK_DEVICE_WAIT_S) -> None:
+    """Wait until a virtio-fs device is bound to its driver (its tag is known then):
+    after a restore from a template the host hot-plugs it just before CreateSandbox.
+
+    :raise DeadlineError: none appeared within ``timeout``.
+    """
+    driver = sysfs / "bus" / "virtio" / "drivers" / "virtiofs"
+    deadline = time.monotonic() + timeout
+    while not any(driver.glob("virtio*")):
+        if time.monotonic() >= deadline:
+            raise DeadlineError(f"no virtio-fs device appeared within {timeout:.0f} s")
+        await asyncio.sleep(BLOCK_DEVICE_POLL_S)
+
+
 # Filesystems the guest can make and grow (e2fsprogs is in the guest image).
 MKFS = {"ext4": ("mkfs.ext4", "-q", "-F"), "ext3": ("mkfs.ext3", "-q", "-F"),
         "ext2": ("mkfs.ext2", "-q", "-F")}
@@ -244,6 +259,8 @@ async def mount_storage(storage: Storage, *, sysfs: Path = Path("/sys"),
             await tools.make_filesystem_if_blank(source, storage.fstype)
     else:
         source = storage.source
+        if storage.driver == "virtio-fs":
+            await wait_for_virtiofs(sysfs=sysfs)
         if storage.driver == "9p":
             for prefix, default in NINEP_DEFAULTS:
                 if not any(o.startswith(prefix) for o in options):

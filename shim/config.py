@@ -137,6 +137,15 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class TemplateConfig:
+    # Pods start from a VM template (a guest booted once per VM shape, saved and
+    # restored; see shim.sandbox.template) instead of booting; false boots every pod.
+    enabled: bool = True
+    # Root only: a template holds a guest's memory.
+    dir: str = "/var/lib/husk/templates"
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     state_dir: str = "/run/husk"
     debug: bool = False
@@ -149,6 +158,7 @@ class Config:
     agent: AgentConfig = field(default_factory=AgentConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    template: TemplateConfig = field(default_factory=TemplateConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def size_overrides(self, annotations: Mapping[str, str]) -> SizeOverrides:
@@ -231,7 +241,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     """
     sections = {"hypervisor": HypervisorConfig, "shared_fs": SharedFsConfig,
                 "agent": AgentConfig, "network": NetworkConfig, "storage": StorageConfig,
-                "runtime": RuntimeConfig}
+                "template": TemplateConfig, "runtime": RuntimeConfig}
     for name in data:
         if name not in sections:
             raise ConfigError(f"unknown section [{name}] (known: {', '.join(sections)})")
@@ -259,6 +269,8 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     _choice("network.vhost_net", config.network.vhost_net, ("auto", "on", "off"))
     if not config.storage.direct_volumes_dir.startswith("/"):
         raise ConfigError("storage.direct_volumes_dir must be an absolute path")
+    if not config.template.dir.startswith("/"):
+        raise ConfigError("template.dir must be an absolute path")
     return config
 
 

@@ -20,6 +20,7 @@ pytest_plugins = ["tests.cri.fixtures"]
 REPO = Path(__file__).resolve().parent.parent
 GUEST_DIR = REPO / "build" / "guest"
 GUEST_FILES = ("vmlinuz", "initrd.img", "rootfs.img")
+TEMPLATES_DIR = REPO / "build" / "templates"
 # The husk state dir of the CRI tests' containerd (short: socket paths have a limit).
 HUSK_CRI_STATE = Path("/run") / f"husk-cri-{secrets.token_hex(4)}"
 # A second husk handler whose guests run with the agent's test hooks on.
@@ -46,12 +47,18 @@ def _toml_lines(values: dict[str, object]) -> list[str]:
 
 
 def write_test_config(path: Path, state_dir: Path, agent: dict[str, object] | None = None,
+                      templates_dir: Path = TEMPLATES_DIR, templates: bool | None = None,
                       **hypervisor: object) -> Path:
-    lines = ["[hypervisor]", f'guest_dir = "{GUEST_DIR}"', *_toml_lines(hypervisor)]
+    lines = ["[hypervisor]", *_toml_lines({"guest_dir": str(GUEST_DIR), **hypervisor})]
     if agent:
         lines += ["[agent]", *_toml_lines(agent)]
     # Direct-volume records of the tests' pods, apart from a node's real ones.
     lines += ["[storage]", f'direct_volumes_dir = "{state_dir}/direct-volumes"']
+    # One template directory for the whole run (its templates are per VM shape);
+    # HUSK_TEST_TEMPLATES=off runs everything with cold boots instead.
+    if templates is None:
+        templates = os.environ.get("HUSK_TEST_TEMPLATES") != "off"
+    lines += ["[template]", f'dir = "{templates_dir}"', f"enabled = {str(templates).lower()}"]
     lines += ["[runtime]", f'state_dir = "{state_dir}"']
     path.write_text("\n".join(lines) + "\n")
     return path

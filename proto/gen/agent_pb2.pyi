@@ -35,7 +35,7 @@ class Storage(_message.Message):
     def __init__(self, driver: _Optional[str] = ..., source: _Optional[str] = ..., fstype: _Optional[str] = ..., options: _Optional[_Iterable[str]] = ..., mount_point: _Optional[str] = ..., create_filesystem: _Optional[bool] = ...) -> None: ...
 
 class CreateSandboxRequest(_message.Message):
-    __slots__ = ("sandbox_id", "hostname", "dns", "storages", "sysctls", "network")
+    __slots__ = ("sandbox_id", "hostname", "dns", "storages", "sysctls", "network", "random_seed", "clock_ns")
     class SysctlsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -49,13 +49,17 @@ class CreateSandboxRequest(_message.Message):
     STORAGES_FIELD_NUMBER: _ClassVar[int]
     SYSCTLS_FIELD_NUMBER: _ClassVar[int]
     NETWORK_FIELD_NUMBER: _ClassVar[int]
+    RANDOM_SEED_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_NS_FIELD_NUMBER: _ClassVar[int]
     sandbox_id: str
     hostname: str
     dns: _containers.RepeatedScalarFieldContainer[str]
     storages: _containers.RepeatedCompositeFieldContainer[Storage]
     sysctls: _containers.ScalarMap[str, str]
     network: NetworkConfig
-    def __init__(self, sandbox_id: _Optional[str] = ..., hostname: _Optional[str] = ..., dns: _Optional[_Iterable[str]] = ..., storages: _Optional[_Iterable[_Union[Storage, _Mapping]]] = ..., sysctls: _Optional[_Mapping[str, str]] = ..., network: _Optional[_Union[NetworkConfig, _Mapping]] = ...) -> None: ...
+    random_seed: bytes
+    clock_ns: int
+    def __init__(self, sandbox_id: _Optional[str] = ..., hostname: _Optional[str] = ..., dns: _Optional[_Iterable[str]] = ..., storages: _Optional[_Iterable[_Union[Storage, _Mapping]]] = ..., sysctls: _Optional[_Mapping[str, str]] = ..., network: _Optional[_Union[NetworkConfig, _Mapping]] = ..., random_seed: _Optional[bytes] = ..., clock_ns: _Optional[int] = ...) -> None: ...
 
 class IPAddress(_message.Message):
     __slots__ = ("address", "prefix_len")

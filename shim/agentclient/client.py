@@ -229,11 +229,13 @@ class AgentClient:
     async def create_sandbox(self, sandbox_id: str, hostname: str, dns: list[str],
                              storages: list[Storage],
                              sysctls: Mapping[str, str] | None = None,
-                             network: PodNetwork | None = None) -> None:
+                             network: PodNetwork | None = None, random_seed: bytes = b"",
+                             clock_ns: int = 0) -> None:
         await self._call("CreateSandbox", pb.CreateSandboxRequest(
             sandbox_id=sandbox_id, hostname=hostname, dns=dns,
             storages=[s.to_proto() for s in storages], sysctls=dict(sysctls or {}),
-            network=network_proto(network or PodNetwork())))
+            network=network_proto(network or PodNetwork()), random_seed=random_seed,
+            clock_ns=clock_ns))
 
     async def update_network(self, network: PodNetwork) -> None:
         """Configure interfaces added after boot (hot-plugged NICs), with their routes."""

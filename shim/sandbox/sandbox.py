@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import secrets
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -21,7 +23,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shim import errors
+from shim import __version__, errors
 from shim.agentclient.client import AgentClient, Storage
 from shim.agentclient.transport import VsockBridge
 from shim.cgroups.host import SandboxCgroup
@@ -34,6 +36,7 @@ from shim.network.tcfilter import TapEndpoint, queue_count, vhost_net_available
 from shim.network.watch import NetnsWatcher
 from shim.sandbox.description import PodDescription
 from shim.sandbox.sizing import size_vm
+from shim.sandbox.template import Template, TemplateError, TemplateId, TemplateStore, template_spec
 from shim.util.mount import mounts_under
 from shim.storage.share import GUEST_SHARED_DIR, SharedDir, check_id
 from shim.vm.accel import Accel, AccelChoice, choose_accel
@@ -50,6 +53,11 @@ DESTROY_TIMEOUT_S = 10.0
 # The pod's /dev/shm: one tmpfs in guest memory that all its containers bind.
 POD_SHM_STORAGE = Storage("ephemeral", "shm", "tmpfs", "/run/husk/pod-shm",
                           ("nosuid", "nodev", "noexec", "mode=1777", "size=64m"))
+# Entropy the guest mixes in at CreateSandbox: a guest restored from a template
+# starts with its template's random state.
+RANDOM_SEED_BYTES = 64
+# A template's agent gets this long to see its host hang up before the guest is saved.
+TEMPLATE_SETTLE_S = 0.3
 GUEST_LOG_TAIL_LINES = 8
 KEPT_GUEST_LOG_BYTES = 64 * 1024
 
@@ -61,6 +69,7 @@ class StartTimes:
     qmp_ready_s: float = 0.0
     agent_ready_s: float = 0.0
     sandbox_ready_s: float = 0.0
+    template: str = ""  # "restored", "built" (then restored) or "" (a cold boot)
 
 
 @dataclass
@@ -69,6 +78,8 @@ class Sandbox:
 
     pod: PodDescription
     config: Config
+    # This VM only becomes a template (see build_template): no pod devices.
+    building_template: bool = False
     accel: AccelChoice | None = None
     times: StartTimes = field(default_factory=StartTimes)
     vm: Vm | None = None
@@ -80,6 +91,8 @@ class Sandbox:
     _nic_vhost: bool = False
     _forward_port: int = 0
     _bridge: VsockBridge | None = None
+    _template: Template | None = None  # the one this VM was restored from
+    _templates_off: bool = False  # a restore failed: this sandbox boots
     _undo: AsyncExitStack | None = None
 
     def __post_init__(self) -> None:
@@ -118,15 +131,35 @@ class Sandbox:
     async def start(self) -> None:
         """Bring the sandbox up, step by step; each step pushes its undo on one stack.
 
+        A guest restored from a template whose agent does not come up (a template
+        that loads but does not run) costs the template and one retry as a cold boot.
+
         :raise errors.HuskError: a step failed (UnavailableError for the VM or
             the agent, InvalidArgumentError for a network husk cannot carry),
             with the reason; everything done before it is undone.
         """
+        try:
+            await self._run_steps()
+        except errors.UnavailableError as exc:
+            template = self._template
+            if template is None or self.agent_ready:
+                raise
+            log.error("sandbox %s: the guest restored from template %s did not come up (%s); "
+                      "discarding the template and booting the VM", self.sandbox_id,
+                      template.id.key, exc)
+            TemplateStore(Path(self.config.template.dir)).discard(template.id)
+            self._template, self._templates_off = None, True
+            self.times = StartTimes()
+            await self._run_steps()
+
+    async def _run_steps(self) -> None:
         steps: list[tuple[str, Callable[[AsyncExitStack], Awaitable[None]]]] = [
             ("run directory", self._make_run_dir), ("accelerator", self._choose_accelerator),
             ("network", self._connect_network), ("VM", self._start_vm),
             ("agent", self._connect_agent), ("sandbox", self._create_sandbox),
             ("port-forward", self._start_port_forward), ("network watch", self._watch_network)]
+        if self.building_template:
+            steps = steps[:2] + [steps[3], steps[4]]  # no network, no sandbox
         async with AsyncExitStack() as undo:
             for name, step in steps:
                 began = time.monotonic()
@@ -134,6 +167,10 @@ class Sandbox:
                 log.debug("sandbox %s: step %s done in %.3fs", self.sandbox_id, name,
                           time.monotonic() - began)
             self._undo = undo.pop_all()
+
+    @property
+    def agent_ready(self) -> bool:
+        return self.times.agent_ready_s > 0
 
     async def _make_run_dir(self, undo: AsyncExitStack) -> None:
         undo.callback(self._remove_run_dir)
@@ -185,9 +222,26 @@ class Sandbox:
             return ()
         return tuple(self._nic(i, e) for i, e in enumerate(self.networking.endpoints))
 
-    async def _start_vm(self, undo: AsyncExitStack) -> None:
+    def _vm_spec(self) -> VmSpec:
         hv = self.config.hypervisor
         assert self.accel is not None
+        cid, vhost_fd = self._vsock
+        return VmSpec(
+            name=self.sandbox_id[:32], paths=VmPaths(self.run_dir), qemu_path=hv.qemu_path,
+            kernel=hv.kernel_path, initrd=hv.initrd_path, image=hv.image_path,
+            vcpus=self.size.vcpus, memory_mib=self.size.memory_mib,
+            max_vcpus=self.size.max_vcpus, max_memory_mib=self.size.max_memory_mib,
+            all_vcpus_present=self.accel.accel is Accel.TCG, accel=self.accel,
+            shared_fs=SharedFsType(self.config.shared_fs.type),
+            shared_dir=self.shared.host_dir, transport=self._transport, vsock_cid=cid,
+            vhost_fd=vhost_fd, hotplug_ports=self.config.hypervisor.hotplug_ports,
+            msize_9p=self.config.shared_fs.msize_9p, kernel_params=hv.kernel_params,
+            debug=self.config.runtime.debug,
+            extra_fds=[vhost_fd] if vhost_fd >= 0 else [], nics=self._nics())
+
+    async def _start_vm(self, undo: AsyncExitStack) -> None:
+        """A VM restored from the template for its shape where there is one (built
+        first if need be), else booted; a restore that fails discards the template."""
         self._transport = self._choose_transport()
         if self._transport is AgentTransport.VSOCK:
             try:
@@ -196,22 +250,29 @@ class Sandbox:
                 raise errors.UnavailableError(str(exc)) from exc
             undo.callback(reserved.close)
             self._vsock = (reserved.cid, reserved.fd)
-        cid, vhost_fd = self._vsock
-        spec = VmSpec(
-            name=self.sandbox_id[:32], paths=VmPaths(self.run_dir), qemu_path=hv.qemu_path,
-            kernel=hv.kernel_path, initrd=hv.initrd_path, image=hv.image_path,
-            vcpus=self.size.vcpus, memory_mib=self.size.memory_mib,
-            max_vcpus=self.size.max_vcpus, max_memory_mib=self.size.max_memory_mib,
-            all_vcpus_present=self.accel.accel is Accel.TCG, accel=self.accel,
-            shared_fs=SharedFsType(self.config.shared_fs.type),
-            shared_dir=self.shared.host_dir, transport=self._transport, vsock_cid=cid,
-            vhost_fd=vhost_fd, hotplug_ports=hv.hotplug_ports,
-            msize_9p=self.config.shared_fs.msize_9p, kernel_params=hv.kernel_params,
-            debug=self.config.runtime.debug,
-            extra_fds=[vhost_fd] if vhost_fd >= 0 else [], nics=self._nics())
+        spec = self._vm_spec()
         log.info("sandbox %s: VM of %s", self.sandbox_id, self.size)
+        if self.building_template:
+            await self._run_vm(undo, template_spec(spec, incoming=False), with_virtiofsd=False)
+            return
+        template = await self._template_for(spec)
+        if template is not None:
+            try:
+                async with AsyncExitStack() as attempt:
+                    await self._restore_vm(attempt, spec, template)
+                    undo.push_async_callback(attempt.pop_all().aclose)
+                return
+            except TemplateError as exc:
+                log.error("sandbox %s: %s; discarding the template and booting the VM",
+                          self.sandbox_id, exc)
+                TemplateStore(Path(self.config.template.dir)).discard(template.id)
+                self.times.template = ""
+        await self._run_vm(undo, spec)
+
+    async def _run_vm(self, undo: AsyncExitStack, spec: VmSpec,
+                      with_virtiofsd: bool = True) -> None:
         self.vm = Vm(spec, self.config.shared_fs.virtiofsd_path,
-                     self.config.shared_fs.virtiofs_cache)
+                     self.config.shared_fs.virtiofs_cache, with_virtiofsd=with_virtiofsd)
         cgroup = SandboxCgroup.from_spec_path(self.pod.cgroup_path)
         if cgroup is not None:
             undo.callback(cgroup.remove)  # runs after vm.stop (LIFO)
@@ -220,11 +281,99 @@ class Sandbox:
         except VmError as exc:
             raise errors.UnavailableError(f"cannot start the VM: {exc}") from exc
         undo.push_async_callback(self.vm.stop)
-        if self.networking is not None:
+        if self.networking is not None and spec.nics:
             self.networking.close_fds()  # QEMU holds the taps now
         if cgroup is not None:
             cgroup.join([self.vm.pid, self.vm.virtiofsd_pid])
         self.times.qmp_ready_s = self.vm.times.qmp_ready_s
+
+    async def _restore_vm(self, undo: AsyncExitStack, spec: VmSpec, template: Template) -> None:
+        """Start QEMU waiting for the template's state, load it, then hot-plug what is
+        the pod's own: the shared filesystem and the NICs.
+
+        :raise TemplateError: the restore failed; ``undo`` stops what started.
+        """
+        try:
+            await self._run_vm(undo, template_spec(spec, incoming=True))
+            assert self.vm is not None
+            await self.vm.restore(template.state)
+            await self.vm.attach_shared_fs()
+            for index, endpoint in enumerate(self.networking.endpoints if self.networking else []):
+                await self.vm.devices.add_nic(self._nic(index, endpoint))
+        except (errors.HuskError, VmError, DeviceError) as exc:
+            raise TemplateError(f"cannot restore the VM from template {template.id.key}: "
+                                f"{exc}") from exc
+        if self.networking is not None:
+            self.networking.close_fds()  # QEMU has its copies
+        self._template = template
+        if not self.times.template:
+            self.times.template = "restored"
+        log.info("sandbox %s: VM restored from template %s in %.3fs", self.sandbox_id,
+                 template.id.key, time.monotonic() - self.vm.times.spawned_at)
+
+    async def _template_for(self, spec: VmSpec) -> Template | None:
+        """The template for this VM's shape, built now if missing; None: boot cold."""
+        settings = self.config.template
+        if not settings.enabled or self._templates_off:
+            return None
+        try:
+            tid = TemplateId.of(spec, __version__)
+        except TemplateError as exc:
+            log.info("sandbox %s: boots without a template: %s", self.sandbox_id, exc)
+            return None
+        store = TemplateStore(Path(settings.dir))
+        template = store.find(tid)
+        if template is not None:
+            return template
+        failed = store.recently_failed(tid)
+        if failed is not None:
+            log.warning("sandbox %s: boots without a template: building template %s failed "
+                        "recently: %s", self.sandbox_id, tid.key, failed)
+            return None
+        try:
+            async with store.locked(tid):
+                template = store.find(tid)  # another shim may have built it meanwhile
+                if template is None:
+                    template = await self._build_template(store, tid)
+        except (TemplateError, errors.HuskError, OSError) as exc:
+            log.error("sandbox %s: boots without a template: building template %s failed: "
+                      "%s", self.sandbox_id, tid.key, exc)
+            store.record_failure(tid, str(exc))
+            return None
+        return template
+
+    async def _build_template(self, store: TemplateStore, tid: TemplateId) -> Template:
+        """Boot a guest of this VM's shape without the pod's devices, warm its agent up
+        and save it. :raise errors.HuskError, VmError: the build failed."""
+        began = time.monotonic()
+        log.info("sandbox %s: building VM template %s (%s)", self.sandbox_id, tid.key, self.size)
+        state = store.build_path(tid)
+        builder = Sandbox(dataclasses.replace(self.pod, sandbox_id=f"tmpl-{tid.key[:12]}",
+                                              hostname="template", cgroup_path="",
+                                              netns_path=""),
+                          self.config, building_template=True)
+        try:
+            await builder.start()
+            await builder.save_template(state)
+        except VmError as exc:
+            raise TemplateError(str(exc)) from exc
+        finally:
+            await builder.stop()
+        template = store.install(tid, state, time.monotonic() - began)
+        self.times.template = "built"
+        log.info("sandbox %s: template %s built in %.1fs (%d MiB)", self.sandbox_id, tid.key,
+                 time.monotonic() - began, template.state.stat().st_size >> 20)
+        return template
+
+    async def save_template(self, state: Path) -> None:
+        """A template VM: hang up on its agent (a restored guest waits for its new
+        host) and save the paused guest to ``state``. :raise VmError: QEMU failed."""
+        assert self.building_template and self.vm is not None
+        if self.agent is not None:
+            agent, self.agent = self.agent, None
+            await agent.close()
+        await asyncio.sleep(TEMPLATE_SETTLE_S)
+        await self.vm.save(state)
 
     async def _connect_agent(self, undo: AsyncExitStack) -> None:
         assert self.vm is not None
@@ -257,7 +406,9 @@ class Sandbox:
         network = self.networking.network if self.networking is not None else None
         await self.agent.create_sandbox(self.sandbox_id, self.pod.hostname, list(self.pod.dns),
                                         [self._shared_storage(), POD_SHM_STORAGE],
-                                        self.pod.sysctl_map, network)
+                                        self.pod.sysctl_map, network,
+                                        random_seed=secrets.token_bytes(RANDOM_SEED_BYTES),
+                                        clock_ns=time.time_ns())
         self.times.sandbox_ready_s = time.monotonic() - self.vm.times.spawned_at
 
     async def _start_port_forward(self, undo: AsyncExitStack) -> None:

@@ -23,6 +23,7 @@ CONSOLE_CHARDEV = "console"
 GUEST_LOG_CHARDEV = "guestlog"
 LOG_PORT_NAME = "io.husk.log"
 SHARED_FS_TAG = "husk-shared"
+SHARED_FS_CHARDEV = "fs"
 AGENT_VSOCK_PORT = 1024
 # DIMM slots for memory hot-added to a running VM, one per grow step. vhost-user
 # backends (virtiofsd) map each as a region: libvhost-user takes 32 at most.
@@ -169,6 +170,11 @@ class VmSpec:
     # them (the rest come online on resize): for TCG, where QEMU 7.2 aborts when a
     # hot-plugged vCPU's thread finds the translation buffer's regions all taken.
     all_vcpus_present: bool = False
+    # The shared filesystem's device is hot-plugged after a restore (vhost-user-fs
+    # cannot migrate): the command line keeps only its shared memory backend.
+    shared_fs_hotplug: bool = False
+    # Waits for a migration stream (a template's) instead of booting: -incoming defer.
+    incoming: bool = False
     vsock_cid: int = 0
     vhost_fd: int = -1
     hotplug_ports: int = 4
@@ -262,10 +268,12 @@ def build_cmdline(spec: VmSpec, slots: SlotMap | None = None) -> list[str]:
             "-device", "virtio-blk-pci,drive=rootfs,bus=pcie.0,addr=0x2"]
     if spec.shared_fs is SharedFsType.VIRTIO_FS:
         # vhost-user needs guest RAM that virtiofsd can map.
-        args += ["-object", f"memory-backend-memfd,id=mem,size={memory},share=on",
-                 "-chardev", f"socket,id=fs,path={qemu_value(p.virtiofsd_socket)}",
-                 "-device", f"vhost-user-fs-pci,chardev=fs,tag={SHARED_FS_TAG},"
-                            "bus=pcie.0,addr=0x3"]
+        args += ["-object", f"memory-backend-memfd,id=mem,size={memory},share=on"]
+        if not spec.shared_fs_hotplug:
+            args += ["-chardev", f"socket,id={SHARED_FS_CHARDEV},"
+                                 f"path={qemu_value(p.virtiofsd_socket)}",
+                     "-device", f"vhost-user-fs-pci,chardev={SHARED_FS_CHARDEV},"
+                                f"tag={SHARED_FS_TAG},bus=pcie.0,addr=0x3"]
         machine += ",memory-backend=mem"
     else:
         args += ["-fsdev", f"local,id=fs,path={qemu_value(spec.shared_dir)},"
@@ -288,5 +296,15 @@ def build_cmdline(spec: VmSpec, slots: SlotMap | None = None) -> list[str]:
                             f"vhostfd={spec.vhost_fd},bus=pcie.0,addr=0x5"]
     for nic in spec.nics:
         args += ["-netdev", nic.netdev_args(), "-device", nic.device_args(slots.coldplug().qemu_args)]
+    # Free page reporting: the guest hands back memory it freed (a booted kernel's
+    # initramfs, a restored guest's untouched RAM, what a finished process held),
+    # and QEMU releases it on the host.
+    args += ["-device", f"virtio-balloon-pci,id=balloon0,free-page-reporting=on,"
+                        f"{slots.coldplug().qemu_args}"]
+    # A new generation ID at every QEMU start: a guest restored from a template
+    # reseeds its random number generator the moment it runs again.
+    args += ["-device", "vmgenid,guid=auto"]
+    if spec.incoming:
+        args += ["-incoming", "defer"]
     # Free root ports for hot-plugged devices.
     return args + slots.port_args()

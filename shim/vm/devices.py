@@ -189,6 +189,28 @@ class Devices:
                  slot.path)
         return slot
 
+    async def add_shared_fs(self, chardev: str, socket_path: str, tag: str) -> PciSlot:
+        """Hot-plug a virtio-fs device (vhost-user-fs) on virtiofsd's socket.
+
+        :raise DeviceError: no free port, virtiofsd did not take the connection, or
+            QEMU refused; nothing is left added.
+        """
+        device_id = f"{chardev}-dev"
+
+        async def plug(slot: PciSlot, undo: list[Undo]) -> None:
+            await self.vm.qmp("chardev-add", {"id": chardev, "backend": {
+                "type": "socket", "data": {"server": False, "addr": {
+                    "type": "unix", "data": {"path": socket_path}}}}}, DEVICE_ADD_TIMEOUT_S)
+            undo.append(("chardev-remove", {"id": chardev}))
+            await self.vm.qmp("device_add", {"driver": "vhost-user-fs-pci", "id": device_id,
+                                             "chardev": chardev, "tag": tag, "bus": slot.bus,
+                                             "addr": "0x0"}, DEVICE_ADD_TIMEOUT_S)
+
+        slot = await self._hotplug(device_id, f"shared filesystem {tag}", plug)
+        log.info("hot-plugged the shared filesystem %s on %s (PCI path %s)", tag, slot.bus,
+                 slot.path)
+        return slot
+
     async def add_disk(self, disk: DiskSpec) -> PciSlot:
         """Open the disk's backend and hot-plug a virtio-blk device on it.
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -19,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from shim.util import child
-from shim.vm.cmdline import CONSOLE_CHARDEV, GUEST_LOG_CHARDEV, SharedFsType, VmSpec, build_cmdline
-from shim.vm.devices import Devices, SlotError, SlotMap
+from shim.vm.cmdline import (CONSOLE_CHARDEV, GUEST_LOG_CHARDEV, SHARED_FS_CHARDEV, SHARED_FS_TAG,
+                             SharedFsType, VmSpec, build_cmdline)
+from shim.vm.devices import Devices, PciSlot, SlotError, SlotMap
 from shim.vm.guestlog import GuestLog, GuestLogError
 from shim.vm.qmp import QMP_TIMEOUT_S, Qmp, QmpError
 from shim.vm.virtiofsd import VirtiofsdError, start_virtiofsd
@@ -34,6 +36,14 @@ GUEST_OPEN_POLL_S = 0.05
 # two exits may be seen in either order: a virtiofsd exit only counts as the
 # cause when QEMU is still up this long after it.
 VIRTIOFSD_BLAME_GRACE_S = 0.5
+# A snapshot is the guest's touched memory (~100-200 MiB): written to, or read
+# from, a local file.
+SAVE_TIMEOUT_S = 60.0
+RESTORE_TIMEOUT_S = 30.0
+MIGRATION_POLL_S = 0.01
+# QEMU throttles a migration to 128 MiB/s by default; a file is not a network.
+SAVE_BANDWIDTH_BYTES_S = 8 << 30
+MIGRATION_FD_NAME = "snapshot"
 QEMU_LOG = "qemu.log"
 VIRTIOFSD_LOG = "virtiofsd.log"
 
@@ -60,6 +70,8 @@ class Vm:
     virtiofsd_path: str = "/usr/lib/qemu/virtiofsd"
     virtiofs_cache: str = "auto"
     virtiofs_xattr: bool = False
+    # False for a VM that only becomes a template: it never serves files.
+    with_virtiofsd: bool = True
     times: BootTimes = field(default_factory=BootTimes)
     _qemu: asyncio.subprocess.Process | None = None
     _virtiofsd: asyncio.subprocess.Process | None = None
@@ -117,7 +129,7 @@ class Vm:
             # Listening before QEMU starts: its connect cannot race us or wait for us.
             self.console.open()
             self.guest_log.open()
-            if self.spec.shared_fs is SharedFsType.VIRTIO_FS:
+            if self.spec.shared_fs is SharedFsType.VIRTIO_FS and self.with_virtiofsd:
                 self._virtiofsd = await start_virtiofsd(
                     self.virtiofsd_path, paths.virtiofsd_socket, self.spec.shared_dir,
                     self.virtiofs_cache, paths.run_dir / VIRTIOFSD_LOG, self.spec.debug,
@@ -142,6 +154,76 @@ class Vm:
         except BaseException:
             await self.stop()
             raise
+
+    async def save(self, path: Path, timeout_s: float = SAVE_TIMEOUT_S) -> None:
+        """Pause the guest and write its state (devices and memory) to ``path``.
+
+        The VM stays paused; stop() it afterwards.
+
+        :raise VmError: QEMU refused (a device that cannot migrate) or did not finish
+            within ``timeout_s``.
+        """
+        await self.qmp("stop")
+        await self.qmp("migrate-set-parameters", {"max-bandwidth": SAVE_BANDWIDTH_BYTES_S})
+        await self._pass_file(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        await self.qmp("migrate", {"uri": f"fd:{MIGRATION_FD_NAME}"})
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline:
+            info = await self.qmp("query-migrate")
+            status = info.get("status")
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled"):
+                raise VmError(f"saving the VM failed: {info.get('error-desc', status)}")
+            await asyncio.sleep(MIGRATION_POLL_S)
+        with contextlib.suppress(VmError):
+            await self.qmp("migrate_cancel")
+        raise VmError(f"saving the VM took longer than {timeout_s:.0f}s")
+
+    async def restore(self, path: Path, timeout_s: float = RESTORE_TIMEOUT_S) -> None:
+        """Load the state save() wrote into this VM (started with spec.incoming) and run it.
+
+        :raise VmError: QEMU could not load it (it exits: a stream from another
+            machine type or QEMU, or a damaged file) or took longer than ``timeout_s``.
+        """
+        await self._pass_file(path, os.O_RDONLY)
+        await self.qmp("migrate-incoming", {"uri": f"fd:{MIGRATION_FD_NAME}"})
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        status = "inmigrate"
+        while status == "inmigrate":
+            if not self.running:
+                await self._drain_guest_logs()
+                raise VmError(f"restoring the VM failed: {self.failure_reason()}")
+            with contextlib.suppress(VmError):  # QEMU exiting: the check above says why
+                status = (await self.qmp("query-status"))["status"]
+            if status != "inmigrate":
+                break
+            if loop.time() >= deadline:
+                raise VmError(f"restoring the VM took longer than {timeout_s:.0f}s")
+            await asyncio.sleep(MIGRATION_POLL_S)
+        if status != "running":
+            await self.qmp("cont")
+
+    async def _pass_file(self, path: Path, flags: int) -> None:
+        try:
+            fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise VmError(f"cannot open {path}: {exc.strerror}") from exc
+        try:
+            await self.pass_fd(MIGRATION_FD_NAME, fd)
+        finally:
+            os.close(fd)
+
+    async def attach_shared_fs(self) -> PciSlot:
+        """Hot-plug the shared filesystem's device (after a restore; see VmSpec).
+
+        :raise DeviceError: QEMU refused it.
+        """
+        return await self.devices.add_shared_fs(SHARED_FS_CHARDEV,
+                                                str(self.spec.paths.virtiofsd_socket),
+                                                SHARED_FS_TAG)
 
     async def qmp(self, command: str, arguments: dict[str, Any] | None = None,
                   timeout_s: float = QMP_TIMEOUT_S) -> Any:

@@ -1,15 +1,21 @@
 """make bench-cri: pod operations through the CRI, husk against runc on one containerd.
 
-For each handler, RUNS rounds (medians printed as JSON): RunPodSandbox,
-CreateContainer+StartContainer, an ExecSync round trip, and
-StopPodSandbox+RemovePodSandbox; for husk also the RSS of the shim daemon,
-QEMU and virtiofsd of a running pod.
+Handlers: runc, husk (pods restored from a VM template; the template is built
+by a first pod that is not counted, and its build time reported) and
+husk-cold (templates off: every guest boots). For each, RUNS rounds (medians
+printed as JSON): RunPodSandbox, CreateContainer+StartContainer, an ExecSync
+round trip, and StopPodSandbox+RemovePodSandbox; for husk also the RSS of the
+shim daemon, QEMU and virtiofsd of a running pod. Then PARALLEL_RUNS rounds of
+PARALLEL_PODS pods started at once: seconds until every one has its container
+running.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -17,11 +23,15 @@ import psutil
 from tests.bench import emit, machine, medians
 from tests.conftest import write_test_config
 from tests.cri.cri import CriClient
-from tests.cri.harness import Containerd, ContainerdOptions, scratch_dirs
+from tests.cri.harness import (HUSK_RUNTIME_TYPE, Containerd, ContainerdOptions, RuntimeHandler,
+                               scratch_dirs)
 from tests.cri.images import BUSYBOX_REF, build_images
 
-RUNS = 5
-HANDLERS = ("runc", "husk")
+RUNS = int(os.environ.get("BENCH_RUNS", "5"))
+PARALLEL_PODS = 10
+PARALLEL_RUNS = int(os.environ.get("BENCH_PARALLEL_RUNS", "3"))
+COLD_HANDLER = "husk-cold"
+HANDLERS = ("runc", "husk", COLD_HANDLER)
 STEPS = ("run_pod_s", "create_start_s", "exec_sync_s", "stop_remove_pod_s")
 
 
@@ -53,7 +63,7 @@ def one_round(cri: CriClient, handler: str, state: Path, index: int) -> dict[str
     t3 = time.monotonic()
     assert result.out == "pong\n", result
     sample = {}
-    if handler == "husk":
+    if handler != "runc":
         marker = str(state / "sb" / pod.id)
         sample = {"shim_rss_mib": _shim_rss_mib(pod.id),
                   "qemu_rss_mib": _rss_mib(marker, "qemu-system"),
@@ -66,22 +76,63 @@ def one_round(cri: CriClient, handler: str, state: Path, index: int) -> dict[str
             "stop_remove_pod_s": t5 - t4, **sample}
 
 
+def parallel_round(cri: CriClient, handler: str, index: int) -> float:
+    """Seconds until PARALLEL_PODS pods started at once all run their container."""
+    def bring_up(i: int) -> str:
+        pod = cri.run_pod(f"many-{handler}-{index}-{i}", handler=handler, timeout=600)
+        cri.run_container(pod, BUSYBOX_REF, ["sleep", "600"], timeout=600)
+        return pod.id
+
+    began = time.monotonic()
+    with ThreadPoolExecutor(PARALLEL_PODS) as pool:
+        pods = list(pool.map(bring_up, range(PARALLEL_PODS)))
+    elapsed = time.monotonic() - began
+    with ThreadPoolExecutor(PARALLEL_PODS) as pool:
+        list(pool.map(lambda pod_id: (cri.stop_pod(pod_id), cri.remove_pod(pod_id)), pods))
+    return elapsed
+
+
+def build_template(cri: CriClient) -> float:
+    """Seconds of the first pod of its shape: a cold boot, the template's save and a restore."""
+    began = time.monotonic()
+    pod = cri.run_pod("bench-template", handler="husk")
+    elapsed = time.monotonic() - began
+    cri.stop_pod(pod.id)
+    cri.remove_pod(pod.id)
+    return elapsed
+
+
 def main() -> int:
     with scratch_dirs("bcri") as (work, state):
-        config = write_test_config(work / "husk.toml", state)
-        options = ContainerdOptions(images=build_images(), husk_config=config, log_level="info")
+        templates = work / "templates"  # a fresh one: the first pod builds it
+        config = write_test_config(work / "husk.toml", state, templates_dir=templates,
+                                   templates=True)
+        cold = write_test_config(work / "husk-cold.toml", state, templates=False)
+        options = ContainerdOptions(images=build_images(), husk_config=config, log_level="info",
+                                    extra_handlers=(RuntimeHandler(
+                                        COLD_HANDLER, HUSK_RUNTIME_TYPE,
+                                        options={"ConfigPath": str(cold)}),))
         results: dict[str, dict[str, float]] = {}
         with Containerd.started(options) as cd:
+            first_pod_s = build_template(cd.cri)
             for handler in HANDLERS:
                 rounds = []
                 for i in range(RUNS):
                     rounds.append(one_round(cd.cri, handler, state, i))
                     print(f"{handler} {i + 1}/{RUNS}: {json.dumps(rounds[-1])}", file=sys.stderr)
                 results[handler] = medians(rounds)
-        ratio = {k: round(results["husk"][k] / results["runc"][k], 1) for k in STEPS
-                 if results["runc"][k] > 0}
-        emit({"benchmark": "cri", "runs": RUNS, "median": results, "husk_over_runc": ratio,
-              "machine": machine(state)})
+            for handler in HANDLERS:
+                times = [parallel_round(cd.cri, handler, i) for i in range(PARALLEL_RUNS)]
+                print(f"{handler} {PARALLEL_PODS} at once: {times}", file=sys.stderr)
+                results[handler]["parallel_all_ready_s"] = medians(
+                    [{"s": t} for t in times])["s"]
+        ratio = {handler: {k: round(results[handler][k] / results["runc"][k], 1)
+                           for k in (*STEPS, "parallel_all_ready_s") if results["runc"][k] > 0}
+                 for handler in HANDLERS[1:]}
+        emit({"benchmark": "cri", "runs": RUNS, "parallel_pods": PARALLEL_PODS,
+              "parallel_runs": PARALLEL_RUNS, "median": results, "over_runc": ratio,
+              "template_first_pod_s": round(first_pod_s, 3), "machine": machine(state)},
+             Path(__file__).resolve().parents[2] / "build" / "bench" / "cri.json")
         return 0
 
 

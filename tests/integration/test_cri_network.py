@@ -13,8 +13,10 @@ import ipaddress
 import re
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from cri_api.v1 import api_pb2 as api
 
 from tests.cri.cni import CniNetwork
 from tests.cri.cri import CriClient, CriError, Pod
@@ -22,6 +24,7 @@ from tests.cri.crictl import Crictl, find_crictl
 from tests.cri.fixtures import leak_checked
 from tests.cri.harness import Containerd, ContainerdOptions
 from tests.cri.httpd import HTTP_PORT, http_get, start_httpd
+from tests.cri.images import BUSYBOX_REF
 
 pytestmark = [pytest.mark.cri, pytest.mark.timeout(900)]
 
@@ -184,3 +187,38 @@ def test_host_network_pod_is_refused(net_containerd: Containerd, cri: CriClient)
     assert [p for p in cri.list_pods() if p.metadata.name == "husk-hostnet" and p.state == 0] == []
     # The leak check (fixture) covers shims, VMs, mounts and cgroups.
     assert net_containerd.ipam_allocations() == {}
+
+
+def test_pods_restored_from_one_template_are_distinct_guests(
+        net_containerd: Containerd, cri: CriClient, tmp_path: Path) -> None:
+    """Two pods from the same VM template: each its own hostname, random state, clock,
+    MAC and addresses (its NICs hot-plugged after the restore), and volume."""
+    cd = net_containerd
+    pods = [cri.run_pod(f"husk-clone-{i}", handler="husk") for i in range(2)]
+    try:
+        guests = []
+        for i, pod in enumerate(pods):
+            volume = tmp_path / f"vol{i}"
+            volume.mkdir()
+            server = start_httpd(cri, pod)
+            worker = cri.run_container(pod, BUSYBOX_REF, ["sleep", "600"], mounts=[
+                api.Mount(container_path="/data", host_path=str(volume))])
+            # Restored, not booted: the template's kernel command line.
+            assert "husk.template=1" in cri.exec_sync(worker, ["cat", "/proc/cmdline"]).out
+            assert cri.exec_sync(worker, ["hostname"]).out == f"husk-clone-{i}\n"
+            guest_clock = int(cri.exec_sync(worker, ["date", "+%s"]).out)
+            assert abs(guest_clock - time.time()) < 10, "the guest kept its template's clock"
+            cri.exec_sync(worker, ["sh", "-c", f"echo pod{i} > /data/who"])
+            assert (volume / "who").read_text() == f"pod{i}\n"
+            v4 = cri.pod_ips(pod.id)[0]
+            assert http_get(cd.connect(v4, HTTP_PORT)).endswith(f"hello from husk-clone-{i}\n")
+            guests.append({
+                "random": cri.exec_sync(worker, ["sh", "-c", "head -c 32 /dev/urandom | od -An -tx1"]).out,
+                "mac": _guest_links(cri, server)["eth0"]["mac"], "ip": v4,
+                "host_mac": _host_links(cd, pod.id)["eth0"]["mac"]})
+        first, second = guests
+        assert first["random"] != second["random"], "both guests draw the same random bytes"
+        assert first["mac"] != second["mac"] and first["ip"] != second["ip"]
+        assert [g["mac"] for g in guests] == [g["host_mac"] for g in guests]
+    finally:
+        _remove(cri, *pods)

@@ -72,7 +72,14 @@ def test_virtiofsd_killed_under_a_running_pod(cri: CriClient) -> None:
     status = cri.wait_container_exit(cid, timeout=30)
     assert time.monotonic() - killed < EXIT_REPORTED_WITHIN_S + 1.0
     assert status.exit_code == 255
-    assert "virtiofsd exited" in Path(f"/var/log/husk/{pod.id}.log").read_text(errors="replace")
+    # The cause reaches the log once the VM's watcher has stopped QEMU and drained the
+    # guest's output, which may be after the container's exit was reported.
+    log = Path(f"/var/log/husk/{pod.id}.log")
+    for _ in range(50):
+        if "virtiofsd exited" in log.read_text(errors="replace"):
+            break
+        time.sleep(0.1)
+    assert "virtiofsd exited" in log.read_text(errors="replace")
     _remove(cri, pod)
     _assert_no_vm_left()
 

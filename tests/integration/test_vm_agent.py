@@ -6,7 +6,6 @@ After the module: no QEMU or virtiofsd process, no mount, no run directory.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,12 +18,10 @@ from shim.config import load_config
 from shim.sandbox.description import PodDescription
 from shim.sandbox.sandbox import Sandbox
 from tests.conftest import mounts_below, our_processes, write_test_config
+from tests.guest import collect, run
 
 pytestmark = [pytest.mark.vm, pytest.mark.asyncio(loop_scope="module"),
               pytest.mark.timeout(300)]
-
-_ids = itertools.count(1)
-
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def sandbox(guest_image: Path, busybox_rootfs: Path,
@@ -43,39 +40,6 @@ async def sandbox(guest_image: Path, busybox_rootfs: Path,
         assert mounts_below(state) == [], "mounts left behind"
         assert not box.run_dir.exists(), "run directory left behind"
         shutil.rmtree(state, ignore_errors=True)
-
-
-async def _collect(box: Sandbox, cid: str, exec_id: str, stderr: bool) -> bytes:
-    assert box.agent is not None
-    return b"".join([c async for c in box.agent.read_output(cid, exec_id, stderr=stderr)])
-
-
-async def run(box: Sandbox, args: list[str], terminal: bool = False, stdin: bytes | None = None,
-              resize: tuple[int, int] | None = None) -> tuple[int, str, str]:
-    """Run one container to completion; returns (status, stdout, stderr)."""
-    assert box.agent is not None
-    cid = f"c{next(_ids)}"
-    root = box.shared.bind_rootfs(cid, box.test_rootfs)  # type: ignore[attr-defined]
-    spec = oci.default_spec(args, root, "vmtest", terminal=terminal)
-    try:
-        await box.agent.create_container(cid, spec)
-        if stdin is None:
-            await box.agent.close_stdin(cid, "")
-        out = asyncio.create_task(_collect(box, cid, "", False))
-        err = asyncio.create_task(_collect(box, cid, "", True)) if not terminal else None
-        if resize:
-            await box.agent.tty_resize(cid, "", *resize)
-        await box.agent.start_container(cid)
-        if stdin is not None:
-            await box.agent.write_stdin(cid, "", stdin)
-            await box.agent.close_stdin(cid, "")
-        status = await asyncio.wait_for(box.agent.wait_process(cid, ""), 60)
-        stdout = (await asyncio.wait_for(out, 10)).decode()
-        stderr = (await asyncio.wait_for(err, 10)).decode() if err else ""
-        return status, stdout, stderr
-    finally:
-        await box.agent.remove_container(cid)
-        box.shared.release(cid)
 
 
 async def test_stdout_stderr_and_exit_code(sandbox: Sandbox) -> None:
@@ -107,7 +71,7 @@ async def test_exec_into_running_container(sandbox: Sandbox) -> None:
         await sandbox.agent.start_container(cid)
         process = oci.default_process(["sh", "-c", "echo $((6*7)); exit 5"])
         await sandbox.agent.exec_process(cid, "e1", process)
-        output = await asyncio.wait_for(_collect(sandbox, cid, "e1", False), 30)
+        output = await asyncio.wait_for(collect(sandbox, cid, "e1", False), 30)
         assert await sandbox.agent.wait_process(cid, "e1") == 5
         assert output == b"42\n"
         with pytest.raises(errors.NotFoundError):

@@ -78,11 +78,19 @@ async def test_pci_path_resolution(tmp_path: Path) -> None:
         await wait_for_block_device("04/01", sysfs=sysfs, devfs=devfs, timeout=0.2)
 
 
+def _virtiofs_bound(sysfs: Path) -> Path:
+    """A sysfs where a virtio-fs device is bound to its driver."""
+    device = sysfs / "bus" / "virtio" / "drivers" / "virtiofs" / "virtio3"
+    device.mkdir(parents=True)
+    return sysfs
+
+
 async def test_shared_fs_mount_arguments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[str, str, str, int, str]] = []
     monkeypatch.setattr(st, "mount", lambda *args: calls.append(args))
     target = tmp_path / "shared"
-    await mount_storage(Storage("virtio-fs", "husk-shared", "virtiofs", [], str(target)))
+    await mount_storage(Storage("virtio-fs", "husk-shared", "virtiofs", [], str(target)),
+                        sysfs=_virtiofs_bound(tmp_path / "sys"))
     await mount_storage(Storage("9p", "husk-shared", "9p", ["msize=512000", "cache=mmap"],
                                 str(target)))
     await mount_storage(Storage("9p", "tag", "", ["trans=fd", "ro"], str(target)))
@@ -95,12 +103,28 @@ async def test_shared_fs_mount_arguments(tmp_path: Path, monkeypatch: pytest.Mon
     assert target.is_dir()  # created
 
 
+async def test_virtiofs_mount_waits_for_a_hot_plugged_device(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a restore from a template the device arrives just before CreateSandbox."""
+    calls: list[tuple[str, ...]] = []
+    monkeypatch.setattr(st, "mount", lambda *args: calls.append(args))
+    storage = Storage("virtio-fs", "husk-shared", "virtiofs", [], str(tmp_path / "m"))
+    mounting = asyncio.create_task(mount_storage(storage, sysfs=tmp_path / "sys"))
+    await asyncio.sleep(0.2)
+    assert not calls and not mounting.done()
+    _virtiofs_bound(tmp_path / "sys")
+    await asyncio.wait_for(mounting, 2)
+    assert calls and calls[0][0] == "husk-shared"
+    with pytest.raises(DeadlineError, match="no virtio-fs device"):
+        await st.wait_for_virtiofs(sysfs=tmp_path / "empty", timeout=0.2)
+
+
 async def test_mount_failure_is_a_guest_error(tmp_path: Path) -> None:
     if os.geteuid() == 0:
         # Outside a VM there is no virtiofs tag like this: mount(2) fails cleanly.
         with pytest.raises(GuestError, match="no-such-tag"):
             await mount_storage(Storage("virtio-fs", "no-such-tag", "", [],
-                                        str(tmp_path / "m")))
+                                        str(tmp_path / "m")), sysfs=_virtiofs_bound(tmp_path / "sys"))
     assert not os.path.ismount(tmp_path / "m")
 
 

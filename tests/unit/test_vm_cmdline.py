@@ -46,6 +46,22 @@ def test_under_tcg_every_vcpu_is_present_and_the_guest_boots_only_its_share(
     assert "maxcpus=2" in argv[argv.index("-append") + 1].split()
 
 
+def test_a_vm_from_a_template_keeps_shared_memory_but_plugs_virtiofs_later(
+        tmp_path: Path) -> None:
+    argv = build_cmdline(_spec(tmp_path, shared_fs_hotplug=True, incoming=True))
+    joined = " ".join(argv)
+    assert "memory-backend-memfd,id=mem,size=256M,share=on" in joined
+    assert "vhost-user-fs-pci" not in joined and "fs.sock" not in joined
+    assert argv[argv.index("-incoming") + 1] == "defer"
+    assert "-incoming" not in build_cmdline(_spec(tmp_path))
+
+
+def test_every_vm_reports_free_pages_and_gets_a_new_generation_id(tmp_path: Path) -> None:
+    joined = " ".join(build_cmdline(_spec(tmp_path)))
+    assert "virtio-balloon-pci,id=balloon0,free-page-reporting=on,bus=pcie.0" in joined
+    assert "vmgenid,guid=auto" in joined
+
+
 def test_9p_has_no_shared_memory(tmp_path: Path) -> None:
     joined = " ".join(build_cmdline(_spec(tmp_path, shared_fs=SharedFsType.NINE_P)))
     assert "virtio-9p-pci" in joined and "memfd" not in joined

@@ -153,3 +153,21 @@ def test_a_refused_nic_gives_its_fds_back() -> None:
         asyncio.run(devices.add_nic(NicSpec("nic1", "02:00:00:00:00:01", 1500, tap_fds=(7,))))
     assert qemu.commands[-1] == ("closefd", {"fdname": "nic1-tap0"})
     assert devices.slots.hotplug("next").bus == "hp0"
+
+
+def test_the_shared_filesystem_is_hot_plugged_on_virtiofsd_and_taken_back_if_refused() -> None:
+    qemu = RecordingQemu()
+    slot = asyncio.run(Devices(qemu, SlotMap(hotplug_ports=1)).add_shared_fs(
+        "fs", "/run/husk/sb/p/fs.sock", "husk-shared"))
+    (chardev, chardev_args), (device, device_args) = qemu.commands
+    assert chardev == "chardev-add" and chardev_args["id"] == "fs"
+    assert chardev_args["backend"]["data"]["addr"]["data"]["path"] == "/run/husk/sb/p/fs.sock"
+    assert device == "device_add" and device_args["driver"] == "vhost-user-fs-pci"
+    assert (device_args["tag"], device_args["bus"]) == ("husk-shared", slot.bus)
+
+    refused = RecordingQemu(fail={"device_add": VmError("vhost-user backend refused")})
+    devices = Devices(refused, SlotMap(hotplug_ports=1))
+    with pytest.raises(DeviceError, match="shared filesystem husk-shared.*refused"):
+        asyncio.run(devices.add_shared_fs("fs", "/x/fs.sock", "husk-shared"))
+    assert refused.commands[-1] == ("chardev-remove", {"id": "fs"})
+    assert devices.slots.hotplug("next").bus == "hp0"  # the port is free again

@@ -1,0 +1,154 @@
+"""make bench-density: the memory of N idle pods, husk against runc on one containerd.
+
+Each round starts N pods at once (BENCH_PODS, default 10), each with one idle
+busybox container, waits SETTLE_S (the guests' free page reporting hands back
+what booting or restoring touched), then reads every process's PSS from
+/proc/<pid>/smaps, so memory shared between pods (QEMU's and Python's code,
+a template's page cache) counts once across them:
+
+- husk: the shim daemon; QEMU split into guest RAM (its memfd backends), TCG's
+  translation buffer (its executable anonymous mapping; KVM has none) and the
+  rest; virtiofsd (both of its processes).
+- runc: the runc shim and every process below it (pause and the container).
+
+Medians over the pods of BENCH_RUNS rounds (default 3), per pod, as JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+
+from tests.bench import emit, machine, medians
+from tests.conftest import write_test_config
+from tests.cri.cri import CriClient
+from tests.cri.harness import Containerd, ContainerdOptions, scratch_dirs
+from tests.cri.images import BUSYBOX_REF, build_images
+
+PODS = int(os.environ.get("BENCH_PODS", "10"))
+RUNS = int(os.environ.get("BENCH_RUNS", "3"))
+SETTLE_S = 20.0
+MIB = 1 << 20
+# TCG's code buffer: executable, anonymous, and far bigger than any code segment.
+TCG_BUFFER_MIN_BYTES = 16 * MIB
+
+
+def smaps_pss(pid: int) -> dict[str, int]:
+    """PSS bytes of one process: guest RAM, the TCG buffer and everything else."""
+    parts = {"guest_ram": 0, "tcg_buffer": 0, "other": 0}
+    try:
+        text = Path(f"/proc/{pid}/smaps").read_text()
+    except OSError:
+        return parts
+    name, size, pss = "", 0, 0
+    for line in text.splitlines():
+        first = line.split(None, 1)[0] if line.strip() else ""
+        if first.endswith(":"):  # a field of the current mapping; VmFlags comes last
+            if first == "Pss:":
+                pss = int(line.split()[1]) * 1024
+            elif first == "VmFlags:":
+                if "memfd:mem" in name or "memfd:dimm" in name:
+                    parts["guest_ram"] += pss
+                elif not name and "ex" in line.split()[1:] and size >= TCG_BUFFER_MIN_BYTES:
+                    parts["tcg_buffer"] += pss
+                else:
+                    parts["other"] += pss
+        elif first:  # "start-end perms offset dev inode [name]": a new mapping
+            fields = line.split(None, 5)
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            name, size, pss = (fields[5] if len(fields) == 6 else ""), end - start, 0
+    return parts
+
+
+def _total(pid: int) -> int:
+    return sum(smaps_pss(pid).values())
+
+
+def _shim(pod_id: str) -> psutil.Process | None:
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "-id" in cmd and pod_id in cmd and "containerd-shim" in " ".join(cmd[:1]):
+            return proc
+    return None
+
+
+def husk_pod(pod_id: str, state: Path) -> dict[str, float]:
+    marker = str(state / "sb" / pod_id)
+    sample = {"shim": 0, "qemu_guest_ram": 0, "qemu_tcg_buffer": 0, "qemu_other": 0,
+              "virtiofsd": 0}
+    shim = _shim(pod_id)
+    if shim is not None:
+        sample["shim"] = _total(shim.pid)
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if marker not in cmd:
+            continue
+        if "qemu-system" in cmd:
+            parts = smaps_pss(proc.pid)
+            sample["qemu_guest_ram"] += parts["guest_ram"]
+            sample["qemu_tcg_buffer"] += parts["tcg_buffer"]
+            sample["qemu_other"] += parts["other"]
+        elif "virtiofsd" in cmd:
+            sample["virtiofsd"] += _total(proc.pid)
+            for child in proc.children(recursive=True):
+                sample["virtiofsd"] += _total(child.pid)
+    out = {f"{k}_mib": round(v / MIB, 1) for k, v in sample.items()}
+    out["total_mib"] = round(sum(sample.values()) / MIB, 1)
+    out["total_without_tcg_buffer_mib"] = round(
+        (sum(sample.values()) - sample["qemu_tcg_buffer"]) / MIB, 1)
+    return out
+
+
+def runc_pod(pod_id: str) -> dict[str, float]:
+    shim = _shim(pod_id)
+    if shim is None:
+        return {"total_mib": 0.0}
+    total = _total(shim.pid) + sum(_total(c.pid) for c in shim.children(recursive=True))
+    return {"total_mib": round(total / MIB, 1)}
+
+
+def one_round(cri: CriClient, handler: str, state: Path, index: int) -> list[dict[str, float]]:
+    def bring_up(i: int) -> str:
+        pod = cri.run_pod(f"dense-{handler}-{index}-{i}", handler=handler, timeout=600)
+        cri.run_container(pod, BUSYBOX_REF, ["sleep", "3600"], timeout=600)
+        return pod.id
+
+    with ThreadPoolExecutor(PODS) as pool:
+        pods = list(pool.map(bring_up, range(PODS)))
+    try:
+        time.sleep(SETTLE_S)
+        return [husk_pod(p, state) if handler == "husk" else runc_pod(p) for p in pods]
+    finally:
+        with ThreadPoolExecutor(PODS) as pool:
+            list(pool.map(lambda p: (cri.stop_pod(p), cri.remove_pod(p)), pods))
+
+
+def main() -> int:
+    with scratch_dirs("bdense") as (work, state):
+        config = write_test_config(work / "husk.toml", state, templates=True)
+        options = ContainerdOptions(images=build_images(), husk_config=config, log_level="info")
+        results = {}
+        with Containerd.started(options) as cd:
+            for handler in ("runc", "husk"):
+                samples = []
+                for i in range(RUNS):
+                    samples += one_round(cd.cri, handler, state, i)
+                    print(f"{handler} round {i + 1}/{RUNS}: {json.dumps(samples[-PODS:])}",
+                          file=sys.stderr)
+                results[handler] = medians(samples)
+        emit({"benchmark": "density", "pods": PODS, "runs": RUNS, "settle_s": SETTLE_S,
+              "pss_per_pod_median": results,
+              "husk_over_runc": round(results["husk"]["total_mib"]
+                                      / max(results["runc"]["total_mib"], 0.1), 1),
+              "machine": machine(state)},
+             Path(__file__).resolve().parents[2] / "build" / "bench" / "density.json")
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
