@@ -13,8 +13,8 @@ HOST_PACKAGES := qemu-system-x86 qemu-utils containerd runc crun mmdebstrap \
 	busybox-static squashfs-tools cpio zstd containernetworking-plugins \
 	iproute2 kmod e2fsprogs iptables ceph-mon ceph-osd ceph-common qemu-block-extra
 
-.PHONY: all deps venv proto guest-image test test-unit test-vm test-cri demo soak critest \
-	bench-boot bench-cri bench-net bench-io bench-resize clean
+.PHONY: all deps venv proto guest-image test test-unit test-vm test-cold test-cri demo soak critest \
+	bench-boot bench-cri bench-density bench-net bench-io bench-resize clean
 
 all: venv guest-image
 
@@ -62,6 +62,10 @@ test-unit: venv
 test-vm: deps venv guest-image
 	$(PY) -m pytest -q -p no:cacheprovider -m vm tests/integration
 
+# The VM and CRI tests with every guest booted cold (VM templates off).
+test-cold: deps venv guest-image
+	HUSK_TEST_TEMPLATES=off $(PY) -m pytest -q -rs -p no:cacheprovider -n 2 --dist loadfile tests/integration
+
 test-cri: deps venv guest-image
 	$(PY) -m pytest -q -p no:cacheprovider -m cri tests/integration
 
@@ -85,8 +89,17 @@ critest: deps venv guest-image
 bench-boot: deps venv guest-image
 	$(PY) -m tests.bench.boot
 
+# Pod steps one at a time (BENCH_RUNS, default 5) and 10 pods at once (BENCH_PARALLEL_RUNS,
+# default 3): runc, husk from a VM template and husk booting cold (~10 min under TCG);
+# the JSON also goes to build/bench/cri.json.
 bench-cri: deps venv guest-image
 	$(PY) -m tests.bench.cri
+
+# PSS of BENCH_PODS idle pods (default 10) per pod and per component (shim, QEMU guest
+# RAM, TCG buffer, rest of QEMU, virtiofsd), husk against runc, BENCH_RUNS rounds
+# (default 3); the JSON also goes to build/bench/density.json.
+bench-density: deps venv guest-image
+	$(PY) -m tests.bench.density
 
 # TCP throughput and latency, pod<->pod and node->pod, husk against runc (~75 s under TCG);
 # BENCH_RUNS=n rounds (default 5); the JSON also goes to build/bench/net.json.
