@@ -125,7 +125,7 @@ def one_round(cri: CriClient, handler: str, state: Path, index: int) -> list[dic
         return [husk_pod(p, state) if handler == "husk" else runc_pod(p) for p in pods]
     finally:
         with ThreadPoolExecutor(PODS) as pool:
-            list(pool.map(lambda p: (cri.stop_pod(p), cri.remove_pod(p)), pods))
+            list(pool.map(cri.stop_and_remove_pod, pods))
 
 
 def main() -> int:

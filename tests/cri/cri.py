@@ -277,6 +277,10 @@ class CriClient:
     def remove_pod(self, pod_id: str, timeout: float | None = None) -> None:
         self._call("RemovePodSandbox", api.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout)
 
+    def stop_and_remove_pod(self, pod_id: str) -> None:
+        self.stop_pod(pod_id)
+        self.remove_pod(pod_id)
+
     def list_pods(self) -> list[api.PodSandbox]:
         resp = self._call("ListPodSandbox", api.ListPodSandboxRequest())
         return list(resp.items)
