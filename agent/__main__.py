@@ -27,7 +27,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from agent import __version__, network, testhooks
+from agent import __version__, balloon, testhooks
 from agent.channel import (AGENT_PORT_NAME, LOG_PORT_NAME, PortLogHandler, SerialBridge,
                            VsockBridge, find_virtio_port, wait_for_port)
 from agent.config import (DEFAULT_CGROUP_PARENT, DEFAULT_CGROUP_ROOT, DEFAULT_SHARED_DIR,
@@ -154,13 +154,13 @@ async def serve(args: argparse.Namespace, config: AgentConfig, transport: str,
                 hooks: testhooks.Hooks | None = None, warm_up: bool = False) -> None:
     """Start the reaper, the gRPC server and the bridge; run until SIGTERM/SIGINT."""
     loop = asyncio.get_running_loop()
-    if warm_up:
-        try:
-            await asyncio.to_thread(network.preload)  # pyroute2 runs a loop of its own
-        except Exception:  # noqa: BLE001 - a cold import later is only slower
-            log.exception("warming up for a template failed")
     reaper = Reaper()
     reaper.start()
+    reporting: asyncio.Task[bool] | None = None
+    if warm_up:
+        await balloon.warm_up_for_template(reaper)
+    else:
+        reporting = asyncio.create_task(balloon.start_free_page_reporting(reaper))
     for directory in (config.state_dir, config.crun_root, config.bundles_dir):
         directory.mkdir(parents=True, exist_ok=True)
     runtime = Runtime(config, Crun(config.crun, config.crun_root, reaper), reaper)
@@ -181,6 +181,8 @@ async def serve(args: argparse.Namespace, config: AgentConfig, transport: str,
     await stop.wait()
 
     log.info("stopping: removing containers")
+    if reporting is not None and not reporting.done():
+        reporting.cancel()
     if bridge is not None:
         bridge.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -26,7 +26,6 @@ from agent.errors import (AgentError, AlreadyExistsError, CommandError, Deadline
                           FailedPreconditionError, GuestError, InvalidArgumentError,
                           NotFoundError)
 from agent.process import Process
-from agent.runtime import run_program
 from agent.sandbox import Sandbox
 from agent.spec import check_id, parse_json_object, rewrite_process
 from agent.stdio import OutputBuffer
@@ -50,8 +49,6 @@ PORT_FORWARD_CHUNK = 64 * 1024
 PORT_CONNECT_TIMEOUT_S = 5.0
 LOOPBACKS = ("127.0.0.1", "::1")
 WINSIZE_MAX = 0xFFFF
-BALLOON_MODULE = "virtio_balloon"
-MODPROBE_TIMEOUT_S = 30.0
 
 _CODES: dict[type[AgentError], grpc.StatusCode] = {
     InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
@@ -116,7 +113,6 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         self._port_forwards = 0  # open PortForward streams
         self._tools = VolumeTools(runtime.reaper, runtime.config.sysfs)
         self._hotplug = Hotplug(runtime.config.sysfs)
-        self._free_page_reporting: asyncio.Task[None] | None = None
 
     # Section: lookups
 
@@ -161,21 +157,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 await sandbox.destroy()
                 raise
             self._sandbox = sandbox
-        if self._free_page_reporting is None:
-            self._free_page_reporting = asyncio.create_task(self._report_free_pages())
         return pb.Empty()
-
-    async def _report_free_pages(self) -> None:
-        """Load the balloon driver: from then on the guest hands the memory it frees
-        back to the host. Not before the pod's CreateSandbox: a template's guest
-        would have its free pages marked reported, and a guest restored from it
-        (whose RAM QEMU touched while loading) would never report them again."""
-        try:
-            await run_program(self._runtime.reaper, ["modprobe", BALLOON_MODULE],
-                              MODPROBE_TIMEOUT_S, f"modprobe {BALLOON_MODULE}")
-            log.info("free page reporting on (%s loaded)", BALLOON_MODULE)
-        except AgentError as e:
-            log.warning("free page reporting is off: %s", e)
 
     async def _configure_network(self, config: pb.NetworkConfig) -> None:
         if config.interfaces or config.routes or config.neighbors:

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import secrets
 import shutil
 import time
@@ -36,7 +37,8 @@ from shim.network.tcfilter import TapEndpoint, queue_count, vhost_net_available
 from shim.network.watch import NetnsWatcher
 from shim.sandbox.description import PodDescription
 from shim.sandbox.sizing import size_vm
-from shim.sandbox.template import Template, TemplateError, TemplateId, TemplateStore, template_spec
+from shim.sandbox.template import (RAM_FILE, Template, TemplateError, TemplateId, TemplateStore,
+                                   template_spec)
 from shim.util.mount import mounts_under
 from shim.storage.share import GUEST_SHARED_DIR, SharedDir, check_id
 from shim.vm.accel import Accel, AccelChoice, choose_accel
@@ -44,6 +46,7 @@ from shim.vm.cmdline import (AGENT_CHARDEV, SHARED_FS_TAG, AgentTransport, NicSp
                              VmPaths, VmSpec)
 from shim.vm.devices import DeviceError
 from shim.vm.qemu import Vm, VmError
+from shim.vm.ram import allocated_bytes, copy_sparse, new_guest_ram
 from shim.vm.vsock import VsockError, allocate_cid, vhost_vsock_available
 
 log = logging.getLogger(__name__)
@@ -56,8 +59,11 @@ POD_SHM_STORAGE = Storage("ephemeral", "shm", "tmpfs", "/run/husk/pod-shm",
 # Entropy the guest mixes in at CreateSandbox: a guest restored from a template
 # starts with its template's random state.
 RANDOM_SEED_BYTES = 64
-# A template's agent gets this long to see its host hang up before the guest is saved.
-TEMPLATE_SETTLE_S = 0.3
+# Before a template is saved its guest reports the memory it freed (free page
+# reporting runs every ~2 s): saved once its RAM has not shrunk for this long.
+TEMPLATE_SETTLE_S = 3.0
+TEMPLATE_SETTLE_MAX_S = 20.0
+TEMPLATE_SETTLE_POLL_S = 0.25
 GUEST_LOG_TAIL_LINES = 8
 KEPT_GUEST_LOG_BYTES = 64 * 1024
 
@@ -93,6 +99,7 @@ class Sandbox:
     _bridge: VsockBridge | None = None
     _template: Template | None = None  # the one this VM was restored from
     _templates_off: bool = False  # a restore failed: this sandbox boots
+    _ram_fd: int = -1  # a template's guest RAM (shim.vm.ram), until it is saved
     _undo: AsyncExitStack | None = None
 
     def __post_init__(self) -> None:
@@ -253,7 +260,9 @@ class Sandbox:
         spec = self._vm_spec()
         log.info("sandbox %s: VM of %s", self.sandbox_id, self.size)
         if self.building_template:
-            await self._run_vm(undo, template_spec(spec, incoming=False), with_virtiofsd=False)
+            self._ram_fd = self._new_guest_ram(undo)
+            await self._run_vm(undo, template_spec(spec, incoming=False, ram_fd=self._ram_fd),
+                               with_virtiofsd=False)
             return
         template = await self._template_for(spec)
         if template is not None:
@@ -294,13 +303,19 @@ class Sandbox:
         :raise TemplateError: the restore failed; ``undo`` stops what started.
         """
         try:
-            await self._run_vm(undo, template_spec(spec, incoming=True))
+            ram_fd = self._new_guest_ram(undo)
+            began = time.monotonic()
+            copied = await asyncio.to_thread(_copy_file_into, template.ram, ram_fd,
+                                             spec.memory_mib << 20)
+            log.debug("sandbox %s: %d MiB of guest RAM from the template in %.3fs",
+                      self.sandbox_id, copied >> 20, time.monotonic() - began)
+            await self._run_vm(undo, template_spec(spec, incoming=True, ram_fd=ram_fd))
             assert self.vm is not None
             await self.vm.restore(template.state)
             await self.vm.attach_shared_fs()
             for index, endpoint in enumerate(self.networking.endpoints if self.networking else []):
                 await self.vm.devices.add_nic(self._nic(index, endpoint))
-        except (errors.HuskError, VmError, DeviceError) as exc:
+        except (errors.HuskError, VmError, DeviceError, OSError) as exc:
             raise TemplateError(f"cannot restore the VM from template {template.id.key}: "
                                 f"{exc}") from exc
         if self.networking is not None:
@@ -365,15 +380,45 @@ class Sandbox:
                  time.monotonic() - began, template.state.stat().st_size >> 20)
         return template
 
+    def _new_guest_ram(self, undo: AsyncExitStack) -> int:
+        """A memfd for the guest's RAM; closed with the sandbox (QEMU opens its own)."""
+        try:
+            fd = new_guest_ram(self.size.memory_mib << 20)
+        except OSError as exc:
+            raise errors.UnavailableError(f"cannot create the guest's RAM: {exc}") from exc
+        undo.callback(os.close, fd)
+        return fd
+
     async def save_template(self, state: Path) -> None:
         """A template VM: hang up on its agent (a restored guest waits for its new
-        host) and save the paused guest to ``state``. :raise VmError: QEMU failed."""
-        assert self.building_template and self.vm is not None
+        host), let the guest hand back the memory it freed, save the paused guest's
+        devices to ``state`` and its RAM beside it (sparse).
+
+        :raise VmError: QEMU failed. :raise OSError: writing the RAM failed.
+        """
+        assert self.building_template and self.vm is not None and self._ram_fd >= 0
         if self.agent is not None:
             agent, self.agent = self.agent, None
             await agent.close()
-        await asyncio.sleep(TEMPLATE_SETTLE_S)
+        await self._wait_for_free_page_reporting()
         await self.vm.save(state)
+        size = self.size.memory_mib << 20
+        ram = state.parent / RAM_FILE
+        written = await asyncio.to_thread(_copy_fd_into_file, self._ram_fd, ram, size)
+        log.info("template guest RAM: %d MiB of %d MiB hold data", written >> 20, size >> 20)
+
+    async def _wait_for_free_page_reporting(self) -> None:
+        """Until the guest's RAM stops shrinking (it reports what it freed after boot
+        every couple of seconds), for at most TEMPLATE_SETTLE_MAX_S."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TEMPLATE_SETTLE_MAX_S
+        last = allocated_bytes(self._ram_fd)
+        stable_since = loop.time()
+        while loop.time() < deadline and loop.time() - stable_since < TEMPLATE_SETTLE_S:
+            await asyncio.sleep(TEMPLATE_SETTLE_POLL_S)
+            now = allocated_bytes(self._ram_fd)
+            if now < last:
+                last, stable_since = now, loop.time()
 
     async def _connect_agent(self, undo: AsyncExitStack) -> None:
         assert self.vm is not None
@@ -527,3 +572,20 @@ class Sandbox:
         if self.vm is None:
             return {}
         return {"qemu": self.vm.pid, "virtiofsd": self.vm.virtiofsd_pid}
+
+
+def _copy_file_into(path: Path, fd: int, size: int) -> int:
+    src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return copy_sparse(src, fd, size)
+    finally:
+        os.close(src)
+
+
+def _copy_fd_into_file(fd: int, path: Path, size: int) -> int:
+    dst = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(dst, size)
+        return copy_sparse(fd, dst, size)
+    finally:
+        os.close(dst)

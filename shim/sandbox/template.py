@@ -38,10 +38,11 @@ from shim.vm.cmdline import AgentTransport, VmPaths, VmSpec, build_cmdline
 log = logging.getLogger(__name__)
 
 # Bumped when what a template holds changes meaning (the restore protocol).
-TEMPLATE_FORMAT = 1
+TEMPLATE_FORMAT = 2
 # The guest's agent warms up (imports what CreateSandbox needs) before it serves.
 TEMPLATE_KERNEL_PARAM = "husk.template=1"
-STATE_FILE = "state"
+STATE_FILE = "state"  # QEMU's migration stream: the devices
+RAM_FILE = "ram"  # the guest's RAM, sparse (shim.vm.ram)
 META_FILE = "meta.json"
 FAILED_FILE = "failed"
 LOCK_SUFFIX = ".lock"
@@ -62,13 +63,14 @@ class TemplateError(Exception):
     """A template could not be found, built or locked; the pod boots cold."""
 
 
-def template_spec(spec: VmSpec, *, incoming: bool, paths: VmPaths | None = None) -> VmSpec:
+def template_spec(spec: VmSpec, *, incoming: bool, ram_fd: int) -> VmSpec:
     """The VM of a template for pods whose VM is ``spec`` (incoming=False), or of a
-    pod restored from it (incoming=True): no shared-filesystem device and no NICs
-    (hot-plugged after the restore), the agent told to warm up."""
+    pod restored from it (incoming=True): guest RAM in the shim's memfd ``ram_fd``,
+    no shared-filesystem device and no NICs (hot-plugged after the restore), the
+    agent told to warm up."""
     params = " ".join(p for p in (spec.kernel_params, TEMPLATE_KERNEL_PARAM) if p)
-    return dataclasses.replace(spec, paths=paths or spec.paths, shared_fs_hotplug=True, nics=(),
-                               kernel_params=params, incoming=incoming)
+    return dataclasses.replace(spec, shared_fs_hotplug=True, nics=(), kernel_params=params,
+                               incoming=incoming, ram_fd=ram_fd)
 
 
 def _file_identity(path: Path) -> str:
@@ -103,12 +105,11 @@ class TemplateId:
         :raise TemplateError: the VM cannot come from a template (9p: its device
             is on the command line and carries the pod's path).
         """
-        if not spec.shared_fs_hotplug:
-            spec = template_spec(spec, incoming=False)
         if spec.shared_fs.value != "virtio-fs":
             raise TemplateError("templates need the virtio-fs shared filesystem")
         canonical = dataclasses.replace(
-            spec, name="template", paths=VmPaths(CANONICAL_RUN_DIR), incoming=False,
+            template_spec(spec, incoming=False, ram_fd=CANONICAL_FD), name="template",
+            paths=VmPaths(CANONICAL_RUN_DIR),
             vsock_cid=CANONICAL_CID if spec.transport is AgentTransport.VSOCK else 0,
             vhost_fd=CANONICAL_FD if spec.vhost_fd >= 0 else -1, extra_fds=[])
         argv = build_cmdline(canonical)
@@ -134,6 +135,10 @@ class Template:
     @property
     def state(self) -> Path:
         return self.dir / STATE_FILE
+
+    @property
+    def ram(self) -> Path:
+        return self.dir / RAM_FILE
 
 
 class TemplateStore:
@@ -171,8 +176,8 @@ class TemplateStore:
             self.discard(tid)
             return None
         template = Template(tid, directory)
-        if not template.state.is_file():
-            log.warning("template %s has no state file; rebuilding it", tid.key)
+        if not (template.state.is_file() and template.ram.is_file()):
+            log.warning("template %s is incomplete; rebuilding it", tid.key)
             self.discard(tid)
             return None
         return template
@@ -194,7 +199,8 @@ class TemplateStore:
             (self.root / f"{tid.key}.{FAILED_FILE}").write_text(reason[:1024])
 
     def build_path(self, tid: TemplateId) -> Path:
-        """Where a build writes its state before install() (cleared first)."""
+        """Where a build writes its state before install() (cleared first); its RAM
+        goes beside it (RAM_FILE)."""
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.root, 0o700)
         building = self.root / f"{tid.key}.building"
@@ -207,7 +213,8 @@ class TemplateStore:
         building = state.parent
         meta = {"format": TEMPLATE_FORMAT, "key": tid.key, "inputs": tid.inputs,
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "build_s": round(build_s, 3), "state_bytes": state.stat().st_size}
+                "build_s": round(build_s, 3), "state_bytes": state.stat().st_size,
+                "ram_bytes": (building / RAM_FILE).stat().st_blocks * 512}
         (building / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
         self.discard(tid)
         os.rename(building, self._dir(tid))

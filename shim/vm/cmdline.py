@@ -16,6 +16,7 @@ from pathlib import Path
 
 from shim.vm.accel import AccelChoice
 from shim.vm.devices import SlotMap
+from shim.vm.ram import qemu_mem_path
 
 AGENT_PORT_NAME = "io.husk.agent"
 AGENT_CHARDEV = "agent"
@@ -175,6 +176,9 @@ class VmSpec:
     shared_fs_hotplug: bool = False
     # Waits for a migration stream (a template's) instead of booting: -incoming defer.
     incoming: bool = False
+    # Guest RAM in this memfd (shim.vm.ram) instead of one QEMU creates: a template's,
+    # or a VM's restored from one; the migration stream then leaves it out.
+    ram_fd: int = -1
     vsock_cid: int = 0
     vhost_fd: int = -1
     hotplug_ports: int = 4
@@ -186,7 +190,8 @@ class VmSpec:
 
     def passed_fds(self) -> tuple[int, ...]:
         """Every fd QEMU inherits (the command line names them by number)."""
-        return tuple(self.extra_fds) + tuple(fd for nic in self.nics for fd in nic.fds)
+        ram = (self.ram_fd,) if self.ram_fd >= 0 else ()
+        return tuple(self.extra_fds) + ram + tuple(fd for nic in self.nics for fd in nic.fds)
 
 
 class CmdlineError(ValueError):
@@ -268,7 +273,11 @@ def build_cmdline(spec: VmSpec, slots: SlotMap | None = None) -> list[str]:
             "-device", "virtio-blk-pci,drive=rootfs,bus=pcie.0,addr=0x2"]
     if spec.shared_fs is SharedFsType.VIRTIO_FS:
         # vhost-user needs guest RAM that virtiofsd can map.
-        args += ["-object", f"memory-backend-memfd,id=mem,size={memory},share=on"]
+        if spec.ram_fd >= 0:
+            args += ["-object", f"memory-backend-file,id=mem,size={memory},"
+                                f"mem-path={qemu_mem_path(spec.ram_fd)},share=on"]
+        else:
+            args += ["-object", f"memory-backend-memfd,id=mem,size={memory},share=on"]
         if not spec.shared_fs_hotplug:
             args += ["-chardev", f"socket,id={SHARED_FS_CHARDEV},"
                                  f"path={qemu_value(p.virtiofsd_socket)}",

@@ -165,6 +165,7 @@ class Vm:
         """
         await self.qmp("stop")
         await self.qmp("migrate-set-parameters", {"max-bandwidth": SAVE_BANDWIDTH_BYTES_S})
+        await self._skip_shared_ram()
         await self._pass_file(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         await self.qmp("migrate", {"uri": f"fd:{MIGRATION_FD_NAME}"})
         loop = asyncio.get_running_loop()
@@ -188,6 +189,7 @@ class Vm:
             machine type or QEMU, or a damaged file) or took longer than ``timeout_s``.
         """
         await self._pass_file(path, os.O_RDONLY)
+        await self._skip_shared_ram()
         await self.qmp("migrate-incoming", {"uri": f"fd:{MIGRATION_FD_NAME}"})
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
@@ -205,6 +207,13 @@ class Vm:
             await asyncio.sleep(MIGRATION_POLL_S)
         if status != "running":
             await self.qmp("cont")
+
+    async def _skip_shared_ram(self) -> None:
+        """Guest RAM in the shim's memfd travels as a file of its own (shim.vm.ram),
+        not in the stream; both sides of a migration must agree on that."""
+        if self.spec.ram_fd >= 0:
+            await self.qmp("migrate-set-capabilities", {"capabilities": [
+                {"capability": "x-ignore-shared", "state": True}]})
 
     async def _pass_file(self, path: Path, flags: int) -> None:
         try:

@@ -7,8 +7,8 @@ what booting or restoring touched), then reads every process's PSS from
 a template's page cache) counts once across them:
 
 - husk: the shim daemon; QEMU split into guest RAM (its memfd backends), TCG's
-  translation buffer (its executable anonymous mapping; KVM has none) and the
-  rest; virtiofsd (both of its processes).
+  translation buffer (its executable anonymous mappings, one region per vCPU
+  thread; KVM has none) and the rest; virtiofsd (both of its processes).
 - runc: the runc shim and every process below it (pause and the container).
 
 Medians over the pods of BENCH_RUNS rounds (default 3), per pod, as JSON.
@@ -34,8 +34,6 @@ PODS = int(os.environ.get("BENCH_PODS", "10"))
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 SETTLE_S = 20.0
 MIB = 1 << 20
-# TCG's code buffer: executable, anonymous, and far bigger than any code segment.
-TCG_BUFFER_MIN_BYTES = 16 * MIB
 
 
 def smaps_pss(pid: int) -> dict[str, int]:
@@ -45,7 +43,7 @@ def smaps_pss(pid: int) -> dict[str, int]:
         text = Path(f"/proc/{pid}/smaps").read_text()
     except OSError:
         return parts
-    name, size, pss = "", 0, 0
+    name, pss = "", 0
     for line in text.splitlines():
         first = line.split(None, 1)[0] if line.strip() else ""
         if first.endswith(":"):  # a field of the current mapping; VmFlags comes last
@@ -54,14 +52,13 @@ def smaps_pss(pid: int) -> dict[str, int]:
             elif first == "VmFlags:":
                 if "memfd:mem" in name or "memfd:dimm" in name:
                     parts["guest_ram"] += pss
-                elif not name and "ex" in line.split()[1:] and size >= TCG_BUFFER_MIN_BYTES:
+                elif not name and "ex" in line.split()[1:]:  # TCG's code regions (rwx, anonymous)
                     parts["tcg_buffer"] += pss
                 else:
                     parts["other"] += pss
         elif first:  # "start-end perms offset dev inode [name]": a new mapping
             fields = line.split(None, 5)
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            name, size, pss = (fields[5] if len(fields) == 6 else ""), end - start, 0
+            name, pss = (fields[5] if len(fields) == 6 else ""), 0
     return parts
 
 

@@ -59,9 +59,12 @@ def test_a_9p_vm_cannot_come_from_a_template(tmp_path: Path) -> None:
 def test_template_vms_have_no_pod_devices_and_a_restore_differs_only_in_waiting(
         tmp_path: Path) -> None:
     spec = _spec(tmp_path, kernel_params="quiet")
-    build = build_cmdline(template_spec(spec, incoming=False))
-    restore = build_cmdline(template_spec(spec, incoming=True))
+    build = build_cmdline(template_spec(spec, incoming=False, ram_fd=7))
+    restore = build_cmdline(template_spec(spec, incoming=True, ram_fd=7))
     assert "vhost-user-fs-pci" not in " ".join(build)
+    # Guest RAM in the shim's memfd: it travels as a file, not in the stream.
+    assert "memory-backend-file,id=mem,size=512M,mem-path=/proc/self/fd/7,share=on" in build
+    assert 7 in template_spec(spec, incoming=True, ram_fd=7).passed_fds()
     assert build[build.index("-append") + 1].endswith("quiet husk.template=1")
     assert "-incoming" in restore
     assert [a for a in restore if a not in ("-incoming", "defer")] == build
@@ -70,6 +73,7 @@ def test_template_vms_have_no_pod_devices_and_a_restore_differs_only_in_waiting(
 def _build(store: TemplateStore, tid: TemplateId, content: bytes = b"guest state") -> None:
     state = store.build_path(tid)
     state.write_bytes(content)
+    (state.parent / tpl.RAM_FILE).write_bytes(b"guest memory")
     store.install(tid, state, 1.5)
 
 
@@ -107,9 +111,10 @@ def test_a_damaged_record_or_missing_state_means_no_template(tmp_path: Path) -> 
     _build(store, tid)
     (store.root / tid.key / "meta.json").write_text("{not json")
     assert store.find(tid) is None
-    _build(store, tid)
-    (store.root / tid.key / "state").unlink()
-    assert store.find(tid) is None
+    for part in ("state", "ram"):
+        _build(store, tid)
+        (store.root / tid.key / part).unlink()
+        assert store.find(tid) is None
 
 
 def test_a_failed_build_is_not_retried_for_a_while(tmp_path: Path,

@@ -1,0 +1,41 @@
+"""Guest RAM in a memfd, and copying it without filling its holes."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from shim.vm.ram import COPY_CHUNK, allocated_bytes, copy_sparse, new_guest_ram, qemu_mem_path
+
+MIB = 1 << 20
+
+
+def test_a_copy_writes_only_data_and_keeps_offsets(tmp_path: Path) -> None:
+    size = 64 * MIB
+    src = new_guest_ram(size)
+    dst = os.open(tmp_path / "ram", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert allocated_bytes(src) == 0  # all holes
+        os.pwrite(src, b"kernel" * 1000, 0)
+        os.pwrite(src, b"\xff" * COPY_CHUNK, 40 * MIB)
+        os.pwrite(src, bytes(3 * COPY_CHUNK), 10 * MIB)  # touched, but zero: stays a hole
+        os.ftruncate(dst, size)
+        written = copy_sparse(src, dst, size)
+        # The two pages of "kernel" and the 0xff chunk; the zero chunks skipped.
+        assert written == 2 * 4096 + COPY_CHUNK
+        assert os.pread(dst, 6000, 0) == b"kernel" * 1000
+        assert os.pread(dst, COPY_CHUNK, 40 * MIB) == b"\xff" * COPY_CHUNK
+        assert os.pread(dst, COPY_CHUNK, 10 * MIB) == bytes(COPY_CHUNK)
+        assert allocated_bytes(dst) <= written + 64 * 1024
+        assert os.fstat(dst).st_size == size
+    finally:
+        os.close(src)
+        os.close(dst)
+
+
+def test_qemu_reopens_the_memfd_it_inherits() -> None:
+    fd = new_guest_ram(MIB)
+    try:
+        assert qemu_mem_path(fd) == f"/proc/self/fd/{fd}"
+        assert os.path.realpath(f"/proc/self/fd/{fd}").startswith("/memfd:husk-guest-ram")
+    finally:
+        os.close(fd)
