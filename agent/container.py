@@ -248,26 +248,26 @@ class Container:
             self.execs.pop(exec_id).io.close()
 
     async def signal(self, exec_id: str, sig: int, all_processes: bool = False) -> None:
-        """Signal the init (through crun, or every process with ``all_processes``) or an exec.
+        """Signal the init or an exec directly (both are the agent's children, reaped
+        by it: no pid reuse), or every process of the container through crun.
+
+        Not `crun kill` for the init: what crun would do, minus running crun (~0.1 s
+        under TCG, on every stop).
 
         :raise NotFoundError: the process already finished.
         """
-        if exec_id:
-            proc = self.process(exec_id)
+        if exec_id or not all_processes:
+            proc = self.process(exec_id) if exec_id else self.init
             try:
                 proc.kill(sig)
             except ProcessLookupError:
                 raise NotFoundError(f"process {proc.name} already finished") from None
             return
-        if not self.init.running and not all_processes:
-            raise NotFoundError(f"process {self.id} already finished")
         try:
-            await self._crun.kill(self.id, sig, all_processes)
+            await self._crun.kill(self.id, sig, all_processes=True)
         except CommandError:
             if self.init.running:
-                raise
-            if not all_processes:
-                raise NotFoundError(f"process {self.id} already finished") from None
+                raise  # else: nothing left to signal
 
     async def remove(self, timeout: float = DEFAULT_REMOVE_TIMEOUT_S) -> None:
         """Kill everything, ``crun delete --force``, close stdio, unmount volumes, drop the bundle."""

@@ -441,6 +441,11 @@ class Sandbox:
         except errors.UnavailableError as exc:
             raise errors.UnavailableError(f"{exc}; {self._guest_logs()}") from exc
         self.times.agent_ready_s = time.monotonic() - self.vm.times.spawned_at
+        if self._template is not None:
+            # Its template's build logged the guest's details; asking again runs crun.
+            log.info("sandbox %s: agent ready after %.3fs (guest of template %s)",
+                     self.sandbox_id, self.times.agent_ready_s, self._template.id.key)
+            return
         details = await self.agent.guest_details()
         log.info("sandbox %s: agent ready after %.3fs (%s)", self.sandbox_id,
                  self.times.agent_ready_s, details)
@@ -538,7 +543,8 @@ class Sandbox:
                 await undo.aclose()
             except Exception:  # every undo ran; one failing must not keep the pod alive
                 log.exception("sandbox %s: a teardown step failed", self.sandbox_id)
-        self._remove_run_dir()
+        if self.run_dir.exists():  # the undo of the run directory step removed it already
+            self._remove_run_dir()
 
     def _guest_logs(self) -> str:
         """The end of the guest's console and agent logs, for error messages and the shim log."""

@@ -50,7 +50,7 @@ def smaps_pss(pid: int) -> dict[str, int]:
             if first == "Pss:":
                 pss = int(line.split()[1]) * 1024
             elif first == "VmFlags:":
-                if "memfd:mem" in name or "memfd:dimm" in name:
+                if "memfd:" in name:  # the guest RAM backends (boot RAM and DIMMs)
                     parts["guest_ram"] += pss
                 elif not name and "ex" in line.split()[1:]:  # TCG's code regions (rwx, anonymous)
                     parts["tcg_buffer"] += pss
