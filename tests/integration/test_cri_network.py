@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -189,6 +190,8 @@ def test_host_network_pod_is_refused(net_containerd: Containerd, cri: CriClient)
     assert net_containerd.ipam_allocations() == {}
 
 
+@pytest.mark.skipif(os.environ.get("HUSK_TEST_TEMPLATES") == "off",
+                    reason="VM templates are off (HUSK_TEST_TEMPLATES=off)")
 def test_pods_restored_from_one_template_are_distinct_guests(
         net_containerd: Containerd, cri: CriClient, tmp_path: Path) -> None:
     """Two pods from the same VM template: each its own hostname, random state, clock,

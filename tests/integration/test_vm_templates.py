@@ -36,7 +36,7 @@ def setup(guest_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     templates = work / "templates"
     state = Path("/run") / f"husk-test-{secrets.token_hex(4)}"
     config = load_config(str(write_test_config(work / "husk.toml", state, templates_dir=templates,
-                                               guest_dir=str(guest))))
+                                               templates=True, guest_dir=str(guest))))
     assert config.template.dir == str(templates) and config.template.enabled
     yield config, guest
     assert our_processes(str(state)) == [], "QEMU/virtiofsd left running"
