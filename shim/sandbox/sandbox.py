@@ -368,13 +368,18 @@ class Sandbox:
                                               netns_path=""),
                           self.config, building_template=True)
         try:
-            await builder.start()
-            await builder.save_template(state)
+            try:
+                await builder.start()
+                await builder.save_template(state)
+            finally:
+                await builder.stop()
+            template = store.install(tid, state, time.monotonic() - began)
         except VmError as exc:
+            store.abandon(tid)
             raise TemplateError(str(exc)) from exc
-        finally:
-            await builder.stop()
-        template = store.install(tid, state, time.monotonic() - began)
+        except BaseException:
+            store.abandon(tid)
+            raise
         self.times.template = "built"
         log.info("sandbox %s: template %s built in %.1fs (%d MiB)", self.sandbox_id, tid.key,
                  time.monotonic() - began, template.state.stat().st_size >> 20)

@@ -208,9 +208,21 @@ class TemplateStore:
         building.mkdir(mode=0o700)
         return building / STATE_FILE
 
+    def abandon(self, tid: TemplateId) -> None:
+        """Remove a build that failed (its partial state and RAM: ~150 MiB)."""
+        shutil.rmtree(self.root / f"{tid.key}.building", ignore_errors=True)
+
     def install(self, tid: TemplateId, state: Path, build_s: float) -> Template:
-        """Make a finished build the template for ``tid`` (atomically: rename)."""
+        """Make a finished build the template for ``tid``: flushed to disk (a host
+        crash must not leave a template whose RAM was never written), then renamed
+        into place (atomically)."""
         building = state.parent
+        for written in (state, building / RAM_FILE):
+            fd = os.open(written, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         meta = {"format": TEMPLATE_FORMAT, "key": tid.key, "inputs": tid.inputs,
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "build_s": round(build_s, 3), "state_bytes": state.stat().st_size,

@@ -166,3 +166,13 @@ def test_kvm_templates_depend_on_the_host_cpu(tmp_path: Path, monkeypatch: pytes
     assert before.key == after.key and after.stale_inputs(before.inputs) == ["host_cpu"]
     assert "host_cpu" not in TemplateId.of(dataclasses.replace(
         spec, accel=AccelChoice(Accel.TCG, "test")), "1.0").inputs
+
+
+def test_a_failed_build_leaves_no_partial_files(tmp_path: Path) -> None:
+    store = TemplateStore(tmp_path / "templates")
+    tid = TemplateId.of(_spec(tmp_path), "1.0")
+    state = store.build_path(tid)
+    state.write_bytes(b"half a stream")
+    store.abandon(tid)
+    assert list(store.root.iterdir()) == []
+    assert store.find(tid) is None
