@@ -12,7 +12,7 @@
 #
 # The slow inputs (mmdebstrap base, kernel package, pip wheels) are cached in
 # OUTDIR/cache/, keyed on what they are made from; the image itself is
-# rebuilt only when agent/, proto/, guest-image/ or the pins change.
+# rebuilt only when agent/, proto/, guest-image/, the husk version or the pins change.
 # Runs as root on Debian bookworm. HUSK_ROOTFS_FORMAT overrides the root
 # image format (squashfs-lz4, squashfs-zstd, squashfs-none, ext4).
 set -euo pipefail
@@ -160,7 +160,9 @@ MM_OPTS=(
 KERNEL_KEY=$(printf '%s\n' "$KERNEL_PKG" "$KERNEL_VERSION" "$(declare -f fetch_kernel)" | sha)
 BASE_KEY=$(printf '%s\n' "$RELEASE" "${MIRRORS[@]}" "${MM_OPTS[@]}" "$(declare -f build_base)" | sha)
 SITE_KEY=$(printf '%s\n' "${PINS[@]}" "${PIP_TARGET_OPTS[@]}" "$(declare -f build_site)" | sha)
-TREES_KEY=$(imagetool hash --root "$REPO" agent proto guest-image) || die "cannot hash the inputs"
+# shim/__init__.py (the husk version) and shim/ops/imageid.py write manifest lines.
+TREES_KEY=$(imagetool hash --root "$REPO" agent proto guest-image shim/__init__.py shim/ops/imageid.py) ||
+	die "cannot hash the inputs"
 INPUTS_KEY=$(printf '%s\n' "$KERNEL_KEY" "$BASE_KEY" "$SITE_KEY" "$TREES_KEY" "$ROOTFS_FORMAT" \
 	"${INITRD_COMPRESS[*]}" "$(dpkg-query -W -f='${Version}' busybox-static 2>/dev/null)" | sha)
 
@@ -246,6 +248,11 @@ packages=(proto)
 [ -d "$REPO/agent" ] && packages+=(agent)
 tar -C "$REPO" --exclude=__pycache__ --exclude='*.pyc' -cf - "${packages[@]}" | tar -C "$ROOT/$GUEST_LIB" -xf -
 cp -a "$SITE_DIR/site" "$ROOT/$GUEST_LIB/site"
+# The husk version and a hash of the agent sources just packed, for the manifest
+# (`husk check` compares them with the husk installed on the node).
+mapfile -t IMAGE_ID < <(PYTHONPATH="$REPO" python3 -P -B -m shim.ops.imageid "$ROOT/$GUEST_LIB") ||
+	die "cannot hash the packed agent sources"
+[ ${#IMAGE_ID[@]} -eq 2 ] || die "cannot hash the packed agent sources"
 printf '%s\n' "${PINS[@]}" >"$ROOT/$GUEST_LIB/pins.txt"
 cp "$INITRD/etc/husk/modules.load" "$ROOT/$GUEST_LIB/modules.load"
 # Modules the kernel loads on demand (a bridge, nftables...): the root's own
@@ -290,6 +297,7 @@ cp "$KERNEL_DIR/vmlinuz" "$KERNEL_DIR/vmlinux" "$STAGE/"
 
 {
 	echo "# husk guest image manifest"
+	printf '%s\n' "${IMAGE_ID[@]}"
 	echo "kernel: $KERNEL_PKG $KERNEL_VERSION (release $KVER)"
 	echo "initramfs: busybox-static $(dpkg-query -W -f='${Version}' busybox-static 2>/dev/null || echo unknown), $(wc -l <"$INITRD/etc/husk/modules.load") modules:"
 	sed 's/^/  /' "$INITRD/etc/husk/modules.load"

@@ -2,6 +2,8 @@
 
     husk run --rootfs DIR [-t] [-i] [--vcpus N] [--memory-mib M] -- CMD [ARG...]
     husk probe-accel
+    husk check [--json] [--containerd-config PATH]
+    husk env [--containerd-config PATH]
     husk direct-volume add --volume-path P --mount-info JSON
     husk direct-volume remove --volume-path P
     husk direct-volume stats --volume-path P
@@ -10,7 +12,8 @@
 
 ``run`` boots a VM, runs CMD from the local rootfs directory, streams its
 output, and exits with its exit code. Ctrl-C (or SIGTERM) tears everything
-down before exiting.
+down before exiting. ``check`` tests every host requirement (exit 1 when a pod
+could not run); ``env`` prints the configuration and versions in effect as TOML.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from typing import Any
 
 from shim import errors, oci
 from shim.config import ConfigError, load_config
+from shim.ops import check, env
 from shim.sandbox import manage
 from shim.sandbox.description import PodDescription
 from shim.sandbox.sandbox import SANDBOXES_DIR
@@ -179,6 +183,17 @@ def _main_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _main_check(args: argparse.Namespace) -> int:
+    report = check.run_checks(args.config, Path(args.containerd_config))
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.render())
+    return 0 if report.ok else 1
+
+
+def _main_env(args: argparse.Namespace) -> int:
+    print(env.render(args.config, Path(args.containerd_config)), end="")
+    return 0
+
+
 def _main_direct_volume(args: argparse.Namespace) -> int:
     """Kata's ``direct-volume`` verbs, on husk's (or the configured) record directory."""
     config = load_config(args.config)
@@ -276,6 +291,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                      help="print boot timings as JSON on stderr")
     run.add_argument("command", nargs=argparse.REMAINDER)
     sub.add_parser("probe-accel", help="show which accelerator husk would use, and why")
+    checker = sub.add_parser(
+        "check", help="test every host requirement: pass, warn (degraded) or fail, with the "
+                      "fix; exit 1 when a pod could not run")
+    checker.add_argument("--json", action="store_true", help="one JSON object, for tools")
+    environ = sub.add_parser(
+        "env", help="the configuration and versions in effect, as TOML (format: README, "
+                    "'Operating husk'; no secrets), for a bug report",
+        description=env.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for inspecting in (checker, environ):
+        inspecting.add_argument("--containerd-config", default=str(check.DEFAULT_CONTAINERD_CONFIG),
+                                help="containerd's config to inspect (versions 2 and 3)")
     _direct_volume_parser(sub)
     args = parser.parse_args(argv)
     if getattr(args, "command", None) and args.command[0] == "--":
@@ -294,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
         return _main_probe(args)
     if args.action == "direct-volume":
         return _main_direct_volume(args)
+    if args.action == "check":
+        return _main_check(args)
+    if args.action == "env":
+        return _main_env(args)
     return _main_run(args)
 
 

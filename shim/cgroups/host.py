@@ -126,13 +126,22 @@ def _controller(path: Path) -> Controller:
     return node.controller or Controller(node)
 
 
+def cgroup_layout() -> str:
+    """"v2" (unified), "hybrid" (v1 controllers and a cgroup2 at ./unified), "v1" or "none"."""
+    if (CGROUP_ROOT / "cgroup.controllers").exists():
+        return "v2"
+    if not any((CGROUP_ROOT / c / "tasks").exists() for c in V1_CONTROLLERS):
+        return "none"
+    return "hybrid" if (CGROUP_ROOT / "unified" / "cgroup.controllers").exists() else "v1"
+
+
 def _hierarchies() -> list[Path]:
     """v1 controller mount points, or the v2 root when the host is unified.
 
     On a hybrid host (v1 controllers plus an empty cgroup2 at ./unified) the
     v1 controllers are what limit and account, so those are joined.
     """
-    if (CGROUP_ROOT / "cgroup.controllers").exists():
+    if cgroup_layout() == "v2":
         return [CGROUP_ROOT]
     return [CGROUP_ROOT / c for c in V1_CONTROLLERS if (CGROUP_ROOT / c / "tasks").exists()]
 

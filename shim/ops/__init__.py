@@ -1,0 +1,1 @@
+"""Node operations: check, env, monitor, debug console."""
