@@ -40,21 +40,33 @@ def exit_status(wait_status: int) -> int:
 
 
 def spawn(argv: Sequence[str], *, stdin: int | None = None, stdout: int | None = None,
-          stderr: int | None = None, env: Mapping[str, str] | None = None) -> int:
+          stderr: int | None = None, env: Mapping[str, str] | None = None,
+          terminal: str | None = None, new_session: bool = False) -> int:
     """Start ``argv`` with the given fds as 0/1/2 (None: /dev/null); returns the pid.
 
     posix_spawn keeps no Python-side record of the child (unlike Popen), so the
     reaper is the only one ever waiting for it. Our own fds are close-on-exec,
     so the child inherits exactly the three it is given.
+
+    ``new_session``: the child leads a session and process group of its own
+    (killpg ends everything it started). ``terminal`` (a pty slave's path)
+    implies it and gives the child that terminal as 0/1/2 and as its
+    controlling tty: glibc runs setsid() before the file actions, and opening
+    a tty then acquires it.
     """
     actions: list[tuple[int, ...] | tuple[int, int, str, int, int]] = []
-    for target, fd in ((0, stdin), (1, stdout), (2, stderr)):
-        if fd is None:
-            actions.append((os.POSIX_SPAWN_OPEN, target, os.devnull, os.O_RDWR, 0))
-        else:
-            actions.append((os.POSIX_SPAWN_DUP2, fd, target))
+    if terminal is not None:
+        actions = [(os.POSIX_SPAWN_OPEN, 0, terminal, os.O_RDWR, 0),
+                   (os.POSIX_SPAWN_DUP2, 0, 1), (os.POSIX_SPAWN_DUP2, 0, 2)]
+    else:
+        for target, fd in ((0, stdin), (1, stdout), (2, stderr)):
+            if fd is None:
+                actions.append((os.POSIX_SPAWN_OPEN, target, os.devnull, os.O_RDWR, 0))
+            else:
+                actions.append((os.POSIX_SPAWN_DUP2, fd, target))
     return os.posix_spawnp(argv[0], list(argv), dict(os.environ if env is None else env),
-                           file_actions=actions, setsigdef=RESET_SIGNALS, setsigmask=())
+                           file_actions=actions, setsigdef=RESET_SIGNALS, setsigmask=(),
+                           setsid=new_session or terminal is not None)
 
 
 @dataclass

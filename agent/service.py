@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -19,7 +20,9 @@ from typing import Any, TypeVar
 import grpc
 
 from agent import __version__
-from agent import identity, network
+from agent import debugconsole, identity, network
+from agent.cgroups import CgroupStats
+from agent.metrics import guest_usage
 from agent.container import Container, Runtime
 from agent.hotplug import Hotplug
 from agent.errors import (AgentError, AlreadyExistsError, CommandError, DeadlineError,
@@ -111,6 +114,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         self._oci_version: str | None = None
         self._oom_kills: dict[str, int] = {}  # OOM kills already reported, per container
         self._port_forwards = 0  # open PortForward streams
+        self._debug_console = False  # CreateSandbox turns it on (husk.toml [debug] console)
+        self._consoles = 0  # open DebugConsole streams
         self._tools = VolumeTools(runtime.reaper, runtime.config.sysfs)
         self._hotplug = Hotplug(runtime.config.sysfs)
 
@@ -145,6 +150,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 identity.mix_in_entropy(request.random_seed)
             if request.clock_ns:
                 identity.set_clock(request.clock_ns)
+            self._debug_console = request.debug_console
             storages = [Storage(s.driver, s.source, s.fstype, list(s.options), s.mount_point)
                         for s in request.storages]
             network.check(request.network)
@@ -274,13 +280,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
 
     @unary
     async def StatsContainer(self, request: pb.ContainerRequest) -> pb.StatsContainerResponse:
-        s = self._container(request.container_id).stats()
-        return pb.StatsContainerResponse(
-            cpu_usage_ns=s.cpu_usage_ns, cpu_user_ns=s.cpu_user_ns, cpu_system_ns=s.cpu_system_ns,
-            memory_usage_bytes=s.memory_usage_bytes, memory_limit_bytes=s.memory_limit_bytes,
-            memory_max_usage_bytes=s.memory_max_usage_bytes, pids_current=s.pids_current,
-            pids_limit=s.pids_limit, memory_cache_bytes=s.memory_cache_bytes,
-            memory_rss_bytes=s.memory_rss_bytes, oom_kills=s.oom_kills)
+        return _stats_message(self._container(request.container_id).stats())
 
     @unary
     async def ListProcesses(self, request: pb.ContainerRequest) -> pb.ListProcessesResponse:
@@ -388,6 +388,74 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             python_version=platform.python_version(), oci_runtime_version=oci_version,
             cpus=os.cpu_count() or 0, memory_bytes=_memory_total())
 
+    # Section: node tools
+
+    @unary
+    async def GetMetrics(self, request: pb.Empty) -> pb.GuestMetrics:
+        usage = guest_usage(sysfs=self._runtime.config.sysfs)
+        reply = pb.GuestMetrics(**dataclasses.asdict(usage))
+        for container in list(self._sandbox.containers.values()) if self._sandbox else []:
+            try:
+                stats = container.stats()
+            except AgentError as exc:  # removed meanwhile, or its cgroup is gone
+                log.debug("metrics: container %s: %s", container.id, exc)
+                continue
+            reply.containers.add(container_id=container.id, stats=_stats_message(stats))
+        return reply
+
+    async def DebugConsole(self, requests: AsyncIterator[pb.ConsoleInput],
+                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ConsoleOutput]:
+        """Run a process in the guest outside the containers, for `husk exec`.
+
+        The first request is read before anything is refused or started: ending a
+        stream whose first message is still in flight makes gRPC report an internal
+        error instead of ours.
+        """
+        first = await anext(aiter(requests), None)
+        if first is None:
+            return
+        if not self._debug_console:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "the debug console is off (husk.toml [debug] console)")
+        if self._consoles >= debugconsole.MAX_CONSOLES:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{debugconsole.MAX_CONSOLES} debug consoles are open already")
+        self._consoles += 1
+        process: Process | None = None
+        feeder: asyncio.Task[None] | None = None
+        try:
+            name = f"console-{self._consoles}-{time.monotonic_ns()}"
+            try:
+                process = debugconsole.start(self._runtime.reaper, name, list(first.argv),
+                                             first.tty, first.rows, first.columns)
+            except OSError as e:
+                # As a shell says it: 127 not found, 126 found but not runnable.
+                program = list(first.argv)[:1] or list(debugconsole.DEFAULT_ARGV)
+                yield pb.ConsoleOutput(started=True)
+                yield pb.ConsoleOutput(data=f"husk-agent: {program[0][:200]}: "
+                                       f"{e.strerror or e}\n".encode())
+                not_found = isinstance(e, FileNotFoundError)
+                yield pb.ConsoleOutput(exited=True, exit_status=127 if not_found else 126)
+                return
+            log.info("debug console %s: pid %d runs %s%s", name, process.pid,
+                     list(first.argv)[:8] or list(debugconsole.DEFAULT_ARGV),
+                     " (tty)" if first.tty else "")
+            yield pb.ConsoleOutput(started=True)
+            if first.data:
+                await process.io.stdin.write(first.data)
+            feeder = asyncio.create_task(debugconsole.feed(_console_inputs(requests), process))
+            async for data in debugconsole.output(process, OUTPUT_CHUNK):
+                yield pb.ConsoleOutput(data=data)
+            yield pb.ConsoleOutput(exited=True, exit_status=await process.wait())
+        except Exception as e:  # noqa: BLE001 - every error must become a status
+            await _abort(context, "DebugConsole", e)
+        finally:
+            self._consoles -= 1
+            if feeder is not None:
+                feeder.cancel()
+            if process is not None:
+                debugconsole.end(process)
+
 
 async def connect_local_port(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Connect to ``port`` on the loopback, IPv4 first then IPv6, as containerd does for runc pods.
@@ -417,6 +485,21 @@ async def _host_to_port(requests: AsyncIterator[pb.PortForwardData],
             await writer.drain()
         if writer.can_write_eof():
             writer.write_eof()
+
+
+def _stats_message(s: CgroupStats) -> pb.StatsContainerResponse:
+    return pb.StatsContainerResponse(
+        cpu_usage_ns=s.cpu_usage_ns, cpu_user_ns=s.cpu_user_ns, cpu_system_ns=s.cpu_system_ns,
+        memory_usage_bytes=s.memory_usage_bytes, memory_limit_bytes=s.memory_limit_bytes,
+        memory_max_usage_bytes=s.memory_max_usage_bytes, pids_current=s.pids_current,
+        pids_limit=s.pids_limit, memory_cache_bytes=s.memory_cache_bytes,
+        memory_rss_bytes=s.memory_rss_bytes, oom_kills=s.oom_kills)
+
+
+async def _console_inputs(requests: AsyncIterator[pb.ConsoleInput]
+                          ) -> AsyncIterator[tuple[bytes, int, int, bool]]:
+    async for message in requests:
+        yield message.data, message.rows, message.columns, message.close_stdin
 
 
 def _memory_total() -> int:

@@ -4,6 +4,8 @@
     husk probe-accel
     husk check [--json] [--containerd-config PATH]
     husk env [--containerd-config PATH]
+    husk exec [-t] [-i] POD [-- CMD [ARG...]]
+    husk monitor [--listen HOST:PORT]
     husk direct-volume add --volume-path P --mount-info JSON
     husk direct-volume remove --volume-path P
     husk direct-volume stats --volume-path P
@@ -35,10 +37,10 @@ from typing import Any
 
 from shim import errors, oci
 from shim.config import ConfigError, load_config
-from shim.ops import check, env
+from shim.ops import check, console, env, pods
 from shim.sandbox import manage
 from shim.sandbox.description import PodDescription
-from shim.sandbox.sandbox import SANDBOXES_DIR
+from shim.ids import SANDBOXES_DIR
 from shim.storage.directvolume import DirectVolumes, MountInfo, VolumeRecordError
 from shim.storage.publish import CephAccess, decide, publish
 from shim.sandbox.sandbox import Sandbox
@@ -194,6 +196,31 @@ def _main_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _main_exec(args: argparse.Namespace) -> int:
+    """A shell or a command in a pod's guest, outside its containers (the debug console)."""
+    config = load_config(args.config)
+    shell = not args.command
+    interactive = sys.stdin.isatty()
+    options = console.ConsoleOptions(tuple(args.command), tty=args.tty or (shell and interactive),
+                                     stdin=args.interactive or (shell and interactive))
+    try:
+        run_dir = pods.resolve_pod(Path(config.runtime.state_dir), args.pod)
+        return asyncio.run(console.run(run_dir, options, sys.stdout.buffer))
+    except errors.HuskError as exc:
+        print(f"husk exec: {exc}", file=sys.stderr)
+        return 125
+
+
+def _main_monitor(args: argparse.Namespace) -> int:
+    from shim.ops import monitor  # prometheus_client: only this command needs it
+    config = load_config(args.config)
+    try:
+        return monitor.serve(Path(config.runtime.state_dir), args.listen or config.monitor.listen)
+    except (ValueError, OSError) as exc:
+        print(f"husk monitor: {exc}", file=sys.stderr)
+        return 2
+
+
 def _main_direct_volume(args: argparse.Namespace) -> int:
     """Kata's ``direct-volume`` verbs, on husk's (or the configured) record directory."""
     config = load_config(args.config)
@@ -302,6 +329,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for inspecting in (checker, environ):
         inspecting.add_argument("--containerd-config", default=str(check.DEFAULT_CONTAINERD_CONFIG),
                                 help="containerd's config to inspect (versions 2 and 3)")
+    execute = sub.add_parser(
+        "exec", help="run a shell (default) or CMD in a pod's guest, outside its containers; "
+                     "needs [debug] console = true in husk.toml")
+    execute.add_argument("-t", "--tty", action="store_true",
+                         help="a terminal for CMD (a shell gets one when stdin is a terminal)")
+    execute.add_argument("-i", "--interactive", action="store_true",
+                         help="forward stdin to CMD (a shell gets it when stdin is a terminal)")
+    execute.add_argument("pod", help="sandbox id, a unique prefix of it, or the pod's name "
+                                     "(NAME or NAMESPACE/NAME)")
+    execute.add_argument("command", nargs=argparse.REMAINDER)
+    watcher = sub.add_parser("monitor", help="serve Prometheus metrics of every husk pod on "
+                                             "this node (like kata-monitor)")
+    watcher.add_argument("--listen", help="HOST:PORT (default: husk.toml [monitor] listen)")
     _direct_volume_parser(sub)
     args = parser.parse_args(argv)
     if getattr(args, "command", None) and args.command[0] == "--":
@@ -324,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
         return _main_check(args)
     if args.action == "env":
         return _main_env(args)
+    if args.action == "exec":
+        return _main_exec(args)
+    if args.action == "monitor":
+        return _main_monitor(args)
     return _main_run(args)
 
 

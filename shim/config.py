@@ -152,6 +152,19 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class DebugConfig:
+    # `husk exec` may run processes in a pod's guest, outside its containers
+    # (root in the VM, every container's files and memory within reach): off unless asked.
+    console: bool = False
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    # Where `husk monitor` serves Prometheus metrics (host:port; [v6]:port).
+    listen: str = "127.0.0.1:8090"
+
+
+@dataclass(frozen=True)
 class Config:
     hypervisor: HypervisorConfig = field(default_factory=HypervisorConfig)
     shared_fs: SharedFsConfig = field(default_factory=SharedFsConfig)
@@ -160,6 +173,8 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     template: TemplateConfig = field(default_factory=TemplateConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def size_overrides(self, annotations: Mapping[str, str]) -> SizeOverrides:
         """The allowlisted ``io.husk.*`` pod annotations (an operator's VM size).
@@ -241,7 +256,8 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     """
     sections = {"hypervisor": HypervisorConfig, "shared_fs": SharedFsConfig,
                 "agent": AgentConfig, "network": NetworkConfig, "storage": StorageConfig,
-                "template": TemplateConfig, "runtime": RuntimeConfig}
+                "template": TemplateConfig, "runtime": RuntimeConfig, "debug": DebugConfig,
+                "monitor": MonitorConfig}
     for name in data:
         if name not in sections:
             raise ConfigError(f"unknown section [{name}] (known: {', '.join(sections)})")

@@ -127,8 +127,9 @@ async def serve(args: ShimArgs) -> int:
     owned: SocketFile | None = None
     try:
         config_path = None
-        service = TaskService(args.id, args.namespace, publisher, done.set, config_path)
         registry = ServiceRegistry()
+        service = TaskService(args.id, args.namespace, publisher, done.set, config_path,
+                              rpc_stats=registry.stats)
         unsupported = registry.register_service(
             shim_pb2.DESCRIPTOR.services_by_name["Task"], service)
         if unsupported:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+# A pod's run directory is <state_dir>/sb/<sandbox id> (short: socket paths live there).
+SANDBOXES_DIR = "sb"
 
 
 def is_valid_id(value: str) -> bool:

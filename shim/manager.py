@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from shim.__main__ import ShimArgs
-from shim.ids import is_valid_id
+from shim.ids import SANDBOXES_DIR, is_valid_id
 
 SOCKET_DIR = "/run/containerd/s"
 ADDRESS_FILE = "address"
@@ -33,7 +33,6 @@ GROUP_LABEL = "io.containerd.runc.v2.group"
 CONNECT_TIMEOUT_S = 1.0
 SIGKILL_STATUS = 128 + signal.SIGKILL
 SHIM_NAME = "containerd-shim-husk-v2"
-SANDBOXES_DIR_NAME = "sb"
 
 
 class StartError(Exception):
@@ -158,7 +157,7 @@ def _run_dir(bundle: Path) -> Path | None:
     except OSError:
         return None
     run_dir = Path(text)
-    if (not run_dir.is_absolute() or run_dir.parent.name != SANDBOXES_DIR_NAME
+    if (not run_dir.is_absolute() or run_dir.parent.name != SANDBOXES_DIR
             or not is_valid_id(run_dir.name) or ".." in run_dir.parts):
         return None
     return run_dir

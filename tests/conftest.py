@@ -48,7 +48,7 @@ def _toml_lines(values: dict[str, object]) -> list[str]:
 
 def write_test_config(path: Path, state_dir: Path, agent: dict[str, object] | None = None,
                       templates_dir: Path = TEMPLATES_DIR, templates: bool | None = None,
-                      **hypervisor: object) -> Path:
+                      debug_console: bool = False, **hypervisor: object) -> Path:
     lines = ["[hypervisor]", *_toml_lines({"guest_dir": str(GUEST_DIR), **hypervisor})]
     if agent:
         lines += ["[agent]", *_toml_lines(agent)]
@@ -60,6 +60,7 @@ def write_test_config(path: Path, state_dir: Path, agent: dict[str, object] | No
         templates = os.environ.get("HUSK_TEST_TEMPLATES") != "off"
     lines += ["[template]", f'dir = "{templates_dir}"', f"enabled = {str(templates).lower()}"]
     lines += ["[runtime]", f'state_dir = "{state_dir}"']
+    lines += ["[debug]", f"console = {str(debug_console).lower()}"]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -98,11 +99,12 @@ def containerd_options(cri_images: list[BuiltImage], guest_image: Path,
     config = write_test_config(config_dir / "husk.toml", HUSK_CRI_STATE,
                                agent={"dial_timeout_s": 300.0, "request_timeout_s": 120.0})
     # The hostile-guest tests: the agent's test hooks on, and a keepalive quick
-    # enough to see a stalled agent within seconds.
+    # enough to see a stalled agent within seconds; the debug console on (husk exec's
+    # tests; the main handler has it off, as husk.toml's default).
     hostile = write_test_config(config_dir / "husk-hostile.toml", HUSK_CRI_STATE,
                                 agent={"keepalive_interval_s": 3.0, "keepalive_misses": 3,
                                        "dial_timeout_s": 300.0},
-                                kernel_params="husk.test_hooks=1")
+                                kernel_params="husk.test_hooks=1", debug_console=True)
     handler = RuntimeHandler(HOSTILE_HANDLER, HUSK_RUNTIME_TYPE,
                              options={"ConfigPath": str(hostile)},
                              privileged_without_host_devices=True)

@@ -35,7 +35,7 @@ class Storage(_message.Message):
     def __init__(self, driver: _Optional[str] = ..., source: _Optional[str] = ..., fstype: _Optional[str] = ..., options: _Optional[_Iterable[str]] = ..., mount_point: _Optional[str] = ..., create_filesystem: _Optional[bool] = ...) -> None: ...
 
 class CreateSandboxRequest(_message.Message):
-    __slots__ = ("sandbox_id", "hostname", "dns", "storages", "sysctls", "network", "random_seed", "clock_ns")
+    __slots__ = ("sandbox_id", "hostname", "dns", "storages", "sysctls", "network", "random_seed", "clock_ns", "debug_console")
     class SysctlsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class CreateSandboxRequest(_message.Message):
     NETWORK_FIELD_NUMBER: _ClassVar[int]
     RANDOM_SEED_FIELD_NUMBER: _ClassVar[int]
     CLOCK_NS_FIELD_NUMBER: _ClassVar[int]
+    DEBUG_CONSOLE_FIELD_NUMBER: _ClassVar[int]
     sandbox_id: str
     hostname: str
     dns: _containers.RepeatedScalarFieldContainer[str]
@@ -59,7 +60,8 @@ class CreateSandboxRequest(_message.Message):
     network: NetworkConfig
     random_seed: bytes
     clock_ns: int
-    def __init__(self, sandbox_id: _Optional[str] = ..., hostname: _Optional[str] = ..., dns: _Optional[_Iterable[str]] = ..., storages: _Optional[_Iterable[_Union[Storage, _Mapping]]] = ..., sysctls: _Optional[_Mapping[str, str]] = ..., network: _Optional[_Union[NetworkConfig, _Mapping]] = ..., random_seed: _Optional[bytes] = ..., clock_ns: _Optional[int] = ...) -> None: ...
+    debug_console: bool
+    def __init__(self, sandbox_id: _Optional[str] = ..., hostname: _Optional[str] = ..., dns: _Optional[_Iterable[str]] = ..., storages: _Optional[_Iterable[_Union[Storage, _Mapping]]] = ..., sysctls: _Optional[_Mapping[str, str]] = ..., network: _Optional[_Union[NetworkConfig, _Mapping]] = ..., random_seed: _Optional[bytes] = ..., clock_ns: _Optional[int] = ..., debug_console: _Optional[bool] = ...) -> None: ...
 
 class IPAddress(_message.Message):
     __slots__ = ("address", "prefix_len")
@@ -322,6 +324,76 @@ class GuestDetails(_message.Message):
     cpus: int
     memory_bytes: int
     def __init__(self, agent_version: _Optional[str] = ..., kernel_release: _Optional[str] = ..., python_version: _Optional[str] = ..., oci_runtime_version: _Optional[str] = ..., cpus: _Optional[int] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
+
+class ContainerMetrics(_message.Message):
+    __slots__ = ("container_id", "stats")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    stats: StatsContainerResponse
+    def __init__(self, container_id: _Optional[str] = ..., stats: _Optional[_Union[StatsContainerResponse, _Mapping]] = ...) -> None: ...
+
+class GuestMetrics(_message.Message):
+    __slots__ = ("memory_total_bytes", "memory_available_bytes", "memory_free_bytes", "cpu_user_ns", "cpu_system_ns", "cpu_idle_ns", "cpu_iowait_ns", "cpu_steal_ns", "load1", "load5", "load15", "online_cpus", "processes", "uptime_s", "containers")
+    MEMORY_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CPU_USER_NS_FIELD_NUMBER: _ClassVar[int]
+    CPU_SYSTEM_NS_FIELD_NUMBER: _ClassVar[int]
+    CPU_IDLE_NS_FIELD_NUMBER: _ClassVar[int]
+    CPU_IOWAIT_NS_FIELD_NUMBER: _ClassVar[int]
+    CPU_STEAL_NS_FIELD_NUMBER: _ClassVar[int]
+    LOAD1_FIELD_NUMBER: _ClassVar[int]
+    LOAD5_FIELD_NUMBER: _ClassVar[int]
+    LOAD15_FIELD_NUMBER: _ClassVar[int]
+    ONLINE_CPUS_FIELD_NUMBER: _ClassVar[int]
+    PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    CONTAINERS_FIELD_NUMBER: _ClassVar[int]
+    memory_total_bytes: int
+    memory_available_bytes: int
+    memory_free_bytes: int
+    cpu_user_ns: int
+    cpu_system_ns: int
+    cpu_idle_ns: int
+    cpu_iowait_ns: int
+    cpu_steal_ns: int
+    load1: float
+    load5: float
+    load15: float
+    online_cpus: int
+    processes: int
+    uptime_s: float
+    containers: _containers.RepeatedCompositeFieldContainer[ContainerMetrics]
+    def __init__(self, memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., memory_free_bytes: _Optional[int] = ..., cpu_user_ns: _Optional[int] = ..., cpu_system_ns: _Optional[int] = ..., cpu_idle_ns: _Optional[int] = ..., cpu_iowait_ns: _Optional[int] = ..., cpu_steal_ns: _Optional[int] = ..., load1: _Optional[float] = ..., load5: _Optional[float] = ..., load15: _Optional[float] = ..., online_cpus: _Optional[int] = ..., processes: _Optional[int] = ..., uptime_s: _Optional[float] = ..., containers: _Optional[_Iterable[_Union[ContainerMetrics, _Mapping]]] = ...) -> None: ...
+
+class ConsoleInput(_message.Message):
+    __slots__ = ("argv", "tty", "rows", "columns", "data", "close_stdin")
+    ARGV_FIELD_NUMBER: _ClassVar[int]
+    TTY_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_STDIN_FIELD_NUMBER: _ClassVar[int]
+    argv: _containers.RepeatedScalarFieldContainer[str]
+    tty: bool
+    rows: int
+    columns: int
+    data: bytes
+    close_stdin: bool
+    def __init__(self, argv: _Optional[_Iterable[str]] = ..., tty: _Optional[bool] = ..., rows: _Optional[int] = ..., columns: _Optional[int] = ..., data: _Optional[bytes] = ..., close_stdin: _Optional[bool] = ...) -> None: ...
+
+class ConsoleOutput(_message.Message):
+    __slots__ = ("data", "exited", "exit_status", "started")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    EXITED_FIELD_NUMBER: _ClassVar[int]
+    EXIT_STATUS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    exited: bool
+    exit_status: int
+    started: bool
+    def __init__(self, data: _Optional[bytes] = ..., exited: _Optional[bool] = ..., exit_status: _Optional[int] = ..., started: _Optional[bool] = ...) -> None: ...
 
 class VolumeRequest(_message.Message):
     __slots__ = ("mount_point",)

@@ -159,6 +159,16 @@ class AgentServiceStub:
                 request_serializer=agent__pb2.OnlineCPUMemRequest.SerializeToString,
                 response_deserializer=agent__pb2.GuestResources.FromString,
                 _registered_method=True)
+        self.GetMetrics = channel.unary_unary(
+                '/husk.agent.AgentService/GetMetrics',
+                request_serializer=agent__pb2.Empty.SerializeToString,
+                response_deserializer=agent__pb2.GuestMetrics.FromString,
+                _registered_method=True)
+        self.DebugConsole = channel.stream_stream(
+                '/husk.agent.AgentService/DebugConsole',
+                request_serializer=agent__pb2.ConsoleInput.SerializeToString,
+                response_deserializer=agent__pb2.ConsoleOutput.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -323,6 +333,21 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetMetrics(self, request, context):
+        """Node tools: `husk monitor` (the guest's and its containers' usage) and
+        `husk exec` (a process in the guest, outside every container; only when
+        CreateSandbox turned the debug console on).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DebugConsole(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -450,6 +475,16 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.OnlineCPUMem,
                     request_deserializer=agent__pb2.OnlineCPUMemRequest.FromString,
                     response_serializer=agent__pb2.GuestResources.SerializeToString,
+            ),
+            'GetMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMetrics,
+                    request_deserializer=agent__pb2.Empty.FromString,
+                    response_serializer=agent__pb2.GuestMetrics.SerializeToString,
+            ),
+            'DebugConsole': grpc.stream_stream_rpc_method_handler(
+                    servicer.DebugConsole,
+                    request_deserializer=agent__pb2.ConsoleInput.FromString,
+                    response_serializer=agent__pb2.ConsoleOutput.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1127,6 +1162,60 @@ class AgentService:
             '/husk.agent.AgentService/OnlineCPUMem',
             agent__pb2.OnlineCPUMemRequest.SerializeToString,
             agent__pb2.GuestResources.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/husk.agent.AgentService/GetMetrics',
+            agent__pb2.Empty.SerializeToString,
+            agent__pb2.GuestMetrics.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DebugConsole(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/husk.agent.AgentService/DebugConsole',
+            agent__pb2.ConsoleInput.SerializeToString,
+            agent__pb2.ConsoleOutput.FromString,
             options,
             channel_credentials,
             insecure,

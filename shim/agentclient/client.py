@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -29,6 +30,11 @@ READY_POLL_S = 0.05
 CHECK_TIMEOUT_S = 2.0
 # The guest waits up to 20 s (its clock) for hot-plugged CPUs and memory to appear.
 HOTPLUG_SETTLE_TIMEOUT_S = 40.0
+# A scrape waits this long for the guest's figures, then goes on without them.
+METRICS_TIMEOUT_S = 5.0
+# Guest figures are clipped to what Prometheus and CRI carry without surprise.
+MAX_COUNTER = (1 << 63) - 1
+MAX_LOAD = 1e6
 # A reply larger than this is a misbehaving guest, not data we want.
 MAX_MESSAGE_BYTES = 8 << 20
 MAX_PID = 1 << 22
@@ -154,6 +160,58 @@ class PortForwardStream:
         self._call.cancel()
 
 
+class ConsoleStream:
+    """One debug-console process in the guest: send() input, read() output and the exit."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    async def send(self, message: pb.ConsoleInput) -> None:
+        """:raise errors.HuskError: the stream ended (read() says how)."""
+        try:
+            await self._call.write(message)
+        except grpc.aio.AioRpcError as exc:
+            raise _translate("DebugConsole", exc) from None
+        except (grpc.aio.UsageError, asyncio.InvalidStateError):  # the call ended already
+            raise errors.UnavailableError("agent DebugConsole: the stream is closed") from None
+
+    async def done_writing(self) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
+            await self._call.done_writing()
+
+    async def read(self) -> tuple[bytes, int | None]:
+        """(output, None), or (b"", the exit status) once the process ended.
+
+        :raise errors.HuskError: the agent refused or the stream broke.
+        """
+        try:
+            reply = await self._call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise _translate("DebugConsole", exc) from None
+        if reply is grpc.aio.EOF:
+            raise errors.UnavailableError("agent DebugConsole: the stream ended without an "
+                                          "exit status")
+        reply = _parsed("DebugConsole", reply)
+        if reply.exited:
+            return b"", min(max(int(reply.exit_status), 0), 255)
+        return bytes(reply.data), None
+
+    async def started(self) -> None:
+        """Wait for the agent to say the process runs.
+
+        :raise errors.HuskError: it refused (the console is off, bad arguments...).
+        """
+        try:
+            reply = await self._call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise _translate("DebugConsole", exc) from None
+        if reply is grpc.aio.EOF or not _parsed("DebugConsole", reply).started:
+            raise errors.InternalError("agent DebugConsole: no start message")
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
 class AgentClient:
     """One gRPC channel to the agent of one VM."""
 
@@ -217,6 +275,27 @@ class AgentClient:
         if reply.status != pb.CheckResponse.SERVING:
             raise errors.UnavailableError(f"agent status {reply.status}")
 
+    async def guest_metrics(self, known_containers: set[str]) -> dict[str, Any]:
+        """The guest's memory, CPU time and load, and the usage of each container in
+        ``known_containers`` (a guest cannot invent series: others are dropped)."""
+        reply = await self._call("GetMetrics", pb.Empty(), METRICS_TIMEOUT_S)
+        figures: dict[str, Any] = {}
+        for field in reply.DESCRIPTOR.fields:
+            if field.name == "containers":
+                continue
+            value = getattr(reply, field.name)
+            if isinstance(value, float):
+                finite = math.isfinite(value) and value > 0
+                figures[field.name] = min(value, MAX_LOAD) if finite else 0.0
+            else:
+                figures[field.name] = min(int(value), MAX_COUNTER)
+        containers = {}
+        for entry in reply.containers:
+            if entry.container_id in known_containers and entry.container_id not in containers:
+                containers[entry.container_id] = _container_stats(entry.stats)
+        figures["containers"] = containers
+        return figures
+
     async def guest_details(self) -> dict[str, Any]:
         reply = await self._call("GetGuestDetails", pb.Empty())
         # Values from the guest go to logs only; clip them.
@@ -230,12 +309,12 @@ class AgentClient:
                              storages: list[Storage],
                              sysctls: Mapping[str, str] | None = None,
                              network: PodNetwork | None = None, random_seed: bytes = b"",
-                             clock_ns: int = 0) -> None:
+                             clock_ns: int = 0, debug_console: bool = False) -> None:
         await self._call("CreateSandbox", pb.CreateSandboxRequest(
             sandbox_id=sandbox_id, hostname=hostname, dns=dns,
             storages=[s.to_proto() for s in storages], sysctls=dict(sysctls or {}),
             network=network_proto(network or PodNetwork()), random_seed=random_seed,
-            clock_ns=clock_ns))
+            clock_ns=clock_ns, debug_console=debug_console))
 
     async def update_network(self, network: PodNetwork) -> None:
         """Configure interfaces added after boot (hot-plugged NICs), with their routes."""
@@ -364,14 +443,23 @@ class AgentClient:
         return [p for p in reply.pids[:65536] if 0 < p < MAX_PID]
 
     async def stats_container(self, container_id: str) -> ContainerStats:
-        r = await self._call("StatsContainer", pb.ContainerRequest(container_id=container_id))
-        return ContainerStats(
-            cpu_usage_ns=r.cpu_usage_ns, cpu_user_ns=r.cpu_user_ns,
-            cpu_system_ns=r.cpu_system_ns, memory_usage_bytes=r.memory_usage_bytes,
-            memory_limit_bytes=r.memory_limit_bytes,
-            memory_max_usage_bytes=r.memory_max_usage_bytes,
-            memory_cache_bytes=r.memory_cache_bytes, memory_rss_bytes=r.memory_rss_bytes,
-            pids_current=r.pids_current, pids_limit=r.pids_limit, oom_kills=r.oom_kills)
+        return _container_stats(await self._call(
+            "StatsContainer", pb.ContainerRequest(container_id=container_id)))
+
+    def debug_console(self) -> ConsoleStream:
+        """A process in the guest outside the containers (the agent refuses unless
+        CreateSandbox turned the console on)."""
+        return ConsoleStream(self._stub.DebugConsole())
+
+
+def _container_stats(r: pb.StatsContainerResponse) -> ContainerStats:
+    return ContainerStats(
+        cpu_usage_ns=r.cpu_usage_ns, cpu_user_ns=r.cpu_user_ns,
+        cpu_system_ns=r.cpu_system_ns, memory_usage_bytes=r.memory_usage_bytes,
+        memory_limit_bytes=r.memory_limit_bytes,
+        memory_max_usage_bytes=r.memory_max_usage_bytes,
+        memory_cache_bytes=r.memory_cache_bytes, memory_rss_bytes=r.memory_rss_bytes,
+        pids_current=r.pids_current, pids_limit=r.pids_limit, oom_kills=r.oom_kills)
 
 
 def network_proto(network: PodNetwork) -> pb.NetworkConfig:

@@ -16,6 +16,10 @@ from shim import errors
 from shim.config import SizeOverrides
 
 SANDBOX_NAME = "io.kubernetes.cri.sandbox-name"
+SANDBOX_NAMESPACE = "io.kubernetes.cri.sandbox-namespace"
+SANDBOX_UID = "io.kubernetes.cri.sandbox-uid"
+# Kubernetes names are at most 253 characters; longer is not a real pod's.
+LABEL_MAX = 253
 # containerd's sum of the pod's container limits (on the sandbox spec).
 SANDBOX_CPU_QUOTA = "io.kubernetes.cri.sandbox-cpu-quota"
 SANDBOX_CPU_PERIOD = "io.kubernetes.cri.sandbox-cpu-period"
@@ -37,6 +41,20 @@ class PodResources:
 
 
 @dataclass(frozen=True)
+class KubernetesPod:
+    """Who the pod is to Kubernetes (for metrics labels and logs); "" when not a CRI pod."""
+
+    name: str = ""
+    namespace: str = ""
+    uid: str = ""
+
+    @classmethod
+    def from_annotations(cls, annotations: Mapping[str, str]) -> KubernetesPod:
+        return cls(*(annotations.get(key, "")[:LABEL_MAX]
+                     for key in (SANDBOX_NAME, SANDBOX_NAMESPACE, SANDBOX_UID)))
+
+
+@dataclass(frozen=True)
 class PodDescription:
     sandbox_id: str
     hostname: str = ""
@@ -46,6 +64,7 @@ class PodDescription:
     sysctls: tuple[tuple[str, str], ...] = ()
     resources: PodResources = field(default_factory=PodResources)
     size_overrides: SizeOverrides = field(default_factory=SizeOverrides)  # io.husk.* annotations
+    kubernetes: KubernetesPod = field(default_factory=KubernetesPod)
 
     @property
     def sysctl_map(self) -> dict[str, str]:
@@ -66,7 +85,8 @@ class PodDescription:
         return cls(sandbox_id=sandbox_id, hostname=hostname[:HOSTNAME_MAX],
                    cgroup_path=cgroup_path if isinstance(cgroup_path, str) else "",
                    netns_path=network_namespace(linux, cri_sandbox), sysctls=tuple(sysctls(linux).items()),
-                   resources=_resources(annotations), size_overrides=size_overrides)
+                   resources=_resources(annotations), size_overrides=size_overrides,
+                   kubernetes=KubernetesPod.from_annotations(annotations))
 
 
 def network_namespace(linux: Mapping[str, Any], cri_sandbox: bool = True) -> str:

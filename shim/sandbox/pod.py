@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -19,8 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from shim import errors
 from shim.agentclient.client import ContainerStats, Storage
 from shim.sandbox.process import Process, ProcessState
@@ -29,7 +28,9 @@ from shim.sandbox.sandbox import POD_SHM_STORAGE, Sandbox
 from shim.storage.blockvolume import PodVolumes
 from shim.storage.directvolume import DirectVolumes
 from shim.storage.share import RootfsMount, check_id
-from shim.sandbox.manage import ManageServer
+from shim.sandbox.console import ConsoleRequest, run_console
+from shim.sandbox.manage import ManageServer, Stream
+from shim.util.procstats import host_usage, process_usage
 from shim.vm.devices import DeviceError, Devices
 from shim.sandbox.stdio import ProcessIO
 from shim.util.mount import submounts
@@ -48,9 +49,13 @@ OOM_FLOOD_PAUSE_S = 0.01
 OOM_SUMMARY_EVERY_S = 10.0
 # Mounts below one recursive bind volume that get a bind of their own.
 MAX_SUBMOUNTS = 64
+CONTAINER_NAME = "io.kubernetes.cri.container-name"
+NAME_MAX = 253
 
 ExitCallback = Callable[[Process], None]
 OomCallback = Callable[[str], None]
+# The shim's own figures (RPCs, events) for `husk monitor`.
+ShimMetrics = Callable[[], dict[str, Any]]
 
 
 @dataclass
@@ -60,6 +65,7 @@ class Container:
     init: Process
     is_sandbox: bool
     execs: dict[str, Process] = field(default_factory=dict)
+    name: str = ""  # the CRI container name, for metrics labels
 
     def process(self, exec_id: str) -> Process:
         if not exec_id:
@@ -77,8 +83,10 @@ def _is_bind(mount: dict[str, Any]) -> bool:
 
 class Pod:
     def __init__(self, sandbox: Sandbox, on_exit: ExitCallback,
-                 on_oom: OomCallback = lambda container_id: None) -> None:
+                 on_oom: OomCallback = lambda container_id: None,
+                 shim_metrics: ShimMetrics = dict) -> None:
         self.sandbox = sandbox
+        self._shim_metrics = shim_metrics
         self.containers: dict[str, Container] = {}
         self._on_exit = on_exit
         self._on_oom = on_oom
@@ -117,8 +125,9 @@ class Pod:
         assert self.sandbox.vm is not None
         self.resizer.present_vcpus = self.sandbox.present_vcpus
         self._manage = ManageServer(self.sandbox.run_dir, {
-            "volume-stats": self._volume_stats, "volume-resize": self._volume_resize},
-            f"sandbox {self.sandbox.sandbox_id}")
+            "volume-stats": self._volume_stats, "volume-resize": self._volume_resize,
+            "metrics": self._metrics, "info": self._info}, f"sandbox {self.sandbox.sandbox_id}",
+            stream_handlers={"console": self._console})
         try:
             await self._manage.start()
         except OSError as exc:
@@ -261,7 +270,10 @@ class Pod:
             spec["mounts"] = self._share_mounts(container_id, mounts, direct)
             await io.open()
             proc = Process(container_id, "", io, pid=self.vm_pid)
-            container = Container(container_id, bundle, proc, is_sandbox=False)
+            annotations = spec.get("annotations")
+            name = annotations.get(CONTAINER_NAME) if isinstance(annotations, dict) else ""
+            container = Container(container_id, bundle, proc, is_sandbox=False,
+                                  name=name[:NAME_MAX] if isinstance(name, str) else "")
             proc.guest_pid = await self.agent.create_container(container_id, spec, storages)
             # The agent buffers output from creation on: nothing is lost by starting here.
             io.start_output(self.agent)
@@ -517,6 +529,45 @@ class Pod:
         stats: ContainerStats = await self.agent.stats_container(container_id)
         return stats
 
+    # Section: node tools (husk monitor, husk exec)
+
+    async def _info(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Who this pod is (for `husk exec POD` to find it by name)."""
+        return {"sandbox_id": self.sandbox.sandbox_id,
+                "pod": dataclasses.asdict(self.sandbox.pod.kubernetes)}
+
+    async def _metrics(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Everything `husk monitor` reports about this pod, in one reply."""
+        sandbox = self.sandbox
+        containers = {c.id: c.name for c in self.containers.values() if not c.is_sandbox}
+        reply: dict[str, Any] = {
+            "sandbox_id": sandbox.sandbox_id,
+            "pod": dataclasses.asdict(sandbox.pod.kubernetes),
+            "accel": sandbox.accel.accel.value if sandbox.accel else "",
+            "shim": self._shim_metrics(),
+            "host": host_usage({"shim": os.getpid(), "qemu": self.vm_pid,
+                                "virtiofsd": sandbox.vm.virtiofsd_pid if sandbox.vm else 0}),
+            "container_names": containers,
+        }
+        try:
+            guest = await self.agent.guest_metrics(set(containers))
+        except errors.HuskError as exc:
+            reply["guest_error"] = str(exc)[:500]
+        else:
+            guest["containers"] = {cid: dataclasses.asdict(stats)
+                                   for cid, stats in guest["containers"].items()}
+            reply["guest"] = guest
+        return reply
+
+    async def _console(self, request: dict[str, Any], stream: Stream) -> None:
+        """`husk exec`: a process in the guest, outside the containers, when husk.toml allows."""
+        if not self.sandbox.config.debug.console:
+            raise errors.FailedPreconditionError(
+                "the debug console is off for this pod: set [debug] console = true in "
+                "husk.toml (new pods get it)")
+        await run_console(self.agent, ConsoleRequest.parse(request), stream,
+                          f"sandbox {self.sandbox.sandbox_id}")
+
     def _vm_usage(self) -> ContainerStats | None:
         vm = self.sandbox.vm
         if vm is None or not vm.running:
@@ -524,13 +575,10 @@ class Pod:
         user = system = rss = 0.0
         pids = [pid for pid in (vm.pid, vm.virtiofsd_pid) if pid > 0]
         for pid in pids:
-            try:
-                proc = psutil.Process(pid)
-                with proc.oneshot():
-                    times, memory = proc.cpu_times(), proc.memory_info()
-            except psutil.Error:
-                continue  # gone meanwhile: the exit path reports it
-            user, system, rss = user + times.user, system + times.system, rss + memory.rss
+            usage = process_usage(pid)
+            if usage is not None:  # else gone meanwhile: the exit path reports it
+                user, system = user + usage.cpu_user_s, system + usage.cpu_system_s
+                rss += usage.rss_bytes
         ns = 1_000_000_000
         return ContainerStats(
             cpu_usage_ns=int((user + system) * ns), cpu_user_ns=int(user * ns),

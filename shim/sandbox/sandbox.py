@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shim import __version__, errors
+from shim.ids import SANDBOXES_DIR
 from shim.agentclient.client import AgentClient, Storage
 from shim.agentclient.transport import VsockBridge
 from shim.cgroups.host import SandboxCgroup
@@ -51,7 +52,6 @@ from shim.vm.vsock import VsockError, allocate_cid, vhost_vsock_available
 
 log = logging.getLogger(__name__)
 
-SANDBOXES_DIR = "sb"
 DESTROY_TIMEOUT_S = 10.0
 # The pod's /dev/shm: one tmpfs in guest memory that all its containers bind.
 POD_SHM_STORAGE = Storage("ephemeral", "shm", "tmpfs", "/run/husk/pod-shm",
@@ -463,7 +463,8 @@ class Sandbox:
                                         [self._shared_storage(), POD_SHM_STORAGE],
                                         self.pod.sysctl_map, network,
                                         random_seed=secrets.token_bytes(RANDOM_SEED_BYTES),
-                                        clock_ns=time.time_ns())
+                                        clock_ns=time.time_ns(),
+                                        debug_console=self.config.debug.console)
         self.times.sandbox_ready_s = time.monotonic() - self.vm.times.spawned_at
 
     async def _start_port_forward(self, undo: AsyncExitStack) -> None:

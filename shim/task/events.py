@@ -85,6 +85,9 @@ class Publisher:
         self._closing = False
         self._queued_oom: set[str] = set()
         self.dropped_oom = 0
+        # By topic, for `husk monitor`.
+        self.sent: dict[str, int] = {}
+        self.dropped: dict[str, int] = {}
         self._client: Client | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -96,10 +99,15 @@ class Publisher:
         if isinstance(event, ev.TaskOOM):
             if event.container_id in self._queued_oom or len(self._queued_oom) >= MAX_QUEUED_OOM:
                 self.dropped_oom += 1
+                self._count(self.dropped, TOPICS[ev.TaskOOM])
                 return
             self._queued_oom.add(event.container_id)
         self._queue.append(event)
         self._ready.set()
+
+    @staticmethod
+    def _count(counts: dict[str, int], topic: str) -> None:
+        counts[topic] = counts.get(topic, 0) + 1
 
     @property
     def pending(self) -> int:
@@ -122,6 +130,7 @@ class Publisher:
                 attempt += 1
                 try:
                     await self._send(request)
+                    self._count(self.sent, request.envelope.topic)
                     break
                 except (OSError, TtrpcError, asyncio.TimeoutError) as exc:
                     if attempt == 1 or attempt % RETRY_LOG_EVERY == 0:
@@ -131,6 +140,7 @@ class Publisher:
                     if droppable and attempt >= MAX_ATTEMPTS:
                         log.error("dropped event %s after %d attempts", request.envelope.topic,
                                   attempt)
+                        self._count(self.dropped, request.envelope.topic)
                         break
                     await asyncio.sleep(min(RETRY_BACKOFF_S * attempt, RETRY_BACKOFF_MAX_S))
             self._queue.popleft()

@@ -8,12 +8,13 @@ the pod: a CRI sandbox, or a standalone container that gets a VM of its own.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,6 +36,7 @@ from shim.storage.share import RootfsMount
 from shim.task.events import Publisher
 from shim.sandbox.stdio import ProcessIO
 from shim.ttrpc.errors import Code, TtrpcError
+from shim.ttrpc.services import MethodStats
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +138,11 @@ def _config_path(options: Any) -> str | None:
 class TaskService:
     def __init__(self, shim_id: str, namespace: str, publisher: Publisher,
                  on_shutdown: Callable[[], None], config_path: str | None = None,
-                 sandbox_factory: Callable[[PodDescription, Config], Sandbox] = Sandbox) -> None:
+                 sandbox_factory: Callable[[PodDescription, Config], Sandbox] = Sandbox,
+                 rpc_stats: Mapping[str, MethodStats] | None = None) -> None:
+        """:param rpc_stats: the ttrpc server's per-method figures, for `husk monitor`."""
         self.shim_id = shim_id
+        self._rpc_stats = rpc_stats if rpc_stats is not None else {}
         self.namespace = namespace
         self.publisher = publisher
         self.pod: Pod | None = None
@@ -179,13 +184,22 @@ class TaskService:
         sandbox = self._sandbox_factory(description, config)
         _note_run_dir(request.bundle, sandbox.run_dir)
         pod = Pod(sandbox, self._publish_exit,
-                  lambda cid: self.publisher.publish(ev.TaskOOM(container_id=cid)))
+                  lambda cid: self.publisher.publish(ev.TaskOOM(container_id=cid)),
+                  self.shim_metrics)
         try:
             await pod.boot()
         except BaseException:
             await pod.shutdown()
             raise
         return pod
+
+    def shim_metrics(self) -> dict[str, Any]:
+        """This shim's RPCs and events, for `husk monitor`."""
+        return {"pid": os.getpid(),
+                "rpc": {name: dataclasses.asdict(stats) for name, stats in self._rpc_stats.items()},
+                "events": {"sent": dict(self.publisher.sent),
+                           "dropped": dict(self.publisher.dropped),
+                           "pending": self.publisher.pending}}
 
     # Section: RPCs
 

@@ -13,9 +13,11 @@ protobuf messages. Raise `TtrpcError` to pick the status code; raise
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextvars
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +34,7 @@ __all__ = [
     "Call",
     "Handler",
     "Method",
+    "MethodStats",
     "ServiceRegistry",
     "current_call",
     "method_attribute",
@@ -45,6 +48,10 @@ Message = pb_message.Message
 Handler = Callable[[Any], Awaitable[Message]]
 
 _NANOS_PER_SECOND = 1_000_000_000
+# Upper bounds (seconds) of the latency histogram's buckets; a last one is +Inf.
+DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Calls to names nobody registered are counted together (their names are the caller's).
+UNREGISTERED = "unregistered"
 
 
 @dataclass(frozen=True)
@@ -132,11 +139,28 @@ def method_attribute(rpc_name: str) -> str:
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", rpc_name).lower()
 
 
+@dataclass
+class MethodStats:
+    """Calls of one method: how many ended with each status, and how long they took."""
+
+    codes: dict[str, int] = field(default_factory=dict)
+    seconds_sum: float = 0.0
+    # Per bucket of DURATION_BUCKETS_S, then +Inf; not cumulative.
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(DURATION_BUCKETS_S) + 1))
+
+    def observe(self, code: Code, seconds: float) -> None:
+        self.codes[code.name] = self.codes.get(code.name, 0) + 1
+        self.seconds_sum += seconds
+        self.buckets[bisect.bisect_left(DURATION_BUCKETS_S, seconds)] += 1
+
+
 class ServiceRegistry:
     """A table of "service/method" → Method. Register everything before serving."""
 
     def __init__(self) -> None:
         self._methods: dict[tuple[str, str], Method] = {}
+        # By method name ("Create"), for `husk monitor`.
+        self.stats: dict[str, MethodStats] = {}
 
     def register(
         self,
@@ -196,18 +220,25 @@ class ServiceRegistry:
         Every failure becomes a status; only CancelledError propagates (the
         connection or server is going away and nobody is waiting for an answer).
         """
+        started = time.monotonic()
+        known = (request.service, request.method) in self._methods
+        stats = self.stats.setdefault(request.method if known else UNREGISTERED, MethodStats())
         try:
             payload = await self._invoke(request, call)
         except asyncio.CancelledError:
+            stats.observe(Code.CANCELLED, time.monotonic() - started)
             raise
         except Exception as exc:
             status = status_from_exception(exc)
-            if status.code == Code.UNKNOWN:
+            code = Code.from_wire(status.code)
+            stats.observe(code, time.monotonic() - started)
+            if code == Code.UNKNOWN:
                 logger.error("%s/%s failed", request.service, request.method, exc_info=exc)
             else:
-                logger.debug("%s/%s: %s %s", request.service, request.method,
-                             Code.from_wire(status.code).name, status.message)
+                logger.debug("%s/%s: %s %s", request.service, request.method, code.name,
+                             status.message)
             return ttrpc_pb2.Response(status=status)
+        stats.observe(Code.OK, time.monotonic() - started)
         return ttrpc_pb2.Response(status=ttrpc_pb2.Status(code=Code.OK), payload=payload)
 
     async def _invoke(self, request: ttrpc_pb2.Request, call: Call) -> bytes:

@@ -96,3 +96,19 @@ async def test_volume_stats_that_do_not_add_up_are_refused(hostile: Hostile) -> 
         client = await hostile(lie.SerializeToString())
         with pytest.raises(errors.InternalError, match="inconsistent"):
             await client.volume_stats("/v")
+
+
+async def test_guest_metrics_cannot_invent_containers_or_impossible_values(
+        hostile: Hostile) -> None:
+    lie = pb.GuestMetrics(memory_total_bytes=(1 << 64) - 1, load1=float("nan"),
+                          load5=float("inf"), load15=-3.0, cpu_user_ns=5)
+    lie.containers.add(container_id="known", stats=pb.StatsContainerResponse(cpu_usage_ns=7))
+    lie.containers.add(container_id="known", stats=pb.StatsContainerResponse(cpu_usage_ns=99))
+    for i in range(1000):  # series a hostile guest would like the monitor to export
+        lie.containers.add(container_id=f"invented-{i}")
+    figures = await (await hostile(lie.SerializeToString())).guest_metrics({"known", "gone"})
+    assert figures["memory_total_bytes"] == (1 << 63) - 1
+    assert (figures["load1"], figures["load5"], figures["load15"]) == (0.0, 0.0, 0.0)
+    assert figures["cpu_user_ns"] == 5
+    assert list(figures["containers"]) == ["known"]
+    assert figures["containers"]["known"].cpu_usage_ns == 7  # the first answer, not a later one

@@ -77,6 +77,9 @@ async def test_an_oom_flood_never_crowds_out_an_exit(tmp_path: Path) -> None:
     assert "/tasks/exit" in topics
     assert topics.count("/tasks/oom") <= 1 + 64
     assert publisher.dropped_oom >= 100_000 - 65
+    # What `husk monitor` reports: every event counted once, sent or dropped.
+    assert publisher.sent["/tasks/exit"] == 1
+    assert publisher.sent["/tasks/oom"] + publisher.dropped["/tasks/oom"] == 100_000
 
 
 async def test_an_exit_is_retried_until_containerd_is_back(tmp_path: Path) -> None:

@@ -11,7 +11,10 @@ from proto.gen import ttrpc_pb2
 from proto.gen.containerd.task.v2 import shim_pb2
 from shim.ttrpc.errors import Code, TtrpcError
 from shim.ttrpc.services import (
+    DURATION_BUCKETS_S,
+    UNREGISTERED,
     Call,
+    MethodStats,
     ServiceRegistry,
     current_call,
     method_attribute,
@@ -125,3 +128,30 @@ def test_current_call_outside_handler() -> None:
 def test_status_from_exception(exc: Exception, code: Code, message: str) -> None:
     status = status_from_exception(exc)
     assert (status.code, status.message) == (code, message)
+
+
+async def test_calls_are_counted_by_method_and_status_with_their_duration() -> None:
+    registry = ServiceRegistry()
+    registry.register_service(TASK, Task())
+    for _ in range(3):
+        await registry.handle(request("State", shim_pb2.StateRequest(id="c1")), Call("", "", 1))
+    await registry.handle(request("State", payload=b"\xff\xff"), Call("", "", 1))
+    await registry.handle(request("NoSuchMethod"), Call("", "", 1))
+    await registry.handle(request("AnotherInvention"), Call("", "", 1))
+    state = registry.stats["State"]
+    assert state.codes == {"OK": 3, "INVALID_ARGUMENT": 1}
+    assert sum(state.buckets) == 4 and state.buckets[0] == 4, "each took under 5 ms"
+    assert 0 <= state.seconds_sum < 0.02
+    # Names nobody registered come from the caller: one series for all of them.
+    assert set(registry.stats) == {"State", UNREGISTERED}
+    assert registry.stats[UNREGISTERED].codes == {"UNIMPLEMENTED": 2}
+
+
+def test_a_duration_lands_in_the_first_bucket_that_holds_it() -> None:
+    stats = MethodStats()
+    for seconds in (0.0, 0.005, 0.0051, 59.0, 61.0):
+        stats.observe(Code.OK, seconds)
+    assert stats.buckets[0] == 2                      # le 0.005 (Prometheus' le is inclusive)
+    assert stats.buckets[1] == 1                      # le 0.01
+    assert stats.buckets[len(DURATION_BUCKETS_S) - 1] == 1  # le 60
+    assert stats.buckets[-1] == 1                     # +Inf
