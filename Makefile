@@ -14,7 +14,7 @@ HOST_PACKAGES := qemu-system-x86 qemu-utils containerd runc crun mmdebstrap \
 	iproute2 kmod e2fsprogs iptables ceph-mon ceph-osd ceph-common qemu-block-extra
 
 .PHONY: all deps venv proto guest-image test test-unit test-vm test-cold test-cri demo soak critest \
-	bench-boot bench-cri bench-density bench-net bench-io bench-resize clean
+	bench-boot bench-cri bench-density bench-monitor bench-net bench-io bench-resize clean
 
 all: venv guest-image
 
@@ -100,6 +100,11 @@ bench-cri: deps venv guest-image
 # (default 3); the JSON also goes to build/bench/density.json.
 bench-density: deps venv guest-image
 	$(PY) -m tests.bench.density
+
+# What husk monitor's scrapes cost BENCH_PODS idle pods (default 10): scrape time, the pods'
+# extra CPU per scrape, the monitor's own (~3 min); JSON also in build/bench/monitor.json.
+bench-monitor: deps venv guest-image
+	$(PY) -m tests.bench.monitor
 
 # TCP throughput and latency, pod<->pod and node->pod, husk against runc (~75 s under TCG);
 # BENCH_RUNS=n rounds (default 5); the JSON also goes to build/bench/net.json.

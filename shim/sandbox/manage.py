@@ -100,8 +100,12 @@ StreamHandler = Callable[[dict[str, Any], Stream], Awaitable[None]]
 
 class ManageServer:
     def __init__(self, run_dir: Path, handlers: dict[str, Handler], name: str,
-                 stream_handlers: dict[str, StreamHandler] | None = None) -> None:
+                 stream_handlers: dict[str, StreamHandler] | None = None,
+                 quiet: frozenset[str] = frozenset()) -> None:
+        """:param quiet: ops logged at DEBUG only (polled ones: a scrape every 15 s
+            must not fill the pod's log)."""
         self.path = run_dir / MANAGE_SOCKET
+        self._quiet = quiet
         self._handlers = handlers
         self._stream_handlers = stream_handlers or {}
         self._name = name
@@ -161,7 +165,8 @@ class ManageServer:
         except (errors.HuskError, KeyError, TypeError, ValueError) as exc:
             log.info("%s: %s failed: %s", self._name, request.get("op"), exc)
             return {"ok": False, "error": str(exc)}
-        log.info("%s: %s done", self._name, request.get("op"))
+        log.log(logging.DEBUG if op in self._quiet else logging.INFO, "%s: %s done",
+                self._name, op)
         return {"ok": True, **result}
 
     async def _stream(self, op: str, request: dict[str, Any], stream: Stream

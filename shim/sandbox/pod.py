@@ -127,7 +127,8 @@ class Pod:
         self._manage = ManageServer(self.sandbox.run_dir, {
             "volume-stats": self._volume_stats, "volume-resize": self._volume_resize,
             "metrics": self._metrics, "info": self._info}, f"sandbox {self.sandbox.sandbox_id}",
-            stream_handlers={"console": self._console})
+            stream_handlers={"console": self._console},
+            quiet=frozenset({"metrics", "info", "volume-stats"}))
         try:
             await self._manage.start()
         except OSError as exc:
