@@ -5,7 +5,8 @@ agent must not crash on, or be tricked by, a bad spec) and rewritten for the
 VM: paths must resolve inside the sandbox's shared mount (or a container
 volume), host namespace paths and the network namespace are dropped (containers
 share the VM's network, as in Kata), the cgroup moves under the agent's parent,
-and host-only parts (hooks, LSM labels) go.
+host-only parts (hooks, LSM labels) go, and a newer spec version is given to the
+guest's crun as one it accepts when nothing in the spec is newer than crun.
 """
 from __future__ import annotations
 
@@ -35,6 +36,23 @@ DROPPED_NAMESPACES = frozenset({"network"})
 # the guest's PID namespace too: the "node" a container can see is its VM.
 # Other kinds with a path get a new namespace.
 POD_SHARED_NAMESPACES = frozenset({"ipc", "uts", "pid"})
+
+# The guest's crun 1.8.1 refuses a spec whose ociVersion does not contain "1.0"
+# ("unknown version specified"; crun dropped that check in 1.14.3). containerd 1.6
+# writes 1.0.2-dev, 1.7 writes 1.1.0 (which passes: it contains "1.0"), 2.x writes
+# 1.2.x or 1.3.0. crun reads the spec through libocispec, which skips keys it does
+# not know, so the version is crun's only guard against a newer spec. We hand crun
+# a 1.x spec as CRUN_OCI_VERSION only when it sets none of the fields runtime-spec
+# added after the one crun 1.8.1's libocispec was generated from (runtime-spec
+# v1.0.2-114-g494a5a6, Sep 2022, up to v1.3.0): crun would silently drop those, so
+# such a spec is refused by name instead of run as something it did not ask for.
+CRUN_OCI_VERSION = "1.0.2"
+UNKNOWN_TO_CRUN = (
+    ("process", "ioPriority"), ("process", "scheduler"), ("process", "execCPUAffinity"),
+    ("linux", "netDevices"), ("linux", "memoryPolicy"), ("linux", "timeOffsets"),
+    ("linux", "intelRdt", "schemata"), ("linux", "intelRdt", "enableMonitoring"),
+    ("linux", "resources", "cpu", "burst"),
+)
 
 
 def check_id(kind: str, value: str) -> str:
@@ -171,6 +189,30 @@ def _rewrite_mount(mount: Any, index: int, allowed_roots: Sequence[str]) -> dict
     return {**mount, "source": resolved}
 
 
+def _field(spec: dict[str, Any], path: Sequence[str]) -> Any:
+    value: Any = spec
+    for key in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+def crun_oci_version(spec: dict[str, Any]) -> Any:
+    """The ociVersion to give the guest's crun for ``spec`` (see CRUN_OCI_VERSION).
+
+    :raise InvalidArgumentError: a newer 1.x spec sets a field crun would ignore.
+    """
+    version = spec.get("ociVersion")
+    if not isinstance(version, str) or not version.startswith("1.") or "1.0" in version:
+        return version  # crun takes it as it is, or refuses it itself
+    used = [".".join(path) for path in UNKNOWN_TO_CRUN if _field(spec, path) not in (None, {}, [])]
+    if used:
+        raise InvalidArgumentError(
+            f"OCI spec {version} sets {', '.join(used)}, which the guest's crun does not support")
+    return CRUN_OCI_VERSION
+
+
 def rewrite_spec(spec_json: str, *, container_id: str, shared_root: str,
                  volume_roots: Sequence[str] = (), cgroup_parent: str) -> dict[str, Any]:
     """The container's config.json for the guest.
@@ -181,6 +223,8 @@ def rewrite_spec(spec_json: str, *, container_id: str, shared_root: str,
     """
     spec = copy.deepcopy(parse_json_object(spec_json, "OCI spec"))
     _strip_process(_check_process(spec.get("process"), "process"))
+    if "ociVersion" in spec:
+        spec["ociVersion"] = crun_oci_version(spec)
 
     root = _object(spec.get("root"), "root")
     root_path = root.get("path")

@@ -2,6 +2,7 @@
 
     <shim> -namespace NS -address A -publish-binary B -id ID [-debug] start
     <shim> -namespace NS -address A -publish-binary B -id ID -bundle B [-debug] delete
+    <shim> -info        (containerd 2.x; stdin: runtime options, stdout: RuntimeInfo)
 
 ``start`` and ``delete`` are the manager (shim.manager); ``serve`` is the
 daemon that ``start`` spawns (shim.daemon). Flags use Go's syntax: one dash,
@@ -13,7 +14,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-BOOL_FLAGS = {"debug", "v", "version"}
+BOOL_FLAGS = {"debug", "v", "version", "info"}
 VALUE_FLAGS = {"namespace", "address", "publish-binary", "id", "bundle", "socket"}
 ACTIONS = ("start", "delete", "serve")
 
@@ -33,6 +34,9 @@ class ShimArgs:
     socket: str = ""
     debug: bool = False
     version: bool = False
+    # containerd 2.x's introspection: a flag, not an action (old shims choke on
+    # unknown actions), answered without an id.
+    info: bool = False
 
 
 def parse_args(argv: list[str]) -> ShimArgs:
@@ -77,6 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.version:
         from shim.task.service import SHIM_VERSION
         print(f"containerd-shim-husk-v2 {SHIM_VERSION}")
+        return 0
+    if args.info:
+        from shim.info import InfoError, runtime_info
+        try:
+            sys.stdout.buffer.write(runtime_info(sys.stdin.buffer.read()))
+        except InfoError as exc:
+            print(f"containerd-shim-husk-v2: {exc}", file=sys.stderr)
+            return 1
+        sys.stdout.buffer.flush()
         return 0
     if not args.action or not args.id:
         print("containerd-shim-husk-v2: usage: -namespace NS -address A -id ID start|delete",

@@ -41,6 +41,10 @@ DnsConfig = tuple[list[str], list[str], list[str]]
 T = TypeVar("T")
 
 
+# The runtime conditions the CRI spec requires; a pod can run once both are true.
+REQUIRED_CONDITIONS = frozenset({"RuntimeReady", "NetworkReady"})
+
+
 class CriError(RuntimeError):
     """A CRI call failed; `code` is the gRPC status code."""
 
@@ -182,7 +186,10 @@ class CriClient:
     def not_ready_conditions(self) -> list[str]:
         """Names of the required runtime conditions (RuntimeReady, NetworkReady) that are false."""
         conds = self.status().status.conditions
-        return [f"{c.type}: {c.reason} {c.message}".strip() for c in conds if not c.status]
+        # containerd 2.x adds conditions of its own (ContainerdHasNoDeprecationWarnings, false on
+        # a cgroup v1 host) that do not stop it from running pods.
+        return [f"{c.type}: {c.reason} {c.message}".strip() for c in conds
+                if c.type in REQUIRED_CONDITIONS and not c.status]
 
     # -- images ---------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """pytest fixtures for CRI end-to-end tests.
 
-Owns the session-wide private containerd (one per xdist worker), the test
-images, and the per-test leak check. Load with
+Owns the session-wide private containerd (one per xdist worker; a second one,
+containerd 2.x, for the tests that run against each), the test images, and the
+per-test leak check. Load with
 `pytest_plugins = ["tests.cri.fixtures"]` in tests/conftest.py; override
 `containerd_options` there to point the husk handler at a config file.
 """
@@ -9,6 +10,7 @@ images, and the per-test leak check. Load with
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Generator, Iterator
@@ -16,7 +18,7 @@ from collections.abc import Generator, Iterator
 import pytest
 
 from .cri import CriClient
-from .harness import DEFAULT_KEEP_LOGS_DIR, Containerd, ContainerdOptions
+from .harness import CONTAINERD2_MISSING, DEFAULT_KEEP_LOGS_DIR, Containerd, ContainerdOptions, find_containerd2
 from .images import BuiltImage, build_images
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,35 @@ def containerd(containerd_options: ContainerdOptions) -> Iterator[Containerd]:
     _require_root()
     with Containerd.started(containerd_options) as cd:
         yield cd
+
+
+@pytest.fixture(scope="session")
+def containerd2(containerd_options: ContainerdOptions) -> Iterator[Containerd]:
+    """The session containerd's twin, run by containerd 2.x (find_containerd2); skips without one."""
+    _require_root()
+    directory = find_containerd2()
+    if directory is None:
+        pytest.skip(CONTAINERD2_MISSING)
+    with Containerd.started(dataclasses.replace(containerd_options, containerd_dir=directory)) as cd:
+        yield cd
+
+
+# The session containerds a test runs against with each_containerd / each_cri.
+EACH_CONTAINERD = [pytest.param("containerd", id="containerd1.6"), pytest.param("containerd2", id="containerd2")]
+
+
+@pytest.fixture(params=EACH_CONTAINERD)
+def each_containerd(request: pytest.FixtureRequest) -> Containerd:
+    """The test runs once with the session containerd (1.6) and once with containerd2."""
+    cd: Containerd = request.getfixturevalue(request.param)
+    return cd
+
+
+@pytest.fixture
+def each_cri(each_containerd: Containerd, request: pytest.FixtureRequest) -> Iterator[CriClient]:
+    """each_containerd's CRI client, leak-checked like `cri`."""
+    with leak_checked(each_containerd, request) as client:
+        yield client
 
 
 _CALL_FAILED = pytest.StashKey[bool]()

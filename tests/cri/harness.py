@@ -1,6 +1,7 @@
 """A private containerd for CRI end-to-end runs (tests, `make demo`, `make bench-cri`).
 
-Owns one containerd 1.6 instance: its temp dir (root, state, sockets, config,
+Owns one containerd instance (Debian's 1.6, or a 2.x build named by
+ContainerdOptions.containerd_dir): its temp dir (root, state, sockets, config,
 CNI config, pod logs), the network namespace it runs in (the pods' "node", with
 one bridge per CNI network; tests get in with run_in_netns() and connect()),
 its runtime handlers (`runc` and `husk`), the test images it imports, and a
@@ -58,6 +59,14 @@ HUSK_HANDLER = "husk"
 HUSK_RUNTIME_TYPE = "io.containerd.husk.v2"
 RUNC_RUNTIME_TYPE = "io.containerd.runc.v2"
 STANDARD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# A containerd 2.x build (containerd, ctr and its runc shim) for machines whose
+# distribution ships 1.6 only; $CONTAINERD2_DIR names another.
+CONTAINERD2_ENV = "CONTAINERD2_DIR"
+DEFAULT_CONTAINERD2_DIR = REPO_ROOT.parent / "shared" / "tools" / "containerd-2" / "bin"
+CONTAINERD2_MISSING = (f"containerd 2.x not found: put a build's bin dir (containerd, ctr, "
+                       f"containerd-shim-runc-v2) at {DEFAULT_CONTAINERD2_DIR} or name it in ${CONTAINERD2_ENV}")
+VERSION_TIMEOUT_S = 10.0
+_VERSION = re.compile(r"\bv?(\d+)\.(\d+)\.(\d+)")
 
 # containerd 1.6 hardcodes where shims put their sockets (runtime/v2/shim/util_unix.go).
 SHIM_SOCKET_DIR = Path("/run/containerd/s")
@@ -125,6 +134,10 @@ class ContainerdOptions:
 
     # Prepended to containerd's PATH so it finds containerd-shim-husk-v2.
     bin_dir: Path | None = DEFAULT_BIN_DIR
+    # The directory of another containerd build (containerd, ctr, containerd-shim-runc-v2;
+    # e.g. find_containerd2()), first on its PATH so its runc shim is the one used;
+    # None = Debian's containerd 1.6 from PATH. The config follows its major version.
+    containerd_dir: Path | None = None
     # Passed to the husk shim as runtimeoptions ConfigPath; None = no options.
     husk_config: Path | None = None
     husk_runtime_type: str = HUSK_RUNTIME_TYPE
@@ -187,6 +200,8 @@ class Containerd:
         self._cni: CniConfig | None = None
         self.images: list[BuiltImage] = []
         self.start_seconds = 0.0
+        # containerd's version, (major, minor, patch), known once started.
+        self.version: tuple[int, int, int] = (0, 0, 0)
         self.stop_seconds = 0.0
         # The record of the last stopped instance, for find_leftovers() after stop().
         self.last_record: InstanceRecord | None = None
@@ -212,6 +227,11 @@ class Containerd:
     @property
     def log_path(self) -> Path:
         return self.root / "containerd.log"
+
+    def tool(self, name: str) -> str:
+        """containerd's own binaries (containerd, ctr) from its build's directory, if any."""
+        directory = self.options.containerd_dir
+        return str(directory / name) if directory is not None else name
 
     @property
     def config_path(self) -> Path:
@@ -272,6 +292,7 @@ class Containerd:
         _require_root_and_tools()
         t0 = time.monotonic()
         opts = self.options
+        self.version = containerd_version(self.tool("containerd"))
         sweep_stale_instances(opts.base_dir)
         self.images = list(opts.images) if opts.images is not None else build_images(opts.image_cache_dir)
         if not any(img.ref == PAUSE_REF for img in self.images):
@@ -304,7 +325,8 @@ class Containerd:
                 log.error("containerd log tail:\n%s", log_tail)
             raise
         self.start_seconds = time.monotonic() - t0
-        log.info("containerd %s ready in %.2fs (netns %s)", root, self.start_seconds, self.netns)
+        log.info("containerd %s (%s) ready in %.2fs (netns %s)", root, ".".join(map(str, self.version)),
+                 self.start_seconds, self.netns)
 
     def _start_in(self, root: Path) -> None:
         assert self.record is not None
@@ -313,13 +335,14 @@ class Containerd:
             (root / sub).mkdir()
         self._cni = CniConfig(name_prefix=self.record.network_name, root=root / "cni", networks=opts.networks)
         self._cni.write()
-        self.config_path.write_text(render_config(self.root, opts, self._cni))
+        render = render_config_v3 if self.version[0] >= 2 else render_config
+        self.config_path.write_text(render(self.root, opts, self._cni))
 
         _run(["ip", "netns", "add", self.netns])
         _run(["ip", "-n", self.netns, "link", "set", "lo", "up"])
         self._set_netns_sysctls()
         self._launch()
-        import_images(self.address, self.images, namespace=CRI_NAMESPACE)
+        import_images(self.address, self.images, namespace=CRI_NAMESPACE, ctr=self.tool("ctr"))
         # CRI learns about imported images from containerd's events, asynchronously.
         for img in self.images:
             wait_for(f"CRI to list image {img.ref}", functools.partial(self.cri.image_status, img.ref),
@@ -337,15 +360,16 @@ class Containerd:
         opts = self.options
         root = self.root
         env = {"PATH": STANDARD_PATH, "HOME": "/root", "TMPDIR": str(root / "tmp"), **opts.extra_env}
-        if opts.bin_dir is not None:
-            env["PATH"] = f"{opts.bin_dir}:{STANDARD_PATH}"
+        # containerd_dir first: containerd 2.x cannot use Debian's 1.6 runc shim.
+        path_dirs = [d for d in (opts.containerd_dir, opts.bin_dir) if d is not None]
+        env["PATH"] = ":".join([*map(str, path_dirs), STANDARD_PATH])
         logf = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
         try:
             # nsenter --net only: a new mount namespace (as `ip netns exec` makes)
             # would hide containerd's mounts from teardown and from the tests.
             self.proc = subprocess.Popen(
                 ["nsenter", f"--net={NETNS_DIR / self.netns}", "--",
-                 "containerd", "--config", str(self.config_path), "--log-level", opts.log_level],
+                 self.tool("containerd"), "--config", str(self.config_path), "--log-level", opts.log_level],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, cwd=root, env=env, start_new_session=True,
             )
         finally:
@@ -619,48 +643,42 @@ def runtime_handlers(root: Path, opts: ContainerdOptions) -> list[RuntimeHandler
     ]
 
 
-def render_config(root: Path, opts: ContainerdOptions, cni: CniConfig) -> str:
-    """containerd 1.6 config (version 2); every path of the instance is under `root`.
+# CRI settings both config versions share (1.6: the CRI plugin's table; 2.x: its
+# runtime plugin's, and the stream server in the CRI plugin's).
+CRI_RUNTIME_SETTINGS: dict[str, object] = {
+    # The kernel refuses negative oom_score_adj, which CRI uses for sandboxes.
+    "restrict_oom_score_adj": True,
+    "enable_selinux": False,
+    "disable_apparmor": True,
+    # Pod netns bind mounts under <state>/netns instead of /var/run/netns.
+    "netns_mounts_under_state_dir": True,
+}
+CRI_STREAM_SETTINGS: dict[str, object] = {"stream_server_address": "127.0.0.1", "stream_server_port": "0"}
 
-    Key names checked against `containerd config default` of Debian's 1.6.20.
-    """
-    cri = '"io.containerd.grpc.v1.cri"'
-    parts = [
+
+def _instance_tables(root: Path, version: int, disabled_plugins: Sequence[str]) -> list[str]:
+    """What makes the instance private: every path under `root`."""
+    return [
         _toml_value_lines({
-            "version": 2,
+            "version": version,
             "root": root / "root",
             "state": root / "state",
             "temp": root / "tmp",
-            # Snapshotters that cannot work here; disabling them only removes log noise.
-            "disabled_plugins": [
-                "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
-                "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs",
-            ],
+            "disabled_plugins": list(disabled_plugins),
         }),
         _toml_table("grpc", {"address": root / "containerd.sock"}),
         _toml_table("ttrpc", {"address": root / "containerd.sock.ttrpc"}),
         # The opt plugin would otherwise create /opt/containerd on the host.
         _toml_table('plugins."io.containerd.internal.v1.opt"', {"path": root / "opt"}),
-        _toml_table(f"plugins.{cri}", {
-            "sandbox_image": PAUSE_REF,
-            "disable_cgroup": False,
-            # The kernel refuses negative oom_score_adj, which CRI uses for sandboxes.
-            "restrict_oom_score_adj": True,
-            "enable_selinux": False,
-            "disable_apparmor": True,
-            "stream_server_address": "127.0.0.1",
-            "stream_server_port": "0",
-            # Pod netns bind mounts under <state>/netns instead of /var/run/netns.
-            "netns_mounts_under_state_dir": True,
-        }),
-        _toml_table(f"plugins.{cri}.containerd", {
-            "default_runtime_name": opts.default_handler,
-            "snapshotter": "overlayfs",
-        }),
     ]
+
+
+def _handler_tables(runtimes: str, root: Path, opts: ContainerdOptions, **common: object) -> list[str]:
+    """One table (and its .options table) per runtime handler under `runtimes`."""
+    parts: list[str] = []
     for h in runtime_handlers(root, opts):
-        table = f"plugins.{cri}.containerd.runtimes.{json.dumps(h.name)}"
-        values: dict[str, object] = {"runtime_type": h.runtime_type}
+        table = f"{runtimes}.{json.dumps(h.name)}"
+        values: dict[str, object] = {"runtime_type": h.runtime_type, **common}
         if h.pod_annotations:
             values["pod_annotations"] = list(h.pod_annotations)
         if h.container_annotations:
@@ -670,12 +688,89 @@ def render_config(root: Path, opts: ContainerdOptions, cni: CniConfig) -> str:
         parts.append(_toml_table(table, values))
         if h.options is not None:
             parts.append(_toml_table(f"{table}.options", dict(h.options)))
-    # One bin dir only in 1.6 (the instance's: system plugins + the recording plugin);
-    # max_conf_num = how many of the sorted conflists a pod is attached to.
-    parts.append(_toml_table(f"plugins.{cri}.cni", {
-        "bin_dir": cni.bin_dir, "conf_dir": cni.conf_dir, "max_conf_num": len(cni.networks),
-    }))
+    return parts
+
+
+def render_config(root: Path, opts: ContainerdOptions, cni: CniConfig) -> str:
+    """containerd 1.6 config (version 2); every path of the instance is under `root`.
+
+    Key names checked against `containerd config default` of Debian's 1.6.20.
+    """
+    cri = '"io.containerd.grpc.v1.cri"'
+    parts = [
+        # Snapshotters that cannot work here; disabling them only removes log noise.
+        *_instance_tables(root, 2, [
+            "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
+            "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs",
+        ]),
+        _toml_table(f"plugins.{cri}", {
+            "sandbox_image": PAUSE_REF, "disable_cgroup": False, **CRI_RUNTIME_SETTINGS, **CRI_STREAM_SETTINGS,
+        }),
+        _toml_table(f"plugins.{cri}.containerd", {
+            "default_runtime_name": opts.default_handler,
+            "snapshotter": "overlayfs",
+        }),
+        *_handler_tables(f"plugins.{cri}.containerd.runtimes", root, opts),
+        # One bin dir only in 1.6 (the instance's: system plugins + the recording plugin);
+        # max_conf_num = how many of the sorted conflists a pod is attached to.
+        _toml_table(f"plugins.{cri}.cni", {
+            "bin_dir": cni.bin_dir, "conf_dir": cni.conf_dir, "max_conf_num": len(cni.networks),
+        }),
+    ]
     return "\n".join(parts)
+
+
+def render_config_v3(root: Path, opts: ContainerdOptions, cni: CniConfig) -> str:
+    """containerd 2.x config (version 3), the same instance as render_config's.
+
+    Key names checked against `containerd config default` of the 2.3.4 build (which
+    prints version 4 and reads 3 natively): CRI is split into an images plugin (with
+    the pinned sandbox image) and a runtime plugin (handlers, CNI); the stream server
+    stays in the CRI plugin.
+    """
+    images = 'plugins."io.containerd.cri.v1.images"'
+    runtime = 'plugins."io.containerd.cri.v1.runtime"'
+    parts = [
+        # NRI is on by default in 2.x, with a socket of the host's (/var/run/nri).
+        *_instance_tables(root, 3, ["io.containerd.nri.v1.nri"]),
+        _toml_table(images, {"snapshotter": "overlayfs"}),
+        _toml_table(f"{images}.pinned_images", {"sandbox": PAUSE_REF}),
+        _toml_table(runtime, CRI_RUNTIME_SETTINGS),
+        _toml_table(f"{runtime}.containerd", {"default_runtime_name": opts.default_handler}),
+        # podsandbox: containerd runs each pod's pause task through the shim's Task API
+        # (the default, as with 1.6), not the shim's Sandbox API.
+        *_handler_tables(f"{runtime}.containerd.runtimes", root, opts, sandboxer="podsandbox"),
+        _toml_table(f"{runtime}.cni", {
+            "bin_dirs": [cni.bin_dir], "conf_dir": cni.conf_dir, "max_conf_num": len(cni.networks),
+        }),
+        _toml_table('plugins."io.containerd.grpc.v1.cri"', CRI_STREAM_SETTINGS),
+    ]
+    return "\n".join(parts)
+
+
+def containerd_version(binary: str) -> tuple[int, int, int]:
+    """(major, minor, patch) from `containerd --version`.
+
+    :raise HarnessError: it does not run or names no version.
+    """
+    try:
+        proc = subprocess.run([binary, "--version"], capture_output=True, text=True,
+                              timeout=VERSION_TIMEOUT_S, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise HarnessError(f"{binary} --version: {exc}") from exc
+    # "containerd github.com/containerd/containerd 1.6.20~ds1 ..." or "... /v2 v2.3.4 "
+    found = _VERSION.search(proc.stdout)
+    if proc.returncode != 0 or found is None:
+        raise HarnessError(f"{binary} --version: no version in {proc.stdout.strip()!r} {proc.stderr.strip()!r}")
+    major, minor, patch = (int(x) for x in found.groups())
+    return major, minor, patch
+
+
+def find_containerd2() -> Path | None:
+    """$CONTAINERD2_DIR if set, else the shared 2.x build's bin dir; None if it has no containerd."""
+    directory = Path(os.environ.get(CONTAINERD2_ENV) or DEFAULT_CONTAINERD2_DIR)
+    binary = directory / "containerd"
+    return directory if binary.is_file() and os.access(binary, os.X_OK) else None
 
 
 def _toml_value_lines(values: Mapping[str, object]) -> str:
@@ -1123,11 +1218,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--husk-config", type=Path, default=None)
     parser.add_argument("--bin-dir", type=Path, default=DEFAULT_BIN_DIR)
+    parser.add_argument("--containerd-dir", type=Path, default=None,
+                        help=f"another containerd build's bin dir (e.g. {DEFAULT_CONTAINERD2_DIR})")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    with Containerd.started(ContainerdOptions(husk_config=args.husk_config, bin_dir=args.bin_dir)) as cd:
+    options = ContainerdOptions(husk_config=args.husk_config, bin_dir=args.bin_dir, containerd_dir=args.containerd_dir)
+    with Containerd.started(options) as cd:
         print(f"containerd ready: address {cd.address}, netns {cd.netns}, log {cd.log_path}", flush=True)
-        print(f"  ctr -a {cd.address} -n {CRI_NAMESPACE} containers ls", flush=True)
+        print(f"  {cd.tool('ctr')} -a {cd.address} -n {CRI_NAMESPACE} containers ls", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             signal.pause()
 

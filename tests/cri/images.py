@@ -935,11 +935,13 @@ def build_fio_image(cache_dir: Path = DEFAULT_CACHE_DIR) -> BuiltImage:
     return built
 
 
-def import_images(containerd_address: str | Path, images: list[BuiltImage], namespace: str = "k8s.io") -> None:
-    """`ctr images import` of every tarball into `namespace` (k8s.io is the CRI's namespace)."""
+def import_images(containerd_address: str | Path, images: list[BuiltImage], namespace: str = "k8s.io",
+                  ctr: str = "ctr") -> None:
+    """`ctr images import` of every tarball into `namespace` (k8s.io is the CRI's namespace);
+    `ctr` is the client of the containerd build at that address."""
     for img in images:
         out = _run(
-            ["ctr", "--address", str(containerd_address), "--namespace", namespace,
+            [ctr, "--address", str(containerd_address), "--namespace", namespace,
              "images", "import", "--all-platforms", str(img.tarball)],
             timeout=CTR_IMPORT_TIMEOUT_S,
         )

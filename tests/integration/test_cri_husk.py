@@ -2,21 +2,35 @@
 
 Every pod is a real VM. The per-test fixture fails a test that leaves a pod,
 container, shim process, mount or cgroup task behind; here we also check that
-no QEMU/virtiofsd process and no sandbox run directory survive.
+no QEMU/virtiofsd process and no sandbox run directory survive. Each test runs
+against containerd 1.6 and, where its build is present, containerd 2.x.
 """
 from __future__ import annotations
 
+import json
+import subprocess
 import threading
 
 import pytest
 
+from shim.task.service import SHIM_VERSION
 from tests.conftest import HUSK_CRI_STATE as HUSK_STATE
 from tests.conftest import our_processes
 from tests.cri.cri import CriClient, CriError
+from tests.cri.fixtures import leak_checked
 from tests.cri.harness import Containerd
 from tests.cri.images import BUSYBOX_REF
 
 pytestmark = [pytest.mark.cri, pytest.mark.timeout(600)]
+INSPECT_TIMEOUT_S = 30.0
+KILLED_SHIM_EXIT_TIMEOUT_S = 30.0
+
+
+@pytest.fixture
+def cri(each_cri: CriClient) -> CriClient:
+    """Here `cri` is each containerd's in turn (tests.cri.fixtures.each_cri)."""
+    return each_cri
+
 
 def _assert_no_vm_left() -> None:
     assert our_processes(str(HUSK_STATE)) == [], "QEMU or virtiofsd still running"
@@ -100,11 +114,11 @@ def test_hostile_annotation_is_refused(cri: CriClient) -> None:
     _assert_no_vm_left()
 
 
-def test_killed_shim_leaves_nothing_behind(containerd: Containerd, cri: CriClient) -> None:
+def test_killed_shim_leaves_nothing_behind(each_containerd: Containerd, cri: CriClient) -> None:
     import psutil
 
     pod = cri.run_pod("husk-kill", handler="husk")
-    cri.run_container(pod, BUSYBOX_REF, ["sleep", "600"])
+    cid = cri.run_container(pod, BUSYBOX_REF, ["sleep", "600"])
     daemons = [p for p in psutil.process_iter(["cmdline"])
                if "serve" in (p.info["cmdline"] or []) and pod.id in (p.info["cmdline"] or [])]
     assert len(daemons) == 1, daemons
@@ -112,11 +126,15 @@ def test_killed_shim_leaves_nothing_behind(containerd: Containerd, cri: CriClien
     daemons[0].wait(10)
     # containerd notices the dead shim and runs `containerd-shim-husk-v2 delete`, which
     # also takes husk's tc filter, qdisc and port-forward rule out of the pod's netns
-    # before CNI DEL sees it.
+    # before CNI DEL sees it. The container is reported gone: at once by 1.6; 2.x's CRI
+    # retries its exit handling (its first task Delete meets the closed connection) a
+    # couple of seconds later, and until then refuses RemovePodSandbox ("container is
+    # still running"), as it would with any runtime's dead shim.
+    assert cri.wait_container_exit(cid, timeout=KILLED_SHIM_EXIT_TIMEOUT_S).exit_code == 255
     cri.stop_pod(pod.id)
     cri.remove_pod(pod.id)
     _assert_no_vm_left()
-    (eth0, *_) = containerd.cni_del_records(pod.id)
+    (eth0, *_) = each_containerd.cni_del_records(pod.id)
     assert eth0["netns_present"] and eth0["errors"] == [], eth0
     assert eth0["ingress_filters"] == [], "husk's filter outlived its killed shim"
     assert "ingress" not in {q.get("kind") for q in eth0["qdiscs"]}
@@ -160,3 +178,28 @@ def test_oom_kill_is_reported(cri: CriClient) -> None:
     cri.stop_pod(pod.id)
     cri.remove_pod(pod.id)
     _assert_no_vm_left()
+
+
+def test_containerd2_introspects_husk(containerd2: Containerd, request: pytest.FixtureRequest) -> None:
+    """containerd 2.x asks the shim `-info` (the CRI plugin for each handler as it starts, the
+    task manager before a runtime's first task) and reads a RuntimeInfo from its stdout."""
+    config = containerd2.options.husk_config
+    assert config is not None
+    inspect = subprocess.run(
+        [containerd2.tool("ctr"), "--address", containerd2.address, "plugins", "inspect-runtime",
+         "--runtime", "io.containerd.husk.v2", "--runtime-config-path", str(config)],
+        capture_output=True, text=True, timeout=INSPECT_TIMEOUT_S, check=False)
+    assert inspect.returncode == 0, inspect.stderr
+    info = json.loads(inspect.stdout)
+    assert info["Name"] == "io.containerd.husk.v2"
+    assert info["Version"]["Version"] == SHIM_VERSION
+    assert info["Options"]["config_path"] == str(config), info  # the options it was given
+    with leak_checked(containerd2, request) as cri:
+        pod = cri.run_pod("husk-info", handler="husk")
+        cid = cri.run_container(pod, BUSYBOX_REF, ["true"])
+        assert cri.wait_container_exit(cid, timeout=60).exit_code == 0
+        cri.remove_container(cid)
+        cri.stop_pod(pod.id)
+        cri.remove_pod(pod.id)
+    log = containerd2.log_path.read_text(errors="replace")
+    assert "failed to load runtime info" not in log

@@ -29,7 +29,8 @@ def _guest_size(cri: CriClient, cid: str) -> tuple[int, int]:
     return int(cpus), int(match.group(1)) // 1024
 
 
-def test_a_pod_with_limits_gets_a_vm_of_their_size(cri: CriClient) -> None:
+def test_a_pod_with_limits_gets_a_vm_of_their_size(each_cri: CriClient) -> None:
+    cri = each_cri  # containerd 1.6 and 2.x: pod resources arrive differently in each
     limits = api.LinuxContainerResources(cpu_period=100_000, cpu_quota=150_000,
                                          memory_limit_in_bytes=384 * MIB)
     pod = cri.run_pod("sized", handler=HANDLER, resources=limits)
@@ -64,7 +65,8 @@ def _limit_in_guest(cri: CriClient, cid: str) -> int:
     return int(result.out.split()[0])
 
 
-def test_update_grows_the_vm_and_lowering_offlines_what_it_added(cri: CriClient) -> None:
+def test_update_grows_the_vm_and_lowering_offlines_what_it_added(each_cri: CriClient) -> None:
+    cri = each_cri  # containerd 1.6 and 2.x: pod resources arrive differently in each
     small = api.LinuxContainerResources(cpu_period=100_000, cpu_quota=100_000,
                                         memory_limit_in_bytes=256 * MIB)
     pod = cri.run_pod("resized", handler=HANDLER, resources=small)

@@ -19,11 +19,13 @@ from tests.cri.cni import DEFAULT_SUBNET
 from tests.cri.cri import ContainerState, CriClient, PodSandboxState, parse_cri_log
 from tests.cri.fixtures import leak_checked
 from tests.cri.harness import (
+    CONTAINERD2_MISSING,
     CRI_NAMESPACE,
     DEFAULT_KEEP_LOGS_DIR,
     Containerd,
     ContainerdOptions,
     LeakError,
+    find_containerd2,
     find_leftovers,
     mounts_under,
     shim_socket_path,
@@ -52,8 +54,14 @@ def runc_cri(runc_containerd: Containerd, request: pytest.FixtureRequest) -> Ite
 
 @pytest.mark.cri
 @pytest.mark.timeout(300)
-def test_runc_pod_end_to_end_leaves_nothing_behind(cri_images: list[BuiltImage]) -> None:
-    with Containerd.started(ContainerdOptions(images=cri_images, keep_logs_dir=DEFAULT_KEEP_LOGS_DIR)) as cd:
+@pytest.mark.parametrize("version", [pytest.param(1, id="containerd1.6"), pytest.param(2, id="containerd2")])
+def test_runc_pod_end_to_end_leaves_nothing_behind(cri_images: list[BuiltImage], version: int) -> None:
+    containerd_dir = find_containerd2() if version == 2 else None
+    if version == 2 and containerd_dir is None:
+        pytest.skip(CONTAINERD2_MISSING)
+    options = ContainerdOptions(images=cri_images, keep_logs_dir=DEFAULT_KEEP_LOGS_DIR, containerd_dir=containerd_dir)
+    with Containerd.started(options) as cd:
+        assert cd.version[0] == version
         cri = cd.cri
         record = cd.record
         assert record is not None
@@ -82,6 +90,8 @@ def test_runc_pod_end_to_end_leaves_nothing_behind(cri_images: list[BuiltImage])
 
         # While the pod runs: its shim, rootfs/shm/netns mounts and the CNI bridge exist.
         assert cd.shim_processes(), "no containerd-shim process carries this instance's address"
+        if containerd_dir is not None:  # the build's own runc shim: Debian's 1.6 one fails under 2.x
+            assert {Path(p.exe()).parent for p in cd.shim_processes()} == {containerd_dir.resolve()}
         assert mounts_under(root)
         assert "husk-br0" in _run(["ip", "-n", netns, "link", "show"])
         assert "husk-br0" not in _run(["ip", "link", "show"]), "the CNI bridge leaked into the host netns"

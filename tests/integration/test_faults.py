@@ -97,8 +97,10 @@ def test_qemu_killed_is_reported_at_once(cri: CriClient) -> None:
     _assert_no_vm_left()
 
 
-def test_a_restarted_containerd_still_controls_the_pod(cri: CriClient,
-                                                       containerd: Containerd) -> None:
+def test_a_restarted_containerd_still_controls_the_pod(each_cri: CriClient,
+                                                       each_containerd: Containerd) -> None:
+    # containerd 2.x reconnects from the bootstrap.json it wrote, 1.6 from the shim's address file.
+    cri, containerd = each_cri, each_containerd
     pod = cri.run_pod("fault-containerd", handler="husk")
     cid = cri.run_container(pod, BUSYBOX_REF, ["sleep", "600"])
     shim = _shim(pod)

@@ -179,3 +179,40 @@ def test_sysctls_are_written_below_proc_sys_only(tmp_path: Path) -> None:
                          ({"net.evil": "x"}, "cannot be set")):
         with pytest.raises(Invalid, match=message):
             apply_sysctls(bad, tmp_path)
+
+
+@pytest.mark.parametrize("version, given", [
+    ("1.0.2-dev", "1.0.2-dev"),  # containerd 1.6: crun takes it as it is
+    ("1.1.0", "1.1.0"),          # containerd 1.7: contains "1.0", crun takes it too
+    ("1.2.1", "1.0.2"),          # containerd 2.0/2.1
+    ("1.3.0", "1.0.2"),          # containerd 2.3
+    ("2.0.0", "2.0.0"),          # not 1.x: crun's own refusal says so
+])
+def test_a_newer_spec_version_is_one_crun_accepts(shared: Path, version: str, given: str) -> None:
+    assert rewrite(shared, base_spec(shared, ociVersion=version))["ociVersion"] == given
+    assert "ociVersion" not in rewrite(shared, {k: v for k, v in base_spec(shared).items()
+                                                if k != "ociVersion"})
+
+
+@pytest.mark.parametrize("path, value", [
+    (("process", "scheduler"), {"policy": "SCHED_FIFO", "priority": 1}),
+    (("process", "ioPriority"), {"class": "IOPRIO_CLASS_IDLE"}),
+    (("linux", "timeOffsets"), {"monotonic": {"secs": 10}}),
+    (("linux", "resources", "cpu", "burst"), 1000),
+])
+def test_a_newer_spec_using_what_crun_would_ignore_is_refused(
+        shared: Path, path: tuple[str, ...], value: Any) -> None:
+    spec = base_spec(shared, ociVersion="1.3.0")
+    parent = spec
+    for key in path[:-1]:
+        parent = parent.setdefault(key, {})
+    parent[path[-1]] = value
+    with pytest.raises(InvalidArgumentError, match=f"sets {'.'.join(path)}, which the guest's crun"):
+        rewrite(shared, spec)
+    # The same field in a spec crun's version check lets through is not ours to judge.
+    spec["ociVersion"] = "1.1.0"
+    assert rewrite(shared, spec)["ociVersion"] == "1.1.0"
+    # Present but empty sets nothing.
+    parent[path[-1]] = {}
+    spec["ociVersion"] = "1.3.0"
+    assert rewrite(shared, spec)["ociVersion"] == "1.0.2"
