@@ -494,7 +494,8 @@ def check_containerd(target: Target) -> CheckResult:
 
 def check_containerd_config(target: Target) -> CheckResult:
     path = target.containerd_config
-    snippet = f"merge configs/containerd-husk.toml into {path} and restart containerd"
+    snippet = (f"merge configs/containerd-husk.toml (containerd 1.6/1.7) or "
+               f"configs/containerd2-husk.toml (2.x) into {path} and restart containerd")
     cfg = target.containerd
     if cfg is None:
         return CheckResult("containerd-config", Status.FAIL, target.containerd_error, snippet)
