@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from .harness import REPO_ROOT, Containerd, HarnessError
+from .harness import Containerd, HarnessError, shared_tools_dir
 
 CRICTL_ENV = "CRICTL"
-DEFAULT_CRICTL = REPO_ROOT.parent / "shared" / "tools" / "cri-tools" / "crictl"
+DEFAULT_CRICTL = shared_tools_dir() / "cri-tools" / "crictl"
 CRICTL_MISSING = f"crictl not found: put cri-tools' crictl at {DEFAULT_CRICTL} or name it in ${CRICTL_ENV}"
 # crictl's own deadline for each CRI call (its --timeout).
 CRICTL_CALL_TIMEOUT = "60s"

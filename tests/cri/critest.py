@@ -39,13 +39,13 @@ from pathlib import Path
 
 from tests.conftest import GUEST_DIR, GUEST_FILES, write_test_config
 from tests.cri.harness import (HUSK_HANDLER, NETNS_DIR, RUNC_HANDLER, STANDARD_PATH, Containerd,
-                               ContainerdOptions, HarnessError, LeakError, mounts_under)
+                               ContainerdOptions, HarnessError, LeakError, mounts_under, shared_tools_dir)
 from tests.cri.images import ImageBuildError, build_critest_images
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CRITEST_DIR = REPO_ROOT.parent / "shared" / "tools" / "cri-tools"
+DEFAULT_CRITEST_DIR = shared_tools_dir() / "cri-tools"
 DEFAULT_OUT_DIR = REPO_ROOT / "build" / "critest"
 DEFAULT_HANDLERS = (RUNC_HANDLER, HUSK_HANDLER)
 KNOWN_HANDLERS = frozenset(DEFAULT_HANDLERS)
@@ -93,7 +93,8 @@ class Settings:
 
 def settings_from_env(env: Mapping[str, str], repo: Path = REPO_ROOT) -> Settings:
     """Settings from CRITEST_* variables (see the module docstring); raises CritestError for bad ones."""
-    critest_dir = Path(env["CRITEST_DIR"]) if env.get("CRITEST_DIR") else repo.parent / "shared" / "tools" / "cri-tools"
+    critest_dir = (Path(env["CRITEST_DIR"]) if env.get("CRITEST_DIR")
+                   else shared_tools_dir(repo) / "cri-tools")
     handlers = tuple(h.strip() for h in env.get("CRITEST_HANDLERS", ",".join(DEFAULT_HANDLERS)).split(",")
                      if h.strip())
     if not handlers:

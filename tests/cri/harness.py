@@ -59,10 +59,22 @@ HUSK_HANDLER = "husk"
 HUSK_RUNTIME_TYPE = "io.containerd.husk.v2"
 RUNC_RUNTIME_TYPE = "io.containerd.runc.v2"
 STANDARD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def shared_tools_dir(repo: Path = REPO_ROOT) -> Path:
+    """Builds the test machines provide beside the checkout (``../shared/tools``): the
+    first ``<folder>/shared/tools`` above the checkout (a CI clone may sit deeper),
+    else ``../shared/tools`` (for messages saying where to put them)."""
+    for folder in repo.parents:
+        if (folder / "shared" / "tools").is_dir():
+            return folder / "shared" / "tools"
+    return repo.parent / "shared" / "tools"
+
+
 # A containerd 2.x build (containerd, ctr and its runc shim) for machines whose
 # distribution ships 1.6 only; $CONTAINERD2_DIR names another.
 CONTAINERD2_ENV = "CONTAINERD2_DIR"
-DEFAULT_CONTAINERD2_DIR = REPO_ROOT.parent / "shared" / "tools" / "containerd-2" / "bin"
+DEFAULT_CONTAINERD2_DIR = shared_tools_dir() / "containerd-2" / "bin"
 CONTAINERD2_MISSING = (f"containerd 2.x not found: put a build's bin dir (containerd, ctr, "
                        f"containerd-shim-runc-v2) at {DEFAULT_CONTAINERD2_DIR} or name it in ${CONTAINERD2_ENV}")
 VERSION_TIMEOUT_S = 10.0
