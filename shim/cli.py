@@ -216,7 +216,7 @@ def _main_monitor(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     try:
         return monitor.serve(Path(config.runtime.state_dir), args.listen or config.monitor.listen)
-    except (ValueError, OSError) as exc:
+    except (ConfigError, OSError) as exc:
         print(f"husk monitor: {exc}", file=sys.stderr)
         return 2
 

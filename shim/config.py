@@ -143,6 +143,9 @@ class TemplateConfig:
     enabled: bool = True
     # Root only: a template holds a guest's memory.
     dir: str = "/var/lib/husk/templates"
+    # A template no pod was restored from for this many days is removed when another
+    # is built (after an upgrade or a new guest image, old ones are never used again).
+    keep_unused_days: int = 7
 
 
 @dataclass(frozen=True)
@@ -287,7 +290,20 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         raise ConfigError("storage.direct_volumes_dir must be an absolute path")
     if not config.template.dir.startswith("/"):
         raise ConfigError("template.dir must be an absolute path")
+    _bounded_int("template.keep_unused_days", config.template.keep_unused_days, 0, 36500)
+    parse_listen(config.monitor.listen)
     return config
+
+
+def parse_listen(address: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` (``:port``: every address) → (host, port).
+
+    :raise ConfigError: no port, or a port outside 1..65535.
+    """
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"listen address {address!r}: expected HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def resolve_config_path(explicit: str | None = None) -> Path | None:

@@ -27,6 +27,7 @@ from prometheus_client.core import (CollectorRegistry, CounterMetricFamily, Gaug
 from prometheus_client.registry import Collector
 
 from shim import errors
+from shim.config import parse_listen
 from shim.ids import SANDBOXES_DIR
 from shim.ops.pods import find_pods
 from shim.sandbox import manage
@@ -40,17 +41,6 @@ POD_TIMEOUT_S = 8.0
 FANOUT = 8
 POD_LABELS = ("sandbox_id", "pod_name", "pod_namespace", "pod_uid")
 NS = 1e-9
-
-
-def parse_listen(address: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` → (host, port).
-
-    :raise ValueError: no port, or a port outside 1..65535.
-    """
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"listen address {address!r}: expected HOST:PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def snapshot(run_dir: Path) -> dict[str, Any]:
@@ -208,7 +198,7 @@ class PodsCollector(Collector):
 
 
 def serve(state_dir: Path, listen: str) -> int:
-    """Serve until SIGTERM or SIGINT. :raise ValueError: a bad listen address."""
+    """Serve until SIGTERM or SIGINT. :raise ConfigError: a bad listen address."""
     host, port = parse_listen(listen)
     registry = CollectorRegistry(auto_describe=False)
     collector = PodsCollector(state_dir)

@@ -53,6 +53,7 @@ from shim.vm.vsock import VsockError, allocate_cid, vhost_vsock_available
 log = logging.getLogger(__name__)
 
 DESTROY_TIMEOUT_S = 10.0
+SECONDS_PER_DAY = 86400
 # The pod's /dev/shm: one tmpfs in guest memory that all its containers bind.
 POD_SHM_STORAGE = Storage("ephemeral", "shm", "tmpfs", "/run/husk/pod-shm",
                           ("nosuid", "nodev", "noexec", "mode=1777", "size=64m"))
@@ -374,6 +375,10 @@ class Sandbox:
             finally:
                 await builder.stop()
             template = store.install(tid, state, time.monotonic() - began)
+            pruned = store.prune(tid, self.config.template.keep_unused_days * SECONDS_PER_DAY)
+            if pruned:
+                log.info("removed %d VM templates unused for %d days: %s", len(pruned),
+                         self.config.template.keep_unused_days, ", ".join(pruned))
         except VmError as exc:
             store.abandon(tid)
             raise TemplateError(str(exc)) from exc

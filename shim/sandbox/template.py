@@ -15,6 +15,9 @@ parameter is another template. It records what it was built from (QEMU, the
 kernel, initrd and image, the host CPU under KVM); when those changed it is
 stale: never used, rebuilt. One shim builds a template while the others wait
 on its lock file; a failed build is not retried for a while (pods boot cold).
+Each restore marks its template used; a template nobody restored from for a
+while (its shape is gone, or husk or the guest image changed: every later pod
+names another template) is removed when the next one is installed.
 """
 from __future__ import annotations
 
@@ -180,7 +183,39 @@ class TemplateStore:
             log.warning("template %s is incomplete; rebuilding it", tid.key)
             self.discard(tid)
             return None
+        with contextlib.suppress(OSError):
+            os.utime(directory)  # used now: prune() keeps it
         return template
+
+    def prune(self, keep: TemplateId, unused_for_s: float) -> list[str]:
+        """Remove the templates (and failure markers) nobody restored from for
+        ``unused_for_s``, except ``keep``; returns their keys.
+
+        A template a shim is restoring from right now was marked used by its
+        find(); one removed meanwhile stays readable through the open files.
+        """
+        removed = []
+        now = time.time()
+        try:
+            entries = list(os.scandir(self.root))
+        except OSError:
+            return []
+        for entry in entries:
+            key, dot, suffix = entry.name.partition(".")
+            if key == keep.key or (dot and suffix != FAILED_FILE):  # locks, builds in progress
+                continue
+            try:
+                unused = now - entry.stat(follow_symlinks=False).st_mtime
+            except OSError:
+                continue
+            if unused < (RETRY_AFTER_S if dot else unused_for_s):
+                continue
+            if dot:
+                Path(entry.path).unlink(missing_ok=True)
+            else:
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(key)
+        return removed
 
     def recently_failed(self, tid: TemplateId) -> str | None:
         """Why the last build of ``tid`` failed, if it was less than RETRY_AFTER_S ago."""

@@ -19,7 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from shim.ids import SANDBOXES_DIR
-from shim.ops.monitor import PodsCollector, parse_listen
+from shim.config import ConfigError, parse_listen
+from shim.ops.monitor import PodsCollector
 from shim.ops.pods import PodNotFound, find_pods, resolve_pod
 from shim.sandbox.manage import MANAGE_SOCKET, ManageServer
 from shim.ttrpc.errors import Code
@@ -159,5 +160,5 @@ def test_listen_addresses() -> None:
     assert parse_listen("[::1]:9000") == ("::1", 9000)
     assert parse_listen(":9000") == ("0.0.0.0", 9000)
     for bad in ("localhost", "host:0", "host:99999", "host:http"):
-        with pytest.raises(ValueError):
+        with pytest.raises(ConfigError):
             parse_listen(bad)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from shim.sandbox import template as tpl
-from shim.sandbox.template import (TemplateError, TemplateId, TemplateStore, template_spec)
+from shim.sandbox.template import (TEMPLATE_FORMAT, TemplateError, TemplateId, TemplateStore,
+                                   template_spec)
 from shim.vm.accel import Accel, AccelChoice
 from shim.vm.cmdline import AgentTransport, SharedFsType, VmPaths, VmSpec, build_cmdline
 
@@ -176,3 +177,45 @@ def test_a_failed_build_leaves_no_partial_files(tmp_path: Path) -> None:
     store.abandon(tid)
     assert list(store.root.iterdir()) == []
     assert store.find(tid) is None
+
+
+def test_prune_removes_templates_unused_for_long_and_keeps_the_rest(tmp_path: Path) -> None:
+    store = TemplateStore(tmp_path)
+    now = time.time()
+    day = 86400.0
+
+    def entry(name: str, age_s: float, directory: bool = True) -> Path:
+        path = tmp_path / name
+        if directory:
+            path.mkdir()
+            (path / "ram").write_bytes(b"x")
+        else:
+            path.write_text("reason")
+        os.utime(path, (now - age_s, now - age_s))
+        return path
+
+    current = TemplateId("k" * 24, {})
+    kept = [entry("k" * 24, 30 * day),                   # the one just built: always kept
+            entry("a" * 24, 1 * day),                    # used yesterday
+            entry(f"{'b' * 24}.lock", 30 * day, False),  # locks stay (another shim may hold one)
+            entry(f"{'c' * 24}.building", 30 * day),     # a build in progress
+            entry(f"{'d' * 24}.failed", 60, False)]      # a recent failure still holds off retries
+    gone = [entry("e" * 24, 8 * day), entry(f"{'f' * 24}.failed", 2 * day, False)]
+    assert store.prune(current, 7 * day) == ["e" * 24]
+    assert all(p.exists() for p in kept)
+    assert not any(p.exists() for p in gone)
+
+
+def test_find_marks_a_template_used(tmp_path: Path) -> None:
+    store = TemplateStore(tmp_path)
+    tid = TemplateId("k" * 24, {"qemu": "q"})
+    directory = tmp_path / tid.key
+    directory.mkdir()
+    for name in ("state", "ram"):
+        (directory / name).write_bytes(b"x")
+    (directory / "meta.json").write_text(json.dumps({"format": TEMPLATE_FORMAT,
+                                                     "inputs": tid.inputs}))
+    os.utime(directory, (1, 1))
+    assert store.find(tid) is not None
+    assert time.time() - directory.stat().st_mtime < 60
+    assert store.prune(TemplateId("x" * 24, {}), 3600) == []
