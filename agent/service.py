@@ -307,7 +307,12 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
     @unary
     async def WaitProcess(self, request: pb.ProcessRequest) -> pb.WaitProcessResponse:
         proc = self._process(request.container_id, request.exec_id)
-        return pb.WaitProcessResponse(exit_status=await proc.wait())
+        status = await proc.wait()
+        oom_kills = 0
+        if not request.exec_id:
+            with contextlib.suppress(AgentError):  # removed meanwhile: no cgroup to read
+                oom_kills = self._container(request.container_id).cgroup.oom_kills()
+        return pb.WaitProcessResponse(exit_status=status, oom_kills=oom_kills)
 
     # Section: stdio
 

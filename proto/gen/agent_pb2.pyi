@@ -204,10 +204,12 @@ class SignalProcessRequest(_message.Message):
     def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., signal: _Optional[int] = ..., all: _Optional[bool] = ...) -> None: ...
 
 class WaitProcessResponse(_message.Message):
-    __slots__ = ("exit_status",)
+    __slots__ = ("exit_status", "oom_kills")
     EXIT_STATUS_FIELD_NUMBER: _ClassVar[int]
+    OOM_KILLS_FIELD_NUMBER: _ClassVar[int]
     exit_status: int
-    def __init__(self, exit_status: _Optional[int] = ...) -> None: ...
+    oom_kills: int
+    def __init__(self, exit_status: _Optional[int] = ..., oom_kills: _Optional[int] = ...) -> None: ...
 
 class WriteStdinRequest(_message.Message):
     __slots__ = ("container_id", "exec_id", "data")

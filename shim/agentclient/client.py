@@ -351,7 +351,12 @@ class AgentClient:
             container_id=container_id, exec_id=exec_id, signal=signal, all=all_processes))
 
     async def wait_process(self, container_id: str, exec_id: str) -> int:
-        """The exit status (128+N for signal N).
+        """The exit status (128+N for signal N)."""
+        return (await self.wait_exit(container_id, exec_id))[0]
+
+    async def wait_exit(self, container_id: str, exec_id: str) -> tuple[int, int]:
+        """The exit status (128+N for signal N) and, for a container's init, the OOM
+        kills in its cgroup so far.
 
         No deadline: a process may run for months. The pod's keepalive covers
         a dead or wedged agent (it stops the VM, which ends this call)."""
@@ -363,7 +368,7 @@ class AgentClient:
         status = int(reply.exit_status)
         if not 0 <= status <= 255:
             raise errors.InternalError(f"agent returned an invalid exit status {status}")
-        return status
+        return status, min(int(reply.oom_kills), MAX_COUNTER)
 
     async def get_oom_event(self) -> str:
         """The next container the guest's OOM killer hit; no deadline (see wait_process)."""

@@ -196,16 +196,6 @@ class Pod:
         self._ooms_reported[container_id] = self._ooms_reported.get(container_id, 0) + 1
         self._on_oom(container_id)
 
-    async def _check_oom_at_exit(self, container_id: str) -> None:
-        """An init killed by SIGKILL may be an OOM kill the watcher has not seen yet:
-        containerd deletes the task right after its exit, so ask now, before TaskExit."""
-        try:
-            stats = await self.agent.stats_container(container_id)
-        except errors.HuskError:
-            return
-        if stats.oom_kills > self._ooms_reported.get(container_id, 0):
-            self._report_oom(container_id, at_exit=True)
-
     async def _watch_vm(self) -> None:
         assert self.sandbox.vm is not None
         status = await self.sandbox.vm.wait()
@@ -430,12 +420,15 @@ class Pod:
 
     async def _monitor(self, proc: Process) -> None:
         try:
-            status = await self.agent.wait_process(proc.container_id, proc.exec_id)
+            status, oom_kills = await self.agent.wait_exit(proc.container_id, proc.exec_id)
         except errors.HuskError as exc:
             log.error("waiting for %s failed: %s", proc.name, exc)
-            status = VM_GONE_STATUS
-        if status == 128 + signal.SIGKILL and not proc.exec_id:
-            await self._check_oom_at_exit(proc.container_id)
+            status, oom_kills = VM_GONE_STATUS, 0
+        # An init killed by SIGKILL may be an OOM kill the watcher has not seen yet:
+        # containerd deletes the task right after its exit, so it is reported now.
+        if (status == 128 + signal.SIGKILL and not proc.exec_id
+                and oom_kills > self._ooms_reported.get(proc.container_id, 0)):
+            self._report_oom(proc.container_id, at_exit=True)
         await proc.io.finish()
         self._exited(proc, status)
 

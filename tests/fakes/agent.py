@@ -84,10 +84,13 @@ class FakeAgent:
         self.exit(container_id, 128 + signal, exec_id)
 
     async def wait_process(self, container_id: str, exec_id: str) -> int:
+        return (await self.wait_exit(container_id, exec_id))[0]
+
+    async def wait_exit(self, container_id: str, exec_id: str) -> tuple[int, int]:
         p = self.proc(container_id, exec_id)
         await p.exited.wait()
         assert p.status is not None
-        return p.status
+        return p.status, 0 if exec_id else self.oom_kills.get(container_id, 0)
 
     async def read_output(self, container_id: str, exec_id: str, stderr: bool = False
                           ) -> AsyncIterator[bytes]:
