@@ -250,6 +250,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                             s.create_filesystem) for s in request.storages]
         container = await self._sandbox.create_container(request.container_id,
                                                          request.oci_spec_json, storages)
+        if request.close_stdin:
+            container.init.io.stdin.close()
         return pb.ProcessResponse(pid=container.init.pid)
 
     @unary
@@ -294,6 +296,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         check_id("exec id", request.exec_id)
         process = rewrite_process(request.process_json)
         proc = await container.exec(request.exec_id, process)
+        if request.close_stdin:
+            proc.io.stdin.close()
         return pb.ProcessResponse(pid=proc.pid)
 
     @unary

@@ -117,9 +117,8 @@ async def run_container(args: argparse.Namespace) -> int:
                                           readonly=args.readonly)
         spec = oci.default_spec(args.command, root, args.hostname, env=args.env,
                                 cwd=args.cwd, terminal=args.tty, readonly_root=args.readonly)
-        await sandbox.agent.create_container(CONTAINER_ID, spec)
-        if not args.interactive:
-            await sandbox.agent.close_stdin(CONTAINER_ID, "")
+        await sandbox.agent.create_container(CONTAINER_ID, spec,
+                                             close_stdin=not args.interactive)
         copies = [asyncio.create_task(_copy_output(sandbox, False, sys.stdout.buffer, times))]
         if not args.tty:
             copies.append(asyncio.create_task(

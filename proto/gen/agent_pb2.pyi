@@ -136,14 +136,16 @@ class DestroySandboxRequest(_message.Message):
     def __init__(self, sandbox_id: _Optional[str] = ...) -> None: ...
 
 class CreateContainerRequest(_message.Message):
-    __slots__ = ("container_id", "oci_spec_json", "storages")
+    __slots__ = ("container_id", "oci_spec_json", "storages", "close_stdin")
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     OCI_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     STORAGES_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_STDIN_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     oci_spec_json: str
     storages: _containers.RepeatedCompositeFieldContainer[Storage]
-    def __init__(self, container_id: _Optional[str] = ..., oci_spec_json: _Optional[str] = ..., storages: _Optional[_Iterable[_Union[Storage, _Mapping]]] = ...) -> None: ...
+    close_stdin: bool
+    def __init__(self, container_id: _Optional[str] = ..., oci_spec_json: _Optional[str] = ..., storages: _Optional[_Iterable[_Union[Storage, _Mapping]]] = ..., close_stdin: _Optional[bool] = ...) -> None: ...
 
 class ContainerRequest(_message.Message):
     __slots__ = ("container_id",)
@@ -168,14 +170,16 @@ class UpdateContainerRequest(_message.Message):
     def __init__(self, container_id: _Optional[str] = ..., resources_json: _Optional[str] = ...) -> None: ...
 
 class ExecProcessRequest(_message.Message):
-    __slots__ = ("container_id", "exec_id", "process_json")
+    __slots__ = ("container_id", "exec_id", "process_json", "close_stdin")
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     EXEC_ID_FIELD_NUMBER: _ClassVar[int]
     PROCESS_JSON_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_STDIN_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     exec_id: str
     process_json: str
-    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., process_json: _Optional[str] = ...) -> None: ...
+    close_stdin: bool
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., process_json: _Optional[str] = ..., close_stdin: _Optional[bool] = ...) -> None: ...
 
 class ProcessRequest(_message.Message):
     __slots__ = ("container_id", "exec_id")

@@ -325,10 +325,12 @@ class AgentClient:
                          timeout_s)
 
     async def create_container(self, container_id: str, spec: dict[str, Any],
-                               storages: list[Storage] = ()) -> int:  # type: ignore[assignment]
+                               storages: list[Storage] = (),  # type: ignore[assignment]
+                               close_stdin: bool = False) -> int:
+        """:param close_stdin: the init reads EOF on stdin from the start."""
         reply = await self._call("CreateContainer", pb.CreateContainerRequest(
             container_id=container_id, oci_spec_json=json.dumps(spec),
-            storages=[s.to_proto() for s in storages]))
+            storages=[s.to_proto() for s in storages], close_stdin=close_stdin))
         return _pid(reply.pid)
 
     async def start_container(self, container_id: str) -> int:
@@ -340,9 +342,11 @@ class AgentClient:
             container_id=container_id, timeout_s=timeout_s), timeout_s + self.timeout_s)
 
     async def exec_process(self, container_id: str, exec_id: str,
-                           process: dict[str, Any]) -> int:
+                           process: dict[str, Any], close_stdin: bool = False) -> int:
+        """:param close_stdin: the process reads EOF on stdin from the start."""
         reply = await self._call("ExecProcess", pb.ExecProcessRequest(
-            container_id=container_id, exec_id=exec_id, process_json=json.dumps(process)))
+            container_id=container_id, exec_id=exec_id, process_json=json.dumps(process),
+            close_stdin=close_stdin))
         return _pid(reply.pid)
 
     async def signal_process(self, container_id: str, exec_id: str, signal: int,

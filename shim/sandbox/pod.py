@@ -265,12 +265,11 @@ class Pod:
             name = annotations.get(CONTAINER_NAME) if isinstance(annotations, dict) else ""
             container = Container(container_id, bundle, proc, is_sandbox=False,
                                   name=name[:NAME_MAX] if isinstance(name, str) else "")
-            proc.guest_pid = await self.agent.create_container(container_id, spec, storages)
+            # Every guest process gets a stdin pipe: without one of ours it must read EOF.
+            proc.guest_pid = await self.agent.create_container(
+                container_id, spec, storages, close_stdin=not io.stdin)
             # The agent buffers output from creation on: nothing is lost by starting here.
             io.start_output(self.agent)
-            if not io.stdin:
-                # Every guest process gets a stdin pipe: without one it must read EOF.
-                await self.agent.close_stdin(container_id, "")
         except BaseException:
             self.resizer.forget(container_id)
             io.close()
@@ -402,10 +401,9 @@ class Pod:
         if exec_id:
             assert proc.spec is not None
             try:
-                proc.guest_pid = await self.agent.exec_process(container_id, exec_id, proc.spec)
+                proc.guest_pid = await self.agent.exec_process(
+                    container_id, exec_id, proc.spec, close_stdin=not proc.io.stdin)
                 proc.io.start_output(self.agent)
-                if not proc.io.stdin:
-                    await self.agent.close_stdin(container_id, exec_id)
             except BaseException:
                 proc.io.close()
                 raise

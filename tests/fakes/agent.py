@@ -65,18 +65,22 @@ class FakeAgent:
 
     # AgentClient surface
     async def create_container(self, container_id: str, spec: dict[str, Any],
-                               storages: Any = ()) -> int:
+                               storages: Any = (), close_stdin: bool = False) -> int:
         if (container_id, "") in self.procs:
             raise errors.AlreadyExistsError(f"agent: {container_id} exists")
-        return self._new((container_id, ""), spec)
+        pid = self._new((container_id, ""), spec)
+        self.proc(container_id).stdin_closed = close_stdin
+        return pid
 
     async def start_container(self, container_id: str) -> int:
         return self.proc(container_id).pid
 
-    async def exec_process(self, container_id: str, exec_id: str, process: dict[str, Any]
-                           ) -> int:
+    async def exec_process(self, container_id: str, exec_id: str, process: dict[str, Any],
+                           close_stdin: bool = False) -> int:
         self.proc(container_id)
-        return self._new((container_id, exec_id), process)
+        pid = self._new((container_id, exec_id), process)
+        self.proc(container_id, exec_id).stdin_closed = close_stdin
+        return pid
 
     async def signal_process(self, container_id: str, exec_id: str, signal: int,
                              all_processes: bool = False) -> None:
