@@ -49,6 +49,10 @@ OOM_FLOOD_PAUSE_S = 0.01
 OOM_SUMMARY_EVERY_S = 10.0
 # Mounts below one recursive bind volume that get a bind of their own.
 MAX_SUBMOUNTS = 64
+# A process that has not exited this long after SIGKILL never will: its guest is sick
+# (seen under TCG: the guest kernel hit a BUG in the dying process). The VM is stopped
+# so that every process of the pod is reported gone and StopPodSandbox can finish.
+KILL_EXIT_TIMEOUT_S = 30.0
 CONTAINER_NAME = "io.kubernetes.cri.container-name"
 NAME_MAX = 253
 
@@ -97,6 +101,7 @@ class Pod:
         self._oom_events = 0  # from the guest, in all
         self._oom_summary_at = 0.0
         self._manage: ManageServer | None = None
+        self.kill_exit_timeout_s = KILL_EXIT_TIMEOUT_S
         self.resizer = VmResizer(sandbox.config.hypervisor, sandbox.size)
         self.volumes = PodVolumes(
             DirectVolumes(Path(sandbox.config.storage.direct_volumes_dir)),
@@ -459,6 +464,27 @@ class Pod:
             self._exited(proc, 128 + signal.SIGKILL)
             return
         await self.agent.signal_process(container_id, exec_id, sig, all_procs)
+        if sig == signal.SIGKILL and proc.state is ProcessState.RUNNING:
+            self._watch_kill(proc)
+
+    def _watch_kill(self, proc: Process) -> None:
+        async def watch() -> None:
+            try:
+                await asyncio.wait_for(proc.wait(), self.kill_exit_timeout_s)
+                return
+            except asyncio.TimeoutError:
+                pass
+            log.error("sandbox %s: %s has not exited %.0fs after SIGKILL: its guest cannot end "
+                      "it (the guest's logs follow); stopping the VM", self.sandbox.sandbox_id,
+                      proc.name, self.kill_exit_timeout_s)
+            self.sandbox.guest_logs()
+            vm = self.sandbox.vm
+            if vm is not None:
+                await vm.stop()
+
+        task = asyncio.create_task(watch(), name=f"kill-watch-{proc.name}")
+        self._monitors.add(task)
+        task.add_done_callback(self._monitors.discard)
 
     async def delete(self, container_id: str, exec_id: str) -> Process:
         container = self.get(container_id)

@@ -442,14 +442,14 @@ class Sandbox:
             try:
                 await self.vm.wait_guest_open(AGENT_CHARDEV, self.config.agent.dial_timeout_s)
             except VmError as exc:
-                raise errors.UnavailableError(f"{exc}; {self._guest_logs()}") from exc
+                raise errors.UnavailableError(f"{exc}; {self.guest_logs()}") from exc
             target = f"unix:{paths.agent_serial_socket}"
         self.agent = AgentClient(target, self.config.agent.request_timeout_s)
         undo.push_async_callback(self.agent.close)
         try:
             await self.agent.wait_ready(self.config.agent.dial_timeout_s, self._vm_alive)
         except errors.UnavailableError as exc:
-            raise errors.UnavailableError(f"{exc}; {self._guest_logs()}") from exc
+            raise errors.UnavailableError(f"{exc}; {self.guest_logs()}") from exc
         self.times.agent_ready_s = time.monotonic() - self.vm.times.spawned_at
         if self._template is not None:
             # Its template's build logged the guest's details; asking again runs crun.
@@ -557,7 +557,7 @@ class Sandbox:
         if self.run_dir.exists():  # the undo of the run directory step removed it already
             self._remove_run_dir()
 
-    def _guest_logs(self) -> str:
+    def guest_logs(self) -> str:
         """The end of the guest's console and agent logs, for error messages and the shim log."""
         vm = self.vm
         console = vm.console.tail(GUEST_LOG_TAIL_LINES) if vm is not None else ""

@@ -33,6 +33,8 @@ class FakeAgent:
         self.removed: list[str] = []
         self.paused: set[str] = set()
         self.signals: list[tuple[str, str, int, bool]] = []
+        # Containers whose processes survive every signal (a guest that cannot end them).
+        self.unkillable: set[str] = set()
         self._next_pid = 100
         self.oom_events: asyncio.Queue[str] = asyncio.Queue()
         self.oom_kills: dict[str, int] = {}
@@ -85,6 +87,8 @@ class FakeAgent:
     async def signal_process(self, container_id: str, exec_id: str, signal: int,
                              all_processes: bool = False) -> None:
         self.signals.append((container_id, exec_id, signal, all_processes))
+        if container_id in self.unkillable:
+            return
         self.exit(container_id, 128 + signal, exec_id)
 
     async def wait_process(self, container_id: str, exec_id: str) -> int:

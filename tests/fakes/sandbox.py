@@ -56,6 +56,9 @@ class FakeSandbox:
         self.agent = FakeAgent()
         self.vm = FakeVm()
 
+    def guest_logs(self) -> str:
+        return "guest console: (fake); agent log: (fake)"
+
     async def stop(self) -> None:
         self.stopped = True
         self.shared.destroy()

@@ -388,3 +388,24 @@ async def test_host_network_pod_is_refused_before_anything_exists(env: Any) -> N
         await env.service.create(api.CreateTaskRequest(id=SANDBOX, bundle=str(bundle)))
     assert exc.value.code == Code.INVALID_ARGUMENT and "hostNetwork" in exc.value.message
     assert env.sandboxes == [], "a sandbox was made for a host-network pod"
+
+
+async def test_a_process_that_survives_sigkill_stops_the_vm(env: Any,
+                                                            caplog: pytest.LogCaptureFixture
+                                                            ) -> None:
+    """Seen under TCG: the guest kernel hit a BUG in the dying process, which then never
+    exits; without this, StopPodSandbox waits for it forever."""
+    await _run_pod(env)
+    await _create(env, "c1")
+    await env.service.start(api.StartRequest(id="c1"))
+    env.sandboxes[0].agent.unkillable.add("c1")
+    assert env.service.pod is not None
+    env.service.pod.kill_exit_timeout_s = 0.2
+    await env.service.kill(api.KillRequest(id="c1", signal=15))  # no watchdog for SIGTERM
+    await asyncio.sleep(0.4)
+    assert env.sandboxes[0].vm.running
+    await env.service.kill(api.KillRequest(id="c1", signal=9))
+    reply = await asyncio.wait_for(env.service.wait(api.WaitRequest(id="c1")), 5)
+    assert reply.exit_status == 255
+    assert not env.sandboxes[0].vm.running
+    assert "has not exited 0s after SIGKILL" in caplog.text
