@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"containerd-shim-husk-v2: {exc}", file=sys.stderr)
         return 2
     if args.version:
-        from shim.task.service import SHIM_VERSION
+        from shim import SHIM_VERSION
         print(f"containerd-shim-husk-v2 {SHIM_VERSION}")
         return 0
     if args.info:

@@ -18,9 +18,7 @@ from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
 
 from proto.gen.containerd.types import introspection_pb2
-from shim.task.service import SHIM_VERSION
-
-RUNTIME_NAME = "io.containerd.husk.v2"
+from shim import RUNTIME_TYPE as RUNTIME_NAME, SHIM_VERSION
 
 
 class InfoError(ValueError):

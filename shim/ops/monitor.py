@@ -102,6 +102,10 @@ class Families:
                                 "How long asking every pod took", labels=[])
         self.pods = g("husk_monitor_pods", "Pods found on this scrape", labels=[])
 
+    def merge(self, other: Families) -> None:
+        for name, family in vars(other).items():
+            vars(self)[name].samples.extend(family.samples)
+
     def all(self) -> Iterator[Metric]:
         return (value for value in vars(self).values() if isinstance(value, Metric))
 
@@ -176,7 +180,17 @@ class PodsCollector(Collector):
         families = Families()
         pods = find_pods(self.state_dir)
         for run_dir, data in zip(pods, self._pool.map(self._ask, pods)):
-            families.add_pod(run_dir, data)
+            pod = Families()  # a snapshot missing a figure (another husk version) adds nothing
+            try:
+                pod.add_pod(run_dir, data)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                log.warning("pod %s: unexpected snapshot (%s: %s)", run_dir.name,
+                            type(exc).__name__, exc)
+                with self._lock:
+                    self.errors += 1
+                pod = Families()
+                pod.add_pod(run_dir, None)
+            families.merge(pod)
         with self._lock:
             families.scrape_errors.add_metric([], self.errors)
         families.pods.add_metric([], len(pods))

@@ -25,7 +25,7 @@ from proto.gen.containerd.events import task_pb2 as ev
 from proto.gen.containerd.runtimeoptions.v1 import api_pb2 as runtimeoptions
 from proto.gen.containerd.task.v2 import shim_pb2 as api
 from proto.gen.containerd.types.task import task_pb2 as task_types
-from shim import __version__, errors
+from shim import SHIM_VERSION, errors
 from shim.config import Config, ConfigError, load_config
 from shim.manager import RUN_DIR_FILE
 from shim.sandbox.pod import Pod
@@ -40,7 +40,6 @@ from shim.ttrpc.services import MethodStats
 
 log = logging.getLogger(__name__)
 
-SHIM_VERSION = f"husk-{__version__}"
 CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
 RUNTIME_OPTIONS_TYPE = "runtimeoptions.v1.Options"

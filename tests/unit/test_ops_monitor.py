@@ -162,3 +162,17 @@ def test_listen_addresses() -> None:
     for bad in ("localhost", "host:0", "host:99999", "host:http"):
         with pytest.raises(ConfigError):
             parse_listen(bad)
+
+
+async def test_a_snapshot_missing_figures_marks_only_that_pod_down(
+        tmp_path: Path, shims: Any) -> None:
+    broken = _snapshot("bbbb2222", "old")
+    del broken["guest"]["load1"]  # say, a shim of another husk version
+    await shims("aaaa1111", _snapshot("aaaa1111", "web"))
+    await shims("bbbb2222", broken)
+    samples = await _scrape(tmp_path)
+    assert _one(samples, "husk_pod_up", sandbox_id="aaaa1111") == 1
+    assert _one(samples, "husk_pod_up", sandbox_id="bbbb2222") == 0
+    assert not [s for s in samples if s.labels.get("sandbox_id") == "bbbb2222"
+                and s.name != "husk_pod_up"]
+    assert _one(samples, "husk_monitor_pod_errors_total") == 1

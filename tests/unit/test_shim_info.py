@@ -9,7 +9,7 @@ from google.protobuf import any_pb2
 from proto.gen.containerd.runtimeoptions.v1 import api_pb2 as runtimeoptions
 from proto.gen.containerd.types import introspection_pb2
 from shim.__main__ import parse_args
-from shim.task.service import SHIM_VERSION
+from shim import SHIM_VERSION
 
 INFO_TIMEOUT_S = 30.0
 
