@@ -215,6 +215,27 @@ async def wait_for_virtiofs(*, sysfs: Path = Path("/sys"),
         await asyncio.sleep(BLOCK_DEVICE_POLL_S)
 
 
+async def mount_virtiofs(tag: str, target: str, flags: int, data: str,
+                         timeout: float = BLOCK_DEVICE_WAIT_S) -> None:
+    """Mount virtio-fs ``tag``, retrying while the kernel does not know the tag yet.
+
+    The driver's sysfs link (what wait_for_virtiofs sees) appears before the
+    driver's probe registers the tag, and until then mount(2) says EINVAL; on a
+    busy host (ten VMs booting) that window lasts long enough to be hit.
+
+    :raise OSError: the last mount(2) error once ``timeout`` has passed.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            mount(tag, target, "virtiofs", flags, data)
+            return
+        except OSError as e:
+            if e.errno != errno.EINVAL or time.monotonic() >= deadline:
+                raise
+        await asyncio.sleep(BLOCK_DEVICE_POLL_S)
+
+
 # Filesystems the guest can make and grow (e2fsprogs is in the guest image).
 MKFS = {"ext4": ("mkfs.ext4", "-q", "-F"), "ext3": ("mkfs.ext3", "-q", "-F"),
         "ext2": ("mkfs.ext2", "-q", "-F")}
@@ -269,7 +290,10 @@ async def mount_storage(storage: Storage, *, sysfs: Path = Path("/sys"),
     flags, data = split_options(options)
     try:
         os.makedirs(storage.mount_point, exist_ok=True)
-        mount(source, storage.mount_point, fstype, flags, data)
+        if storage.driver == "virtio-fs":
+            await mount_virtiofs(source, storage.mount_point, flags, data)
+        else:
+            mount(source, storage.mount_point, fstype, flags, data)
     except OSError as e:
         raise GuestError(f"{storage.driver} storage {storage.source}: {e}") from e
     log.info("mounted %s %s on %s (type %s, options %s)", storage.driver, source,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import shutil
@@ -117,6 +118,26 @@ async def test_virtiofs_mount_waits_for_a_hot_plugged_device(
     assert calls and calls[0][0] == "husk-shared"
     with pytest.raises(DeadlineError, match="no virtio-fs device"):
         await st.wait_for_virtiofs(sysfs=tmp_path / "empty", timeout=0.2)
+
+
+async def test_virtiofs_mount_retries_until_the_tag_is_registered(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver's sysfs link precedes the tag: mount(2) says EINVAL meanwhile."""
+    attempts: list[str] = []
+
+    def mount(source: str, *rest: object) -> None:
+        attempts.append(source)
+        if len(attempts) < 3:
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(st, "mount", mount)
+    storage = Storage("virtio-fs", "husk-shared", "virtiofs", [], str(tmp_path / "m"))
+    await mount_storage(storage, sysfs=_virtiofs_bound(tmp_path / "sys"))
+    assert attempts == ["husk-shared"] * 3
+    # Another error, or EINVAL past the deadline, is the storage's failure.
+    monkeypatch.setattr(st, "mount", lambda *a: (_ for _ in ()).throw(OSError(errno.EINVAL, "x")))
+    with pytest.raises(OSError):
+        await st.mount_virtiofs("husk-shared", str(tmp_path / "m"), 0, "", timeout=0.1)
 
 
 async def test_mount_failure_is_a_guest_error(tmp_path: Path) -> None:
