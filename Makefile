@@ -39,7 +39,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.lock requirements-dev.lock pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q -r requirements.lock -r requirements-dev.lock
-	$(VENV)/bin/pip install -q --no-deps -e .
+	$(VENV)/bin/pip install -q --no-deps -e . --config-settings editable_mode=compat
 	@touch $@
 
 # Regenerates proto/gen/ from the .proto files (the generated code is committed).

@@ -106,8 +106,6 @@ def configure_logging(debug: bool, log_port: Path | None) -> PortLogHandler | No
     # gRPC's own debug chatter is not ours.
     logging.getLogger("grpc").setLevel(logging.WARNING)
     logging.getLogger("asyncio").setLevel(logging.WARNING)
-    # pyroute2 logs every netlink message at DEBUG: the agent's own lines say what it did.
-    logging.getLogger("pyroute2").setLevel(logging.WARNING)
     return handler
 
 

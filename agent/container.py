@@ -271,11 +271,14 @@ class Container:
 
     async def remove(self, timeout: float = DEFAULT_REMOVE_TIMEOUT_S) -> None:
         """Kill everything, ``crun delete --force``, close stdio, unmount volumes, drop the bundle."""
+        await self.release(timeout)
+        await self.forget()
+
+    async def release(self, timeout: float = DEFAULT_REMOVE_TIMEOUT_S) -> None:
+        """What the host waits for: the container's processes killed and gone, its
+        stdio closed, its volumes unmounted (the host may unplug their disks next).
+        forget() does the rest."""
         async with self._lock:
-            try:
-                await self._crun.delete(self.id)
-            except CommandError as e:
-                log.warning("container %s: %s; killing its init directly", self.id, e)
             procs = [self.init, *self.execs.values()]
             for proc in procs:
                 with contextlib.suppress(ProcessLookupError):
@@ -294,8 +297,17 @@ class Container:
                     volume.unmount()
                 except OSError as e:
                     log.warning("container %s: %s", self.id, e)
-            shutil.rmtree(self.bundle, ignore_errors=True)
             self._state = ContainerState.STOPPED
+
+    async def forget(self) -> None:
+        """``crun delete --force`` (what is left in the container's cgroup is killed, its
+        cgroup and crun's state go) and the bundle; logged, never raised."""
+        async with self._lock:
+            try:
+                await self._crun.delete(self.id)
+            except CommandError as e:
+                log.warning("container %s: %s", self.id, e)
+            shutil.rmtree(self.bundle, ignore_errors=True)
             log.info("removed container %s", self.id)
 
     # Section: inspection

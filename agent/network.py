@@ -102,6 +102,9 @@ def preload() -> None:
 
 def _iproute() -> Any:
     from pyroute2 import IPRoute  # the guest has it; host-side tests import this module too
+    # pyroute2's import sets its logger to log every netlink message; our lines say
+    # what was done.
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)
     return IPRoute()
 
 

@@ -40,6 +40,7 @@ from typing import Any, ClassVar
 import grpc
 
 from agent.stdio import wait_fd
+from proto import wire
 from proto.gen import agent_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -91,18 +92,8 @@ def garbage_reply() -> bytes:
     return GARBAGE_PREFIX + os.urandom(GARBAGE_REPLY_BYTES - len(GARBAGE_PREFIX))
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def oversized_reply() -> bytes:
-    tag = _varint(OVERSIZED_FIELD << 3 | 2)  # wire type 2: length-delimited
-    return tag + _varint(OVERSIZED_REPLY_BYTES) + bytes(OVERSIZED_REPLY_BYTES)
+    return wire.length_delimited_field(OVERSIZED_FIELD, bytes(OVERSIZED_REPLY_BYTES))
 
 
 class HookCommandError(ValueError):

@@ -112,8 +112,6 @@ def _setup_logging(shim_id: str, debug: bool) -> Path | None:
     logging.getLogger("qemu.qmp").setLevel(logging.INFO if debug else logging.WARNING)
     # grpc's DEBUG is a line per call ("Loaded running loop").
     logging.getLogger("grpc").setLevel(logging.INFO if debug else logging.WARNING)
-    # pyroute2 logs every netlink message at DEBUG; shim.network's lines say what was done.
-    logging.getLogger("pyroute2").setLevel(logging.WARNING)
     return log_file
 
 

@@ -11,18 +11,21 @@ VM for this id, unmount and remove its files, and print a DeleteResponse.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from proto import wire
 from shim.__main__ import ShimArgs
 from shim.ids import SANDBOXES_DIR, is_valid_id
+
+# containerd waits for ``delete`` on every task's removal and for ``start`` on
+# every task's creation: hashlib (OpenSSL), subprocess and protobuf are imported
+# only by the paths that need them, and DeleteResponse is written by hand.
 
 SOCKET_DIR = "/run/containerd/s"
 ADDRESS_FILE = "address"
@@ -65,6 +68,8 @@ def group_id(shim_id: str, annotations: dict[str, str]) -> str:
 
 def socket_address(containerd_address: str, namespace: str, group: str) -> str:
     """containerd's own scheme: unix:///run/containerd/s/<sha256(address/ns/id)>."""
+    import hashlib
+
     digest = hashlib.sha256(os.path.join(containerd_address, namespace, group).encode())
     return f"unix://{SOCKET_DIR}/{digest.hexdigest()}"
 
@@ -126,6 +131,8 @@ def start(args: ShimArgs) -> int:
         print(f"containerd-shim-husk-v2: cannot listen on {path}: {exc}", file=sys.stderr)
         return 1
     argv = daemon_argv(args, group, sock.fileno())
+    import subprocess
+
     try:
         subprocess.Popen(argv, cwd=bundle, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, pass_fds=(sock.fileno(),),
@@ -178,10 +185,12 @@ def delete(args: ShimArgs) -> int:
     for warning in warnings:
         print(f"husk delete {args.id}: {warning}", file=sys.stderr)
 
-    from proto.gen.containerd.task.v2 import shim_pb2
-
-    response = shim_pb2.DeleteResponse(pid=pid, exit_status=SIGKILL_STATUS)
-    response.exited_at.FromNanoseconds(time.time_ns())
-    sys.stdout.buffer.write(response.SerializeToString())
+    sys.stdout.buffer.write(delete_response(pid, SIGKILL_STATUS, time.time_ns()))
     sys.stdout.flush()
     return 0
+
+
+def delete_response(pid: int, exit_status: int, exited_at_ns: int) -> bytes:
+    """containerd.task.v2.DeleteResponse: pid = 1, exit_status = 2, exited_at = 3."""
+    return (wire.varint_field(1, pid) + wire.varint_field(2, exit_status)
+            + wire.length_delimited_field(3, wire.timestamp(exited_at_ns)))

@@ -50,6 +50,9 @@ def _iproute() -> Any:
     """An IPRoute in the calling thread's namespace. Imported here: only pods
     with a network pay for pyroute2."""
     from pyroute2 import IPRoute
+    # pyroute2's import sets its logger to log every netlink message (a page each);
+    # shim.network's lines say what was done.
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)
     return IPRoute()
 
 

@@ -544,16 +544,20 @@ class Sandbox:
 
     async def stop(self) -> None:
         """Tear everything down; safe to call more than once and after failures."""
+        began = time.monotonic()
         if self.agent is not None and self.vm is not None and self.vm.running:
             with contextlib.suppress(errors.HuskError, asyncio.TimeoutError):
                 await asyncio.wait_for(self.agent.destroy_sandbox(self.sandbox_id),
                                        DESTROY_TIMEOUT_S)
+        destroyed = time.monotonic()
         if self._undo is not None:
             undo, self._undo = self._undo, None
             try:
                 await undo.aclose()
             except Exception:  # every undo ran; one failing must not keep the pod alive
                 log.exception("sandbox %s: a teardown step failed", self.sandbox_id)
+            log.debug("sandbox %s: torn down in %.3fs (DestroySandbox %.3fs)", self.sandbox_id,
+                      time.monotonic() - began, destroyed - began)
         if self.run_dir.exists():  # the undo of the run directory step removed it already
             self._remove_run_dir()
 

@@ -347,16 +347,21 @@ class Vm:
 
         The guest logs' tails stay readable.
         """
+        began = time.monotonic()
         if self._qmp is not None:
             if self._qemu is not None and self._qemu.returncode is None:
                 with contextlib.suppress(QmpError):
                     await self._qmp.execute("quit", timeout_s=QUIT_GRACE_S)
             await self._qmp.close()
             self._qmp = None
+        quit_s = time.monotonic() - began
         if self._qemu is not None:
             await child.stop(self._qemu, "qemu", grace_s=QUIT_GRACE_S)
+        qemu_s = time.monotonic() - began
         if self._virtiofsd is not None:
             await child.stop(self._virtiofsd, "virtiofsd")
+        log.debug("VM %s: QMP quit answered in %.3fs, QEMU gone in %.3fs, virtiofsd in %.3fs",
+                  self.spec.name, quit_s, qemu_s, time.monotonic() - began)
         await self._drain_guest_logs()
         await self.console.close()
         await self.guest_log.close()

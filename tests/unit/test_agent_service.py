@@ -396,6 +396,18 @@ async def test_two_containers_at_once(agent: Agent) -> None:
     # The sandbox is destroyed with both containers still present (the fixture checks).
 
 
+async def test_removed_container_is_gone_and_its_id_free(agent: Agent) -> None:
+    """RemoveContainer answers once the processes are gone; crun delete runs behind it,
+    and a container of the same id waits for that instead of failing."""
+    pid = await agent.run("again", ["sleep", "100"])
+    await agent.remove("again")
+    assert not psutil.pid_exists(pid)
+    await agent.run("again", ["sh", "-c", "echo back"])
+    assert await agent.read("again") == b"back\n"
+    assert await agent.wait("again") == 0
+    await agent.remove("again")
+
+
 async def test_malformed_specs_are_rejected(agent: Agent) -> None:
     bad = [
         "not json",

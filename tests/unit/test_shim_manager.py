@@ -73,7 +73,7 @@ def test_second_container_reuses_the_pods_daemon(tmp_path: Path, sockets: Path,
             "io.kubernetes.cri.container-type": "container",
             "io.kubernetes.cri.sandbox-id": "pod1"}}))
         monkeypatch.chdir(bundle)
-        monkeypatch.setattr(manager.subprocess, "Popen", lambda *a, **k: pytest.fail("spawned"))
+        monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("spawned"))
         args = parse_args(["-namespace", "k8s.io", "-address", "/c.sock", "-id", "c1", "start"])
         assert manager.start(args) == 0
     assert capsys.readouterr().out == address
@@ -155,7 +155,7 @@ def test_group_annotation_must_be_an_id(tmp_path: Path, monkeypatch: pytest.Monk
     (tmp_path / "config.json").write_text(json.dumps(
         {"annotations": {manager.GROUP_LABEL: "../../../etc/x"}}))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(manager.subprocess, "Popen", lambda *a, **k: pytest.fail("spawned"))
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("spawned"))
     args = parse_args(["-namespace", "k8s.io", "-address", "/c.sock", "-id", "c1", "start"])
     assert manager.start(args) == 1
     assert "invalid pod id" in capsys.readouterr().err
@@ -179,3 +179,24 @@ def test_socket_is_private_and_the_daemon_is_named_like_a_shim(
     assert argv[-1] == "serve" and "-socket" in argv
     monkeypatch.setattr(manager.sys, "argv", ["/some/python/-m"])
     assert manager.daemon_argv(args, "pod1", 7)[:3] == [manager.sys.executable, "-m", "shim"]
+
+
+@pytest.mark.parametrize("pid, status, ns", [(1, 137, 1_796_000_000_123_456_789), (0, 0, 0),
+                                             (2**32 - 1, 255, 5_000_000_000)])
+def test_delete_response_is_what_protobuf_reads(pid: int, status: int, ns: int) -> None:
+    """delete writes DeleteResponse without protobuf (its import doubles the command's time)."""
+    response = shim_pb2.DeleteResponse.FromString(manager.delete_response(pid, status, ns))
+    assert (response.pid, response.exit_status, response.exited_at.ToNanoseconds()) == (pid, status, ns)
+    expected = shim_pb2.DeleteResponse(pid=pid, exit_status=status)
+    expected.exited_at.FromNanoseconds(ns)
+    assert manager.delete_response(pid, status, ns) == expected.SerializeToString()
+
+
+def test_delete_imports_neither_protobuf_nor_openssl(tmp_path: Path) -> None:
+    code = ("import sys; from shim.__main__ import main; main(['-namespace', 'k8s.io', '-address',"
+            f" '/c.sock', '-id', 'c1', '-bundle', {str(tmp_path)!r}, 'delete']);"
+            " print(sorted(m for m in sys.modules if m.split('.')[0] in"
+            " ('google', '_hashlib', 'subprocess', 'psutil')), file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, check=True)
+    assert done.stderr.decode().strip() == "[]"
+    assert shim_pb2.DeleteResponse.FromString(done.stdout).exit_status == 137
