@@ -292,6 +292,9 @@ ext4)
 		-E root_owner=0:0 -d "$ROOT" "$STAGE/rootfs.img" $((kib * 11 / 10 + 8192))K >/dev/null
 	;;
 esac
+# The shim maps the image into the guest as a virtio-pmem device (the guest reads
+# it in place, DAX): its size must be a whole number of 2 MiB blocks.
+truncate -s %2M "$STAGE/rootfs.img" || die "cannot pad rootfs.img to 2 MiB"
 
 cp "$KERNEL_DIR/vmlinuz" "$KERNEL_DIR/vmlinux" "$STAGE/"
 

@@ -4,13 +4,15 @@
 # filesystems and cgroup2, and switch_root into the root image's /sbin/init.
 #
 # Kernel command line: root=DEV (default /dev/vda), rootfstype=TYPE (default:
-# the type the image was built with), init=PATH (default /sbin/init),
+# the type the image was built with), rootflags=OPTS (extra mount options, e.g.
+# dax for a virtio-pmem root), init=PATH (default /sbin/init),
 # husk.debug=1 (on failure open a shell instead of powering off).
 # Any failure powers the VM off, so the host sees QEMU exit instead of a hang.
 
 export PATH=/bin
 ROOT_DEV=/dev/vda
 ROOT_TYPE=$(cat /etc/husk/rootfstype 2>/dev/null)
+ROOT_FLAGS=""
 NEW_INIT=/sbin/init
 NEW_ROOT=/newroot
 DEBUG=0
@@ -46,6 +48,7 @@ for arg in $cmdline; do
 	case "$arg" in
 	root=*) ROOT_DEV=${arg#root=} ;;
 	rootfstype=*) ROOT_TYPE=${arg#rootfstype=} ;;
+	rootflags=*) ROOT_FLAGS=,${arg#rootflags=} ;;
 	init=*) NEW_INIT=${arg#init=} ;;
 	husk.debug=1) DEBUG=1 ;;
 	esac
@@ -69,8 +72,8 @@ while [ ! -b "$ROOT_DEV" ]; do
 done
 
 mkdir -p "$NEW_ROOT"
-mount -t "${ROOT_TYPE:-auto}" -o ro "$ROOT_DEV" "$NEW_ROOT" ||
-	fail "cannot mount $ROOT_DEV (${ROOT_TYPE:-auto}) read-only on $NEW_ROOT"
+mount -t "${ROOT_TYPE:-auto}" -o "ro$ROOT_FLAGS" "$ROOT_DEV" "$NEW_ROOT" ||
+	fail "cannot mount $ROOT_DEV (${ROOT_TYPE:-auto}, ro$ROOT_FLAGS) on $NEW_ROOT"
 [ -x "$NEW_ROOT$NEW_INIT" ] || [ -L "$NEW_ROOT$NEW_INIT" ] ||
 	fail "$NEW_INIT is missing from the root image on $ROOT_DEV"
 

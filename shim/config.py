@@ -52,6 +52,9 @@ class SizeOverrides:
     memory_mib: int = 0
 
 
+ROOT_DEVICES = ("pmem", "virtio-blk")
+
+
 @dataclass(frozen=True)
 class HypervisorConfig:
     qemu_path: str = "/usr/bin/qemu-system-x86_64"
@@ -71,6 +74,11 @@ class HypervisorConfig:
     max_memory_mib: int = 16384
     accel: str = "auto"
     hotplug_ports: int = 16
+    # How the guest gets its root image: "pmem" maps the file into the guest
+    # (virtio-pmem, read-only, DAX: the guest reads it in place, so its page cache
+    # is the host's, once for every pod) or "virtio-blk" (a read-only disk, each
+    # guest caching what it reads in its own RAM).
+    root_device: str = "pmem"
 
     def guest_file(self, name: str, override: str) -> Path:
         if override:
@@ -268,6 +276,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     config = Config(**parts)
     hv = config.hypervisor
     _choice("hypervisor.accel", hv.accel, ACCEL_MODES)
+    _choice("hypervisor.root_device", hv.root_device, ROOT_DEVICES)
     _bounded_int("hypervisor.max_vcpus", hv.max_vcpus, 1, 255)
     _bounded_int("hypervisor.max_memory_mib", hv.max_memory_mib, MIN_MEMORY_MIB, 1 << 22)
     _bounded_int("hypervisor.vcpus", hv.vcpus, 1, hv.max_vcpus)

@@ -43,8 +43,8 @@ from shim.sandbox.template import (RAM_FILE, Template, TemplateError, TemplateId
 from shim.util.mount import mounts_under
 from shim.storage.share import GUEST_SHARED_DIR, SharedDir, check_id
 from shim.vm.accel import Accel, AccelChoice, choose_accel
-from shim.vm.cmdline import (AGENT_CHARDEV, SHARED_FS_TAG, AgentTransport, NicSpec, SharedFsType,
-                             VmPaths, VmSpec)
+from shim.vm.cmdline import (AGENT_CHARDEV, PMEM_ALIGN_BYTES, SHARED_FS_TAG, AgentTransport,
+                             NicSpec, SharedFsType, VmPaths, VmSpec)
 from shim.vm.devices import DeviceError
 from shim.vm.qemu import Vm, VmError
 from shim.vm.ram import allocated_bytes, copy_sparse, new_guest_ram
@@ -230,6 +230,19 @@ class Sandbox:
             return ()
         return tuple(self._nic(i, e) for i, e in enumerate(self.networking.endpoints))
 
+    def _root_pmem_bytes(self) -> int:
+        """The image's size when it goes in as virtio-pmem; 0 for a virtio-blk disk."""
+        hv = self.config.hypervisor
+        if hv.root_device != "pmem":
+            return 0
+        size = hv.image_path.stat().st_size
+        if size % PMEM_ALIGN_BYTES:
+            log.warning("sandbox %s: %s is %d bytes, not whole 2 MiB blocks (built by an "
+                        "older husk?): it goes in as a virtio-blk disk; `make guest-image` "
+                        "pads it", self.sandbox_id, hv.image_path, size)
+            return 0
+        return size
+
     def _vm_spec(self) -> VmSpec:
         hv = self.config.hypervisor
         assert self.accel is not None
@@ -237,6 +250,7 @@ class Sandbox:
         return VmSpec(
             name=self.sandbox_id[:32], paths=VmPaths(self.run_dir), qemu_path=hv.qemu_path,
             kernel=hv.kernel_path, initrd=hv.initrd_path, image=hv.image_path,
+            root_pmem_bytes=self._root_pmem_bytes(),
             vcpus=self.size.vcpus, memory_mib=self.size.memory_mib,
             max_vcpus=self.size.max_vcpus, max_memory_mib=self.size.max_memory_mib,
             all_vcpus_present=self.accel.accel is Accel.TCG, accel=self.accel,

@@ -38,6 +38,11 @@ FAST_BOOT_PARAMS = ("tsc=reliable", "no_timer_check", "rcupdate.rcu_expedited=1"
 # No DMA bounce buffers: virtio devices reach all guest memory, and a VM with room
 # for memory above 4 GiB (maxmem) would otherwise reserve and zero 64 MiB for them.
 NO_BOUNCE_BUFFERS = "swiotlb=noforce"
+# A virtio-pmem root is mapped in whole 2 MiB blocks (the guest's memory sections).
+PMEM_ALIGN_BYTES = 2 << 20
+# ext4 on the pmem device reading and mapping files in place instead of copying
+# them into the guest's page cache.
+PMEM_ROOT_PARAMS = ("root=/dev/pmem0", "rootflags=dax")
 # QEMU's seccomp filter: QEMU never needs to run programs (no helper scripts,
 # no -daemonize), change uids or use obsolete or scheduler/resource syscalls,
 # so a guest that takes over QEMU cannot either.
@@ -179,6 +184,10 @@ class VmSpec:
     # Guest RAM in this memfd (shim.vm.ram) instead of one QEMU creates: a template's,
     # or a VM's restored from one; the migration stream then leaves it out.
     ram_fd: int = -1
+    # > 0: the image is a read-only virtio-pmem device of this many bytes (the
+    # guest's root on DAX; a ROM region, so the guest cannot write it and vhost-user
+    # backends are not given it) instead of a virtio-blk disk.
+    root_pmem_bytes: int = 0
     vsock_cid: int = 0
     vhost_fd: int = -1
     hotplug_ports: int = 4
@@ -213,7 +222,8 @@ def check_socket_path(path: Path) -> None:
 
 def kernel_cmdline(spec: VmSpec) -> str:
     # panic=-1 with QEMU's -no-reboot: a guest that panics ends QEMU at once.
-    params = ["console=ttyS0", "8250.nr_uarts=1", "root=/dev/vda", "ro", "panic=-1",
+    root = PMEM_ROOT_PARAMS if spec.root_pmem_bytes else ("root=/dev/vda",)
+    params = ["console=ttyS0", "8250.nr_uarts=1", *root, "ro", "panic=-1",
               # Skip probing hardware a VM never has; saves seconds under TCG.
               *FAST_BOOT_PARAMS, NO_BOUNCE_BUFFERS, f"husk.transport={spec.transport.value}"]
     if spec.debug:
@@ -237,10 +247,29 @@ def smp_args(spec: VmSpec) -> str:
 
 
 def memory_args(spec: VmSpec) -> str:
-    """-m: boot memory, and DIMM slots up to the maximum for hot-added memory."""
-    if spec.max_memory_mib > spec.memory_mib:
-        return f"{spec.memory_mib}M,slots={MEMORY_SLOTS},maxmem={spec.max_memory_mib}M"
+    """-m: boot memory, and DIMM slots up to the maximum for hot-added memory; a
+    pmem root takes its room in the same device memory area, on top."""
+    pmem_mib = -(-spec.root_pmem_bytes // (1 << 20))
+    if spec.max_memory_mib > spec.memory_mib or pmem_mib:
+        maxmem = max(spec.max_memory_mib, spec.memory_mib) + pmem_mib
+        return f"{spec.memory_mib}M,slots={MEMORY_SLOTS},maxmem={maxmem}M"
     return f"{spec.memory_mib}M"
+
+
+def root_args(spec: VmSpec) -> list[str]:
+    """The root image: a read-only virtio-pmem mapping of the file, or a virtio-blk disk."""
+    if spec.root_pmem_bytes:
+        if spec.root_pmem_bytes % PMEM_ALIGN_BYTES:
+            raise CmdlineError(f"a pmem root must be a multiple of {PMEM_ALIGN_BYTES} bytes "
+                               f"({spec.image} has {spec.root_pmem_bytes})")
+        # share=on: every VM maps the host's page cache of the file; readonly=on
+        # opens it read-only and makes the region a ROM.
+        return ["-object", f"memory-backend-file,id=rootfs,mem-path={qemu_value(spec.image)},"
+                           f"size={spec.root_pmem_bytes},share=on,readonly=on",
+                "-device", "virtio-pmem-pci,memdev=rootfs,id=rootfs-pmem,bus=pcie.0,addr=0x2"]
+    return ["-drive", f"file={qemu_value(spec.image)},if=none,id=rootfs,format=raw,"
+                      "readonly=on,cache=unsafe",
+            "-device", "virtio-blk-pci,drive=rootfs,bus=pcie.0,addr=0x2"]
 
 
 def build_cmdline(spec: VmSpec, slots: SlotMap | None = None) -> list[str]:
@@ -268,9 +297,7 @@ def build_cmdline(spec: VmSpec, slots: SlotMap | None = None) -> list[str]:
             "-chardev", f"socket,id={CONSOLE_CHARDEV},path={qemu_value(p.console_socket)},"
                         "server=off",
             "-serial", f"chardev:{CONSOLE_CHARDEV}",
-            "-drive", f"file={qemu_value(spec.image)},if=none,id=rootfs,format=raw,"
-                      "readonly=on,cache=unsafe",
-            "-device", "virtio-blk-pci,drive=rootfs,bus=pcie.0,addr=0x2"]
+            *root_args(spec)]
     if spec.shared_fs is SharedFsType.VIRTIO_FS:
         # vhost-user needs guest RAM that virtiofsd can map.
         if spec.ram_fd >= 0:
