@@ -15,6 +15,7 @@ removed cleanly (the `cri` fixture fails a test that leaves anything behind).
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import psutil
 import pytest
 
 from shim.vm import guestlog
-from tests.conftest import HOSTILE_HANDLER
+from tests.conftest import GUEST_DIR, HOSTILE_HANDLER
 from tests.conftest import HUSK_CRI_STATE as HUSK_STATE
 from tests.cri.cri import CriClient, CriError, ExecResult, Pod
 from cri_api.v1 import api_pb2 as api
@@ -238,4 +239,28 @@ def test_a_lying_or_silent_agent_is_contained(cri: CriClient) -> None:
     assert time.monotonic() - started < 30
     assert cri.wait_container_exit(attacker.cid, timeout=30).exit_code == 255
     assert "did not answer 3 checks in a row" in _shim_log(pod)
+    _remove_pod(cri, pod)
+
+
+def test_the_root_image_cannot_be_written_from_the_guest(cri: CriClient) -> None:
+    """The guest's root is the node's rootfs.img mapped into every VM (virtio-pmem, DAX):
+    a guest root writing to that device must change nothing on the host."""
+    image = GUEST_DIR / "rootfs.img"
+    before = hashlib.sha256(image.read_bytes()).hexdigest()
+    pod = _hostile_pod(cri, "hostile-pmem")
+    attacker = Attacker(cri, pod)
+    root = attacker.run("grep ' / ' /proc/mounts")
+    assert root.out.startswith("/dev/pmem0 / ext4 ro,") and "dax" in root.out, root
+    # Through the page cache with a flush, and straight to the device (over the
+    # superblock). Detached: the guest kernel may hang on it (seen under TCG: the
+    # direct write's flush never completes), which is the attacker's own loss.
+    result = attacker.run(
+        "setsid sh -c 'dd if=/dev/zero of=/dev/pmem0 bs=4096 count=256 seek=64 "
+        "conv=notrunc,fsync; dd if=/dev/zero of=/dev/pmem0 bs=4096 count=1 conv=notrunc "
+        "oflag=direct; echo written > /run/pmem-attack' </dev/null >/dev/null 2>&1 &")
+    assert result.exit_code == 0, result
+    time.sleep(10)
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == before, \
+        "a guest changed the node's root image"
+    # Whatever became of the guest, the pod stops and goes (the fixture checks the rest).
     _remove_pod(cri, pod)
