@@ -293,8 +293,8 @@ ext4)
 	;;
 esac
 # The shim maps the image into the guest as a virtio-pmem device (the guest reads
-# it in place, DAX): its size must be a whole number of 2 MiB blocks.
-truncate -s %2M "$STAGE/rootfs.img" || die "cannot pad rootfs.img to 2 MiB"
+# it in place, DAX): its size must be whole 128 MiB memory blocks (a hole, no disk).
+truncate -s %128M "$STAGE/rootfs.img" || die "cannot pad rootfs.img to 128 MiB"
 
 cp "$KERNEL_DIR/vmlinuz" "$KERNEL_DIR/vmlinux" "$STAGE/"
 

@@ -237,7 +237,7 @@ class Sandbox:
             return 0
         size = hv.image_path.stat().st_size
         if size % PMEM_ALIGN_BYTES:
-            log.warning("sandbox %s: %s is %d bytes, not whole 2 MiB blocks (built by an "
+            log.warning("sandbox %s: %s is %d bytes, not whole 128 MiB blocks (built by an "
                         "older husk?): it goes in as a virtio-blk disk; `make guest-image` "
                         "pads it", self.sandbox_id, hv.image_path, size)
             return 0

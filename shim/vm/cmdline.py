@@ -38,8 +38,10 @@ FAST_BOOT_PARAMS = ("tsc=reliable", "no_timer_check", "rcupdate.rcu_expedited=1"
 # No DMA bounce buffers: virtio devices reach all guest memory, and a VM with room
 # for memory above 4 GiB (maxmem) would otherwise reserve and zero 64 MiB for them.
 NO_BOUNCE_BUFFERS = "swiotlb=noforce"
-# A virtio-pmem root is mapped in whole 2 MiB blocks (the guest's memory sections).
-PMEM_ALIGN_BYTES = 2 << 20
+# A virtio-pmem root takes whole 128 MiB blocks of the guest's device memory
+# area: the guest adds hot-plugged DIMMs placed after it only at a memory block
+# boundary (128 MiB on x86-64). The image's padding is a hole in the file.
+PMEM_ALIGN_BYTES = 128 << 20
 # ext4 on the pmem device reading and mapping files in place instead of copying
 # them into the guest's page cache.
 PMEM_ROOT_PARAMS = ("root=/dev/pmem0", "rootflags=dax")

@@ -7,6 +7,7 @@ that changing the image touches nobody else's templates.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -83,8 +84,9 @@ async def test_restored_guests_are_distinct_and_a_changed_image_is_rebuilt(
             assert "husk.template=1" in one and "husk.template=1" in two
             assert one.splitlines()[1:-1] != two.splitlines()[1:-1], "same random bytes"
     # A new guest image in the same place: the template is stale, never used, rebuilt.
-    with open(guest / "rootfs.img", "ab") as image:
-        image.write(bytes(4096))  # past the end of the filesystem
+    with open(guest / "rootfs.img", "r+b") as image:
+        image.seek(-4096, os.SEEK_END)  # in the padding past the filesystem, same size
+        image.write(b"\1" * 4096)
     async with Pod(config, "third", busybox_rootfs) as third:
         assert third.times.template == "built"
         assert await _sh(third, "echo ok") == "ok\n"

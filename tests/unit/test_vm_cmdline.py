@@ -182,24 +182,24 @@ def test_a_bad_mac_never_reaches_qemu(tmp_path: Path) -> None:
 
 
 def test_a_pmem_root_is_a_read_only_mapping_with_room_beside_the_dimms(tmp_path: Path) -> None:
-    argv = build_cmdline(_spec(tmp_path, root_pmem_bytes=172 << 20, memory_mib=512,
+    argv = build_cmdline(_spec(tmp_path, root_pmem_bytes=256 << 20, memory_mib=512,
                                max_memory_mib=4096))
     joined = " ".join(argv)
-    assert ("memory-backend-file,id=rootfs,mem-path=/img,,x,size=180355072,share=on,readonly=on"
+    assert ("memory-backend-file,id=rootfs,mem-path=/img,,x,size=268435456,share=on,readonly=on"
             in joined)
     assert "virtio-pmem-pci,memdev=rootfs" in joined and "virtio-blk-pci" not in joined
     # The DIMMs keep their whole room: the pmem region comes on top of it.
-    assert argv[argv.index("-m") + 1] == "512M,slots=8,maxmem=4268M"
+    assert argv[argv.index("-m") + 1] == "512M,slots=8,maxmem=4352M"
     append = argv[argv.index("-append") + 1].split()
     assert "root=/dev/pmem0" in append and "rootflags=dax" in append and "ro" in append
     # Without room to grow, the pmem region still needs a device memory area.
-    fixed = build_cmdline(_spec(tmp_path, root_pmem_bytes=2 << 20, memory_mib=512))
-    assert fixed[fixed.index("-m") + 1] == "512M,slots=8,maxmem=514M"
+    fixed = build_cmdline(_spec(tmp_path, root_pmem_bytes=128 << 20, memory_mib=512))
+    assert fixed[fixed.index("-m") + 1] == "512M,slots=8,maxmem=640M"
 
 
-def test_a_pmem_root_must_be_whole_2mib_blocks(tmp_path: Path) -> None:
-    with pytest.raises(CmdlineError, match="multiple of 2097152"):
-        build_cmdline(_spec(tmp_path, root_pmem_bytes=(2 << 20) + 4096))
+def test_a_pmem_root_must_be_whole_memory_blocks(tmp_path: Path) -> None:
+    with pytest.raises(CmdlineError, match="multiple of 134217728"):
+        build_cmdline(_spec(tmp_path, root_pmem_bytes=(128 << 20) + (2 << 20)))
 
 
 def test_a_virtio_blk_root(tmp_path: Path) -> None:
