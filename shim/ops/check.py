@@ -32,6 +32,7 @@ from shim.config import (ALLOWED_ANNOTATIONS, DEFAULT_CONFIG_PATHS, Config, Conf
 from shim.network.tcfilter import vhost_net_available
 from shim.ops import imageid
 from shim.vm.accel import Accel, probe
+from shim.vm.cmdline import PMEM_ALIGN_BYTES
 from shim.vm.vsock import vhost_vsock_available
 
 # A --version or help query: QEMU answers in ~50 ms, containerd in ~20 ms.
@@ -457,9 +458,15 @@ def check_guest_image(target: Target) -> CheckResult:
                            f"its agent (sources {ident.agent_sources}) is not this husk's "
                            f"({guest.installed_sources}): the guest may not speak its protocol",
                            MAKE_GUEST_IMAGE)
-    return CheckResult("guest-image", Status.PASS, f"{guest.image.parent}: husk "
-                                                   f"{ident.husk_version}, agent sources "
-                                                   f"{ident.agent_sources}, {ident.kernel}")
+    summary = (f"{guest.image.parent}: husk {ident.husk_version}, agent sources "
+               f"{ident.agent_sources}, {ident.kernel}")
+    if (target.config.hypervisor.root_device == "pmem"
+            and guest.image.stat().st_size % PMEM_ALIGN_BYTES):
+        return CheckResult("guest-image", Status.WARN,
+                           f"{summary}; {guest.image.name} is not whole {PMEM_ALIGN_BYTES >> 20} "
+                           "MiB blocks, so it goes in as a virtio-blk disk instead of pmem: every "
+                           "guest keeps its own copy of what it reads", MAKE_GUEST_IMAGE)
+    return CheckResult("guest-image", Status.PASS, summary)
 
 
 def containerd_version() -> tuple[str, str]:

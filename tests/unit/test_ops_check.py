@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from shim.config import Config, HypervisorConfig
 from shim.ops import check, imageid
 from shim.ops.check import Report, Status, Target
 from shim.vm.accel import Accel, AccelChoice
+from shim.vm.cmdline import PMEM_ALIGN_BYTES
 
 HUSK_V2 = '''version = 2
 [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.husk]
@@ -229,14 +231,15 @@ def test_cgroups(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, files: list[st
 # Section: guest image
 
 
-def _guest(tmp_path: Path, manifest: str | None) -> Target:
+def _guest(tmp_path: Path, manifest: str | None, **hv: object) -> Target:
     guest = tmp_path / "guest"
     guest.mkdir()
     for name in ("vmlinux", "initrd.img", "rootfs.img"):
         (guest / name).write_bytes(b"x")
+    os.truncate(guest / "rootfs.img", PMEM_ALIGN_BYTES)  # padded as build.sh does (a hole)
     if manifest is not None:
         (guest / "manifest.txt").write_text(manifest)
-    return _target(tmp_path, hypervisor=_hv(guest_dir=str(guest)))
+    return _target(tmp_path, hypervisor=_hv(guest_dir=str(guest), **hv))
 
 
 def _installed_sources() -> str:
@@ -251,6 +254,20 @@ def test_guest_image_of_this_husk_passes(tmp_path: Path) -> None:
     result = check.check_guest_image(_guest(tmp_path, manifest))
     assert result.status is Status.PASS, result
     assert "linux-image-x 6.1" in result.detail
+
+
+@pytest.mark.parametrize("root_device", ["pmem", "virtio-blk"])
+def test_an_unpadded_image_is_a_warning_for_a_pmem_root(tmp_path: Path, root_device: str) -> None:
+    manifest = (f"husk: {__version__}\nagent-sources: {_installed_sources()}\n"
+                "kernel: linux-image-x 6.1\n")
+    target = _guest(tmp_path, manifest, root_device=root_device)
+    os.truncate(Path(target.config.hypervisor.guest_dir) / "rootfs.img", PMEM_ALIGN_BYTES + 4096)
+    result = check.check_guest_image(target)
+    if root_device == "pmem":
+        assert result.status is Status.WARN and "virtio-blk" in result.detail, result
+        assert "make guest-image" in result.fix
+    else:
+        assert result.status is Status.PASS, result
 
 
 @pytest.mark.parametrize(("manifest", "words"), [
