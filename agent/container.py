@@ -23,8 +23,8 @@ from typing import Any
 
 from agent.cgroups import Cgroup, CgroupStats
 from agent.config import AgentConfig
-from agent.errors import (AlreadyExistsError, CommandError, FailedPreconditionError,
-                          NotFoundError)
+from agent.errors import (AlreadyExistsError, CommandError, DeadlineError,
+                          FailedPreconditionError, NotFoundError)
 from agent.process import Process, Reaper
 from agent.runtime import Crun
 from agent.stdio import ConsoleSocket, PipeSet, ProcessIO
@@ -305,7 +305,7 @@ class Container:
         async with self._lock:
             try:
                 await self._crun.delete(self.id)
-            except CommandError as e:
+            except (CommandError, DeadlineError) as e:  # nobody awaits this to hear it
                 log.warning("container %s: %s", self.id, e)
             shutil.rmtree(self.bundle, ignore_errors=True)
             log.info("removed container %s", self.id)

@@ -50,6 +50,21 @@ def test_run_over_9p(guest_image: Path, busybox_rootfs: Path, husk_state_dir: Pa
     _assert_clean(husk_state_dir)
 
 
+@pytest.mark.parametrize("root_device, device, not_device",
+                         [("pmem", "pmem0", "vda"), ("virtio-blk", "vda", "pmem0")])
+def test_the_guest_root_device(root_device: str, device: str, not_device: str, guest_image: Path,
+                               busybox_rootfs: Path, husk_state_dir: Path, tmp_path: Path) -> None:
+    """The root image goes in as pmem (the default) or as a read-only disk; the guest
+    boots from either (cold for the disk: no template of that shape is built here)."""
+    config = write_test_config(tmp_path / "husk.toml", husk_state_dir, root_device=root_device,
+                               templates=None if root_device == "pmem" else False)
+    result = _husk(config, "run", "--rootfs", str(busybox_rootfs), "--", "ls", "/sys/block")
+    assert result.returncode == 0, result.stderr
+    devices = result.stdout.split()
+    assert device in devices and not_device not in devices, devices
+    _assert_clean(husk_state_dir)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_interrupt_cleans_up(sig: int, guest_image: Path, busybox_rootfs: Path,
                              husk_state_dir: Path, tmp_path: Path) -> None:
