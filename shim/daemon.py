@@ -24,6 +24,7 @@ from shim.task.service import TaskService
 from shim.ttrpc.server import Server
 from shim.ttrpc.services import ServiceRegistry
 from shim.util.proctitle import set_cmdline
+from shim.zygote import DISABLE_ENV, FALLBACK_ENV
 
 log = logging.getLogger("shim")
 
@@ -116,6 +117,11 @@ def _setup_logging(shim_id: str, debug: bool) -> Path | None:
 
 
 async def serve(args: ShimArgs) -> int:
+    without_zygote = os.environ.pop(FALLBACK_ENV, None)
+    if without_zygote is not None:
+        report = log.info if without_zygote == f"{DISABLE_ENV}=0" else log.warning
+        report("this shim was started as a new process, not forked by the zygote "
+                    "(it shares no memory with other pods' shims): %s", without_zygote)
     ttrpc_address = os.environ.get("TTRPC_ADDRESS", "")
     if not ttrpc_address:
         log.warning("TTRPC_ADDRESS is not set: events cannot reach containerd")

@@ -4,7 +4,10 @@ start: one daemon per pod. The socket address is derived from the pod's
 sandbox id, so a pod's second container finds the running daemon and only
 gets its address back. Otherwise the socket is bound here, before the
 daemon is spawned with it, so containerd can connect the moment the address
-is printed. Only the address goes to stdout (containerd reads it to EOF).
+is printed. The daemon is forked by the node's zygote (shim.zygote), which
+has imported what a daemon runs, so the pods' daemons share that memory;
+without one, it is spawned as a new process. Only the address goes to stdout
+(containerd 1.6 reads stdout and stderr together as the address).
 
 delete: containerd's cleanup after a dead shim: stop whatever is left of the
 VM for this id, unmount and remove its files, and print a DeleteResponse.
@@ -99,17 +102,42 @@ def _bind(path: str) -> socket.socket:
     return sock
 
 
-def daemon_argv(args: ShimArgs, group: str, fd: int) -> list[str]:
-    """The daemon's command line: the shim's own program, so that ``ps`` and
-    ``pgrep containerd-shim`` show it as every other shim
-    (``containerd-shim-husk-v2 -namespace … -id …``)."""
+def daemon_flags(args: ShimArgs, group: str) -> list[str]:
+    """The daemon's flags, but for the socket it serves (its fd number is the daemon's)."""
     flags = ["-namespace", args.namespace, "-id", group, "-address", args.address,
-             "-publish-binary", args.publish_binary, "-socket", str(fd)]
-    flags += ["-debug"] if args.debug else []
+             "-publish-binary", args.publish_binary]
+    return flags + (["-debug"] if args.debug else [])
+
+
+def daemon_argv(args: ShimArgs, group: str, fd: int) -> list[str]:
+    """The command line of a daemon spawned without the zygote: the shim's own
+    program, so that ``ps`` and ``pgrep containerd-shim`` show it as every other
+    shim (``containerd-shim-husk-v2 -namespace … -id …``), as a forked one is."""
+    flags = [*daemon_flags(args, group), "-socket", str(fd)]
     program = sys.argv[0] if sys.argv else ""
     if os.path.basename(program) == SHIM_NAME and os.access(program, os.X_OK):
         return [os.path.abspath(program), *flags, "serve"]
     return [sys.executable, "-m", "shim", *flags, "serve"]
+
+
+def _spawn_daemon(args: ShimArgs, group: str, bundle: Path, sock: socket.socket) -> None:
+    """Fork the daemon from the zygote, or else start it as a new process.
+
+    :raise OSError: the daemon could not be started at all.
+    """
+    from shim import zygote
+
+    try:
+        zygote.spawn_daemon(daemon_flags(args, group), str(bundle), sock)
+        return
+    except zygote.ZygoteUnavailable as exc:
+        why = str(exc)[:1000]  # the daemon logs it (start's stderr would spoil the address)
+    import subprocess
+
+    subprocess.Popen(daemon_argv(args, group, sock.fileno()), cwd=bundle,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, pass_fds=(sock.fileno(),),
+                     start_new_session=True, env={**os.environ, zygote.FALLBACK_ENV: why})
 
 
 def start(args: ShimArgs) -> int:
@@ -130,13 +158,8 @@ def start(args: ShimArgs) -> int:
     except OSError as exc:
         print(f"containerd-shim-husk-v2: cannot listen on {path}: {exc}", file=sys.stderr)
         return 1
-    argv = daemon_argv(args, group, sock.fileno())
-    import subprocess
-
     try:
-        subprocess.Popen(argv, cwd=bundle, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, pass_fds=(sock.fileno(),),
-                         start_new_session=True)
+        _spawn_daemon(args, group, bundle, sock)
     except OSError as exc:
         os.unlink(path)
         print(f"containerd-shim-husk-v2: cannot start the daemon: {exc}", file=sys.stderr)

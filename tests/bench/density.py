@@ -6,7 +6,8 @@ what booting or restoring touched), then reads every process's PSS from
 /proc/<pid>/smaps, so memory shared between pods (QEMU's and Python's code,
 a template's page cache) counts once across them:
 
-- husk: the shim daemon; QEMU split into guest RAM (its memfd backends), TCG's
+- husk: the shim daemon, and its share of the node's shim zygote (which forked
+  it; its PSS divided by the pods); QEMU split into guest RAM (its memfd backends), TCG's
   translation buffer (its executable anonymous mappings, one region per vCPU
   thread; KVM has none) and the rest; virtiofsd (both of its processes).
 - runc: the runc shim and every process below it (pause and the container).
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import psutil
 
+from shim.zygote import PROGRAM_TITLE
 from tests.bench import emit, machine, medians
 from tests.conftest import write_test_config
 from tests.cri.cri import CriClient
@@ -74,9 +76,15 @@ def _shim(pod_id: str) -> psutil.Process | None:
     return None
 
 
-def husk_pod(pod_id: str, state: Path) -> dict[str, float]:
+def zygote_pss() -> int:
+    """PSS bytes of the shim zygotes (one per husk version; normally one)."""
+    return sum(_total(proc.pid) for proc in psutil.process_iter(["cmdline"])
+               if (proc.info["cmdline"] or [""])[0] == PROGRAM_TITLE)
+
+
+def husk_pod(pod_id: str, state: Path, zygote_share: int = 0) -> dict[str, float]:
     marker = str(state / "sb" / pod_id)
-    sample = {"shim": 0, "qemu_guest_ram": 0, "qemu_tcg_buffer": 0, "qemu_other": 0,
+    sample = {"shim": 0, "shim_zygote_share": zygote_share, "qemu_guest_ram": 0, "qemu_tcg_buffer": 0, "qemu_other": 0,
               "virtiofsd": 0}
     shim = _shim(pod_id)
     if shim is not None:
@@ -119,7 +127,10 @@ def one_round(cri: CriClient, handler: str, state: Path, index: int) -> list[dic
         pods = list(pool.map(bring_up, range(PODS)))
     try:
         time.sleep(SETTLE_S)
-        return [husk_pod(p, state) if handler == "husk" else runc_pod(p) for p in pods]
+        if handler != "husk":
+            return [runc_pod(p) for p in pods]
+        share = zygote_pss() // len(pods)
+        return [husk_pod(p, state, share) for p in pods]
     finally:
         with ThreadPoolExecutor(PODS) as pool:
             list(pool.map(cri.stop_and_remove_pod, pods))

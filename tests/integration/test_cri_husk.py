@@ -16,7 +16,7 @@ import pytest
 from shim.task.service import SHIM_VERSION
 from tests.conftest import HUSK_CRI_STATE as HUSK_STATE
 from tests.conftest import our_processes
-from tests.cri.cri import CriClient, CriError
+from tests.cri.cri import CriClient, CriError, wait_for
 from tests.cri.fixtures import leak_checked
 from tests.cri.harness import Containerd
 from tests.cri.images import BUSYBOX_REF
@@ -125,12 +125,16 @@ def test_killed_shim_leaves_nothing_behind(each_containerd: Containerd, cri: Cri
     daemons[0].kill()  # SIGKILL: no chance to clean up; QEMU dies with it (PDEATHSIG)
     daemons[0].wait(10)
     # containerd notices the dead shim and runs `containerd-shim-husk-v2 delete`, which
-    # also takes husk's tc filter, qdisc and port-forward rule out of the pod's netns
-    # before CNI DEL sees it. The container is reported gone: at once by 1.6; 2.x's CRI
-    # retries its exit handling (its first task Delete meets the closed connection) a
-    # couple of seconds later, and until then refuses RemovePodSandbox ("container is
-    # still running"), as it would with any runtime's dead shim.
+    # also takes husk's tc filter, qdisc and port-forward rule out of the pod's netns.
+    # The container is reported gone: by 1.6 as soon as its Wait meets the closed
+    # connection, which can be before that delete has run (a stop then would tear the
+    # network down first; the filters would go with the netns, but not by husk's hand);
+    # 2.x's CRI retries its exit handling (its first task Delete meets the closed
+    # connection) a couple of seconds later, and until then refuses RemovePodSandbox
+    # ("container is still running"), as it would with any runtime's dead shim.
     assert cri.wait_container_exit(cid, timeout=KILLED_SHIM_EXIT_TIMEOUT_S).exit_code == 255
+    wait_for("the dead shim's delete", lambda: not (HUSK_STATE / "sb" / pod.id).exists() or None,
+             timeout=KILLED_SHIM_EXIT_TIMEOUT_S)
     cri.stop_pod(pod.id)
     cri.remove_pod(pod.id)
     _assert_no_vm_left()
