@@ -3,9 +3,9 @@
 Every husk VM has a virtio-balloon with free page reporting: once its driver
 is loaded, the guest tells QEMU about free memory (in 2 MiB blocks, every
 couple of seconds) and QEMU releases it on the host. A guest that will become
-a VM template (husk.template=1) also loads what pods need before it serves
-and drops its clean page cache, so that the template holds as little as
-possible and every pod restored from it starts small.
+a VM template (husk.template=1) also drops its clean page cache before it
+serves, so that the template holds as little as possible and every pod
+restored from it starts small.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import asyncio
 import logging
 from pathlib import Path
 
-from agent import network
 from agent.errors import AgentError
 from agent.process import Reaper
 from agent.runtime import run_program
@@ -38,12 +37,8 @@ async def start_free_page_reporting(reaper: Reaper) -> bool:
 
 
 async def warm_up_for_template(reaper: Reaper, drop_caches: Path = DROP_CACHES) -> None:
-    """Before a template's agent serves: what CreateSandbox needs, loaded; free page
-    reporting on; clean page cache dropped (the guest re-reads what it uses)."""
-    try:
-        await asyncio.to_thread(network.preload)  # pyroute2 runs a loop of its own
-    except Exception:  # noqa: BLE001 - a cold import later is only slower
-        log.exception("warming up for a template: preloading pyroute2 failed")
+    """Before a template's agent serves: free page reporting on; clean page cache
+    dropped (the guest re-reads what it uses)."""
     await start_free_page_reporting(reaper)
     try:
         drop_caches.write_text("3\n")

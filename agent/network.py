@@ -7,19 +7,24 @@ renamed to CNI's name; IPv6 addresses skip duplicate address detection, which
 CNI's namespace already did for them. Routes are added in the order given
 (on-link ones first), a gateway outside every prefix gets ``onlink``.
 
-Runs in a worker thread (pyroute2's calls block) in the guest's network
-namespace, which all the pod's containers share.
+Runs in the guest's network namespace, which all the pod's containers share,
+through iproute2's ``ip`` (one ``ip -batch`` for the links
+and addresses, one for the routes, one for the neighbours): the agent loads no
+netlink library, whose objects would take ~12 MiB of every guest's memory.
 """
 from __future__ import annotations
 
-import errno
+import asyncio
 import ipaddress
+import json
 import logging
+import os
 import re
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
-from agent.errors import DeadlineError, GuestError, InvalidArgumentError
+from agent.errors import CommandError, DeadlineError, GuestError, InvalidArgumentError
 from proto.gen import agent_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -32,9 +37,15 @@ IFNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,14}")
 MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 MTU_MIN, MTU_MAX = 68, 65535
 NIC_POLL_S = 0.05
-IFA_F_NODAD = 0x02
-RTNH_F_ONLINK = 0x04
-NUD_PERMANENT = 0x80
+IP = "ip"
+IP_TIMEOUT_S = 10.0
+MAX_LINK_LIST_BYTES = 1 << 20
+# ip -batch names the line it stopped at; the kernel's reason is on the line before.
+BATCH_FAILURE = re.compile(r"Command failed -:(\d+)")
+# The kernel's ENETUNREACH for a gateway outside the device's prefixes, with and
+# without extended acks.
+UNREACHABLE = ("Nexthop has invalid gateway", "Network is unreachable")
+BATCH_WHAT = "ip -batch"
 SCOPES = {0, 200, 253, 254}  # universe, site, link, host
 
 
@@ -94,88 +105,144 @@ def check(config: pb.NetworkConfig) -> None:
             raise InvalidArgumentError(f"network: neighbour {neigh.ip}: bad MAC or device")
 
 
-def preload() -> None:
-    """Import pyroute2 now (~1 s under TCG): a template's agent does, so pods restored
-    from it do not pay for it in CreateSandbox."""
-    _iproute().close()
+@dataclass(frozen=True)
+class Command:
+    """One line of ``ip -batch``, and what it does in words for an error."""
+
+    what: str
+    line: str
 
 
-def _iproute() -> Any:
-    from pyroute2 import IPRoute  # the guest has it; host-side tests import this module too
-    # pyroute2's import sets its logger to log every netlink message; our lines say
-    # what was done.
-    logging.getLogger("pyroute2").setLevel(logging.WARNING)
-    return IPRoute()
+class CommandFailed(GuestError):
+    def __init__(self, command: Command, reason: str) -> None:
+        super().__init__(f"network: {command.what}: {reason}")
+        self.command = command
+        self.reason = reason
 
 
-def _wait_for_nic(ipr: Any, mac: str, deadline: float) -> int:
-    while True:
-        for link in ipr.get_links():
-            if (link.get("address") or "").lower() == mac:
-                return int(link["index"])
-        if time.monotonic() > deadline:
-            raise DeadlineError(f"network: no NIC with MAC {mac} appeared in the guest")
-        time.sleep(NIC_POLL_S)
+# Runs iproute2's ``ip ARGS`` in the pod's network namespace with the fd as its
+# stdin; returns its stdout. :raise CommandError: it failed (the message ends
+# with its stderr). :raise DeadlineError: it did not finish in time.
+IpRunner = Callable[[list[str], "int | None"], Awaitable[str]]
 
 
-def _netlink(what: str, call: Any, *args: Any, **kwargs: Any) -> Any:
+async def _links(run_ip: IpRunner) -> dict[str, str]:
+    """MAC → current name of every link."""
     try:
-        return call(*args, **kwargs)
-    except Exception as exc:  # pyroute2 raises NetlinkError (an OSError subclass) and others
-        raise GuestError(f"network: {what}: {exc}") from exc
+        listing = await run_ip(["-json", "link", "show"], None)
+        links = json.loads(listing[:MAX_LINK_LIST_BYTES])
+        return {str(link.get("address", "")).lower(): str(link["ifname"]) for link in links}
+    except CommandError as exc:
+        raise GuestError(f"network: listing links: {exc}") from exc
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise GuestError(f"network: unreadable link list from ip: {exc}") from exc
 
 
-def configure(config: pb.NetworkConfig, nic_timeout_s: float) -> None:
-    """Apply ``config`` (already check()ed) in the calling thread's namespace.
+async def _wait_for_nics(run_ip: IpRunner, macs: list[str], deadline: float) -> dict[str, str]:
+    """MAC → name, once every MAC in ``macs`` is a link."""
+    while True:
+        links = await _links(run_ip)
+        missing = [mac for mac in macs if mac not in links]
+        if not missing:
+            return {mac: links[mac] for mac in macs}
+        if time.monotonic() > deadline:
+            raise DeadlineError(f"network: no NIC with MAC {missing[0]} appeared in the guest")
+        await asyncio.sleep(NIC_POLL_S)
+
+
+async def run_batch(run_ip: IpRunner, commands: list[Command]) -> None:
+    """Run ``commands`` in order, in one ``ip -batch``.
+
+    :raise CommandFailed: the first one the kernel refused, and why (those before it
+        are done, none after it is).
+    """
+    if not commands:
+        return
+    fd = os.memfd_create("ip-batch", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, "".join(f"{c.line}\n" for c in commands).encode())
+        os.lseek(fd, 0, os.SEEK_SET)
+        await run_ip(["-batch", "-"], fd)
+    except CommandError as exc:
+        message = str(exc)
+        failed = BATCH_FAILURE.search(message)
+        if failed is None or not 1 <= int(failed.group(1)) <= len(commands):
+            raise GuestError(f"network: {message}") from exc
+        lines = message[:failed.start()].strip().splitlines()
+        reason = lines[-1].removeprefix(f"{BATCH_WHAT} failed: ") if lines else "refused"
+        for prefix in ("RTNETLINK answers: ", "Error: "):
+            reason = reason.removeprefix(prefix)
+        raise CommandFailed(commands[int(failed.group(1)) - 1], reason) from exc
+    finally:
+        os.close(fd)
+
+
+async def configure(config: pb.NetworkConfig, nic_timeout_s: float, run_ip: IpRunner) -> None:
+    """Apply ``config`` (already check()ed) in the namespace ``run_ip`` runs ip in.
 
     :raise DeadlineError: a NIC did not appear within ``nic_timeout_s``.
     :raise GuestError: the kernel refused an address, route or neighbour.
     """
     deadline = time.monotonic() + nic_timeout_s
-    with _iproute() as ipr:
-        indexes = {iface.name: _wait_for_nic(ipr, iface.mac, deadline)
-                   for iface in config.interfaces}
-        # Renamed in two passes: the kernel's eth0 may be the NIC that must become eth1.
-        for name, index in indexes.items():
-            _netlink(f"{name} down", ipr.link, "set", index=index, state="down")
-            _netlink(f"{name} rename", ipr.link, "set", index=index, ifname=f"husk{index}")
-        for iface in config.interfaces:
-            index = indexes[iface.name]
-            _netlink(f"{iface.name} rename", ipr.link, "set", index=index, ifname=iface.name)
-            _netlink(f"{iface.name} mtu", ipr.link, "set", index=index, mtu=iface.mtu)
-            for addr in iface.addresses:
-                is_v6 = ipaddress.ip_address(addr.address).version == 6
-                _netlink(f"{iface.name} address {addr.address}/{addr.prefix_len}", ipr.addr,
-                         "add", index=index, address=addr.address, prefixlen=addr.prefix_len,
-                         **({"flags": IFA_F_NODAD} if is_v6 else {}))
-            _netlink(f"{iface.name} up", ipr.link, "set", index=index, state="up")
-            log.info("network: %s (%s) mtu %d, %s", iface.name, iface.mac, iface.mtu,
-                     ", ".join(f"{a.address}/{a.prefix_len}" for a in iface.addresses) or "no address")
-        for route in config.routes:
-            _add_route(ipr, route, indexes[route.device])
-        for neigh in config.neighbors:
-            _netlink(f"neighbour {neigh.ip}", ipr.neigh, "add", dst=neigh.ip, lladdr=neigh.mac,
-                     ifindex=indexes[neigh.device], state=NUD_PERMANENT)
+    current = await _wait_for_nics(run_ip, [iface.mac for iface in config.interfaces], deadline)
+    commands = []
+    # Renamed in two passes: the kernel's eth0 may be the NIC that must become eth1.
+    for i, iface in enumerate(config.interfaces):
+        name = current[iface.mac]
+        commands += [Command(f"{iface.name} down", f"link set dev {name} down"),
+                     Command(f"{iface.name} rename", f"link set dev {name} name husk{i}")]
+    for i, iface in enumerate(config.interfaces):
+        commands += [Command(f"{iface.name} rename", f"link set dev husk{i} name {iface.name}"),
+                     Command(f"{iface.name} mtu", f"link set dev {iface.name} mtu {iface.mtu}")]
+        for addr in iface.addresses:
+            ip = ipaddress.ip_address(addr.address)
+            commands.append(Command(
+                f"{iface.name} address {ip}/{addr.prefix_len}",
+                f"address add {ip}/{addr.prefix_len} dev {iface.name}"
+                + (" nodad" if ip.version == 6 else "")))
+        commands.append(Command(f"{iface.name} up", f"link set dev {iface.name} up"))
+    await run_batch(run_ip, commands)
+    for iface in config.interfaces:
+        log.info("network: %s (%s) mtu %d, %s", iface.name, iface.mac, iface.mtu,
+                 ", ".join(f"{a.address}/{a.prefix_len}" for a in iface.addresses) or "no address")
+    await _add_routes(run_ip, list(config.routes))
+    await run_batch(run_ip, [Command(f"neighbour {n.ip}", f"neigh add {ipaddress.ip_address(n.ip)} lladdr "
+                                            f"{n.mac} dev {n.device} nud permanent")
+               for n in config.neighbors])
     log.info("network: %d interfaces, %d routes, %d neighbours", len(config.interfaces),
              len(config.routes), len(config.neighbors))
 
 
-def _add_route(ipr: Any, route: pb.Route, index: int) -> None:
-    kwargs: dict[str, Any] = {"dst": route.destination, "oif": index, "scope": route.scope}
+def _route_command(route: pb.Route, onlink: bool) -> Command:
+    destination = ipaddress.ip_network(route.destination, strict=False)
+    line = f"route add {destination} dev {route.device} scope {route.scope}"
+    what = f"route to {route.destination}"
     if route.gateway:
-        kwargs["gateway"] = route.gateway
+        line += f" via {ipaddress.ip_address(route.gateway)}"
+        what += f" via {route.gateway}"
     if route.source:
-        kwargs["prefsrc"] = route.source
+        line += f" src {ipaddress.ip_address(route.source)}"
     if route.metric:
-        kwargs["priority"] = route.metric
-    what = f"route to {route.destination}" + (f" via {route.gateway}" if route.gateway else "")
-    if route.onlink:
-        kwargs["flags"] = RTNH_F_ONLINK
-    try:
-        ipr.route("add", **kwargs)
-    except Exception as exc:  # noqa: BLE001 - retried once, then reported
-        if getattr(exc, "code", None) != errno.ENETUNREACH or not route.gateway or route.onlink:
-            raise GuestError(f"network: {what}: {exc}") from exc
-        # The gateway is outside every prefix of the device (Calico's 169.254.1.1).
-        _netlink(what, ipr.route, "add", flags=RTNH_F_ONLINK, **kwargs)
-    log.debug("network: %s dev %s", what, route.device)
+        line += f" metric {route.metric}"
+    return Command(what, line + (" onlink" if onlink else ""))
+
+
+async def _add_routes(run_ip: IpRunner, routes: list[pb.Route]) -> None:
+    """Add ``routes`` in order; a gateway outside every prefix of its device (Calico's
+    169.254.1.1) is retried once as ``onlink``."""
+    retried = set()
+    commands = [_route_command(route, route.onlink) for route in routes]
+    done = 0
+    while done < len(commands):
+        try:
+            await run_batch(run_ip, commands[done:])
+            return
+        except CommandFailed as failure:
+            i = commands.index(failure.command, done)
+            route = routes[i]
+            if (not failure.reason.startswith(UNREACHABLE) or not route.gateway or route.onlink
+                    or i in retried):
+                raise
+            retried.add(i)
+            commands[i] = _route_command(route, onlink=True)
+            done = i

@@ -53,11 +53,12 @@ def _error_text(raw: bytes) -> str:
 
 async def run_program(reaper: Reaper, argv: Sequence[str], timeout: float, what: str, *,
                       stdio: tuple[int, int, int] | None = None,
-                      log_file: Path | None = None) -> str:
+                      log_file: Path | None = None, stdin: int | None = None) -> str:
     """Run a program of the guest (crun, mkfs...) as a child the Reaper collects.
 
     Its stdout is returned; its errors come from stderr, or from ``log_file``
     when the program writes them there (then ``stdio`` are its own streams).
+    ``stdin``: what it reads (/dev/null without).
 
     :raise CommandError: it could not run, or exited non-zero (with its message).
     :raise DeadlineError: it did not finish within ``timeout`` (it is killed).
@@ -75,7 +76,7 @@ async def run_program(reaper: Reaper, argv: Sequence[str], timeout: float, what:
             out_r, out_w = os.pipe()
             err_r, err_w = os.pipe()
             try:
-                pid = spawn(list(argv), stdout=out_w, stderr=err_w)
+                pid = spawn(list(argv), stdin=stdin, stdout=out_w, stderr=err_w)
             except BaseException:
                 os.close(out_r)
                 os.close(err_r)

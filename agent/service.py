@@ -29,6 +29,7 @@ from agent.errors import (AgentError, AlreadyExistsError, CommandError, Deadline
                           FailedPreconditionError, GuestError, InvalidArgumentError,
                           NotFoundError)
 from agent.process import Process
+from agent.runtime import run_program
 from agent.sandbox import Sandbox
 from agent.spec import check_id, parse_json_object, rewrite_process
 from agent.stdio import OutputBuffer
@@ -167,7 +168,13 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
 
     async def _configure_network(self, config: pb.NetworkConfig) -> None:
         if config.interfaces or config.routes or config.neighbors:
-            await asyncio.to_thread(network.configure, config, NIC_WAIT_S)
+            reaper = self._runtime.reaper
+
+            async def run_ip(args: list[str], stdin: int | None) -> str:
+                return await run_program(reaper, [network.IP, *args], network.IP_TIMEOUT_S,
+                                         f"{network.IP} {args[0]}", stdin=stdin)
+
+            await network.configure(config, NIC_WAIT_S, run_ip)
 
     # Section: block volumes
 

@@ -27,7 +27,7 @@ ROOTFS_FORMAT=${HUSK_ROOTFS_FORMAT:-ext4}
 # Compressor of the initramfs cpio ("cat" = none).
 INITRD_COMPRESS=(cat)
 # Python distributions baked into the guest, at requirements.lock's pins.
-PIP_PACKAGES=(grpcio protobuf typing_extensions pyroute2)
+PIP_PACKAGES=(grpcio protobuf typing_extensions)
 PIP_TARGET_OPTS=(--only-binary=:all: --implementation cp --python-version 3.11
 	--platform manylinux2014_x86_64)
 GUEST_LIB=usr/lib/husk

@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 from agent import network
-from agent.errors import DeadlineError, InvalidArgumentError
+from agent.errors import DeadlineError, GuestError, InvalidArgumentError
+from agent.process import Reaper
+from agent.runtime import run_program
 from proto.gen import agent_pb2 as pb
-from shim.network.netns import run_in_netns
 
 MAC_A, MAC_B = "02:00:00:aa:00:01", "02:00:00:aa:00:02"
 
@@ -20,6 +21,23 @@ MAC_A, MAC_B = "02:00:00:aa:00:01", "02:00:00:aa:00:02"
 def _ip(ns: str, *args: str) -> str:
     return subprocess.run(["ip", "-n", ns, *args], check=True, capture_output=True,
                           text=True).stdout
+
+
+@pytest.fixture
+async def reaper() -> AsyncIterator[Reaper]:
+    """The agent's reaper (it collects every child of this process while it runs)."""
+    collector = Reaper()
+    collector.start()
+    yield collector
+    collector.stop()
+
+
+def ip_in(ns: str, reaper: Reaper) -> network.IpRunner:
+    """The agent's way of running ip, in the test's namespace instead of the guest's."""
+    async def run_ip(args: list[str], stdin: int | None) -> str:
+        return await run_program(reaper, [network.IP, "-n", ns, *args], network.IP_TIMEOUT_S,
+                                 f"{network.IP} {args[0]}", stdin=stdin)
+    return run_ip
 
 
 @pytest.fixture
@@ -52,10 +70,10 @@ def _config() -> pb.NetworkConfig:
         neighbors=[pb.Neighbor(ip="10.88.0.9", mac="02:00:00:bb:00:09", device="eth0")])
 
 
-async def test_interfaces_routes_and_neighbours_are_applied(guest_ns: str) -> None:
+async def test_interfaces_routes_and_neighbours_are_applied(guest_ns: str, reaper: Reaper) -> None:
     config = _config()
     network.check(config)
-    await run_in_netns(f"/run/netns/{guest_ns}", lambda: network.configure(config, 5.0), 30, "t")
+    await network.configure(config, 5.0, ip_in(guest_ns, reaper))
     links = {link["ifname"]: link for link in json.loads(_ip(guest_ns, "-j", "addr"))}
     assert links["eth0"]["address"] == MAC_A and links["eth0"]["mtu"] == 1400
     assert links["net1"]["address"] == MAC_B and links["net1"]["mtu"] == 9000
@@ -71,15 +89,28 @@ async def test_interfaces_routes_and_neighbours_are_applied(guest_ns: str) -> No
     assert "10.88.0.9 dev eth0 lladdr 02:00:00:bb:00:09 PERMANENT" in _ip(guest_ns, "neigh")
 
 
-async def test_a_nic_that_never_comes_is_named() -> None:
+async def test_a_nic_that_never_comes_is_named(reaper: Reaper) -> None:
     name = f"husk-ut-{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
         config = pb.NetworkConfig(interfaces=[pb.Interface(name="eth0", mac=MAC_A, mtu=1500)])
         with pytest.raises(DeadlineError, match=MAC_A):
-            await run_in_netns(f"/run/netns/{name}", lambda: network.configure(config, 0.2), 30, "t")
+            await network.configure(config, 0.2, ip_in(name, reaper))
     finally:
         subprocess.run(["ip", "netns", "delete", name], check=True)
+
+
+async def test_what_the_kernel_refuses_is_named_and_nothing_after_it_runs(
+        guest_ns: str, reaper: Reaper) -> None:
+    config = _config()
+    # The same address twice: the second is refused.
+    config.interfaces[1].addresses.append(pb.IPAddress(address="10.99.0.7", prefix_len=24))
+    network.check(config)
+    with pytest.raises(GuestError, match=r"^network: net1 address 10\.99\.0\.7/24: ipv4: Address already assigned\.$"):
+        await network.configure(config, 5.0, ip_in(guest_ns, reaper))
+    links = {link["ifname"]: link for link in json.loads(_ip(guest_ns, "-j", "link"))}
+    assert links["net1"]["operstate"] == "DOWN" and "UP" not in links["net1"]["flags"]
+    assert "default" not in _ip(guest_ns, "route")  # the routes come after the refusal
 
 
 @pytest.mark.parametrize("bad", [
