@@ -92,7 +92,8 @@ def _receive(conn: socket.socket) -> tuple[DaemonRequest, int] | None:
         raise
 
 
-def _become_daemon(request: DaemonRequest, listen_fd: int, ready_fd: int) -> NoReturn:
+def _become_daemon(request: DaemonRequest, listen_fd: int, ready_fd: int,
+                   import_env: dict[str, str]) -> NoReturn:
     """In the forked child: turn into the pod's shim daemon, as if ``start`` had exec'd it.
 
     Once it is set up it says so on `ready_fd` (or why it could not be); then it
@@ -101,7 +102,7 @@ def _become_daemon(request: DaemonRequest, listen_fd: int, ready_fd: int) -> NoR
     status = 1
     try:
         try:
-            _set_up_as_daemon(request, listen_fd, ready_fd)
+            _set_up_as_daemon(request, listen_fd, ready_fd, import_env)
         except BaseException as exc:  # noqa: BLE001 - reported to the zygote, which tells start
             with contextlib.suppress(OSError):
                 os.write(ready_fd, f"cannot set up the daemon: {exc}"[:500].encode())
@@ -121,7 +122,8 @@ def _become_daemon(request: DaemonRequest, listen_fd: int, ready_fd: int) -> NoR
         os._exit(status)
 
 
-def _set_up_as_daemon(request: DaemonRequest, listen_fd: int, ready_fd: int) -> None:
+def _set_up_as_daemon(request: DaemonRequest, listen_fd: int, ready_fd: int,
+                      import_env: dict[str, str]) -> None:
     """What exec'ing the shim from start would have given it: its own session, no
     fd but stdio and its socket, start's directory, environment and umask, the
     shim's name and arguments, default signal handling."""
@@ -140,6 +142,8 @@ def _set_up_as_daemon(request: DaemonRequest, listen_fd: int, ready_fd: int) -> 
     os.umask(request.umask)
     os.environ.clear()
     os.environ.update(request.env)
+    for name, value in import_env.items():  # what the imports set, start's env does not have
+        os.environ.setdefault(name, value)
     _libc.prctl(PR_SET_NAME, CHILD_COMM.encode(), 0, 0, 0)
     sys.argv = [SHIM_NAME, *request.flags, "-socket", str(listen_fd), "serve"]
     set_cmdline(sys.argv)  # ps shows the shim at once (daemon.main sets it too, for an exec'd one)
@@ -166,6 +170,9 @@ class Zygote:
     listener: socket.socket
     identity: tuple[int, int]
     children: set[int]
+    # What the preloaded modules set in the environment (they would have in an exec'd
+    # daemon, whose environment start's replaces here).
+    import_env: dict[str, str]
 
     def serve(self) -> None:
         wakeup_r, wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -219,7 +226,7 @@ class Zygote:
                 gc.freeze()
                 pid = os.fork()
                 if pid == 0:
-                    _become_daemon(request, listen_fd, ready_w)
+                    _become_daemon(request, listen_fd, ready_w, self.import_env)
                 os.close(ready_w)
                 failed = _wait_ready(ready_r)
             finally:
@@ -277,13 +284,15 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, filename=str(LOG_FILE),
                         format="%(asctime)s husk-zygote[%(process)d] %(levelname)s: %(message)s")
     started = time.monotonic()
+    env_before = dict(os.environ)
     for module in PRELOAD:
         __import__(module)
     listener = _bind(path)
     st = os.stat(path)
     log.info("zygote %s serving on %s (%d modules loaded in %.2f s)", key, path,
              len(sys.modules), time.monotonic() - started)
-    Zygote(path, key, listener, (st.st_dev, st.st_ino), set()).serve()
+    import_env = {k: v for k, v in os.environ.items() if env_before.get(k) != v}
+    Zygote(path, key, listener, (st.st_dev, st.st_ino), set(), import_env).serve()
     return 0
 
 

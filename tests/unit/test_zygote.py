@@ -97,16 +97,25 @@ def wait_gone(pid: int, zombie_ok: bool = False) -> None:
         time.sleep(0.05)
 
 
+def wait_for_text(path: Path, text: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not (path.exists() and text in path.read_text()):
+        assert time.monotonic() < deadline, f"{path} never said {text!r}"
+        time.sleep(0.05)
+
+
 def test_a_forked_daemon_is_the_pods_shim(zygote_dir: Path, tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HUSK_ZYGOTE_TEST_MARK", "from-start")
+    monkeypatch.setenv("TTRPC_ADDRESS", "/nonexistent.sock.ttrpc")
+    logs = {n: Path(f"/var/log/husk/{n}.log") for n in ("pod1", "pod2")}
+    for log in logs.values():
+        log.unlink(missing_ok=True)
     pid = spawn(zygote_dir, "pod1", tmp_path)
     daemon = psutil.Process(pid)
     parent = daemon.parent()
     assert parent is not None and parent.cmdline()[0] == zygote.PROGRAM_TITLE
     # Where and as what start would have exec'd it.
     assert daemon.cwd() == str(tmp_path)
-    assert daemon.environ().get("HUSK_ZYGOTE_TEST_MARK") == "from-start"
     assert Path(f"/proc/{pid}/comm").read_text() == "containerd-shim\n"  # pgrep's name
     assert " ".join(daemon.cmdline()).startswith(
         "containerd-shim-husk-v2 -namespace zygote-test -id pod1 ")
@@ -114,12 +123,17 @@ def test_a_forked_daemon_is_the_pods_shim(zygote_dir: Path, tmp_path: Path,
     zygote_socket = str(zygote.socket_path(zygote.code_key()))
     assert zygote_socket in [c.laddr for c in parent.net_connections("unix")]
     assert zygote_socket not in [c.laddr for c in daemon.net_connections("unix")]
-    # Another pod's daemon comes from the same zygote.
+    # Another pod's daemon comes from the same zygote, with its own start's environment
+    # (not the one the zygote was started with): the daemon says what it misses.
+    monkeypatch.delenv("TTRPC_ADDRESS")
     other = spawn(zygote_dir, "pod2", tmp_path)
     assert psutil.Process(other).ppid() == parent.pid and other != pid
+    wait_for_text(logs["pod2"], "TTRPC_ADDRESS is not set")
+    assert "TTRPC_ADDRESS is not set" not in logs["pod1"].read_text()
     for shim_id, daemon_pid in (("pod1", pid), ("pod2", other)):
         shut_down(zygote_dir, shim_id)  # answered by the daemon, which then exits
         wait_gone(daemon_pid)  # and is reaped by the zygote: no zombie left
+        logs[shim_id].unlink()
     assert parent.is_running()
 
 
