@@ -102,12 +102,28 @@ LIBRARY_MARKERS = ("grpc/__init__.py", "google/protobuf/__init__.py", "pyroute2/
                    "qemu/qmp/__init__.py", "psutil/__init__.py")
 
 
+# A forked daemon lives where its zygote does: only a start in the same namespaces and
+# cgroups may use one (a containerd in a network namespace of its own gets its own).
+NAMESPACES = ("net", "mnt", "pid", "ipc", "uts", "cgroup", "user")
+
+
+def placement(pid: int | str = "self") -> str:
+    """The namespaces (by inode) and cgroups of process ``pid``.
+
+    :raise OSError: the process is gone or cannot be examined.
+    """
+    parts = [f"{ns}:{os.stat(f'/proc/{pid}/ns/{ns}').st_ino}" for ns in NAMESPACES]
+    with open(f"/proc/{pid}/cgroup", encoding="utf-8", errors="replace") as f:
+        parts.append(f.read(64 * 1024))
+    return "\n".join(parts)
+
+
 def code_key() -> str:
-    """A hash of what the zygote would import: husk's own files and its libraries'
-    (path, size, mtime, inode of each) and the interpreter."""
+    """A hash of what the zygote would import (husk's own files and its libraries':
+    path, size, mtime, inode of each; the interpreter) and of where it would run."""
     import hashlib
 
-    digest = hashlib.sha256(f"{sys.executable}\0{sys.version}\0".encode())
+    digest = hashlib.sha256(f"{sys.executable}\0{sys.version}\0{placement()}\0".encode())
 
     def add(path: str) -> None:
         st = os.stat(path)

@@ -24,7 +24,7 @@ from typing import NoReturn
 
 from shim.util.proctitle import set_cmdline
 from shim.zygote import (IDLE_ENV, LOG_FILE, MAX_REQUEST_BYTES, PROGRAM_TITLE,
-                         REQUEST_TIMEOUT_S, SHIM_NAME, DaemonRequest)
+                         REQUEST_TIMEOUT_S, SHIM_NAME, DaemonRequest, placement)
 
 log = logging.getLogger("shim.zygote")
 
@@ -64,23 +64,34 @@ def _bind(path: Path) -> socket.socket:
     return listener
 
 
-def _peer_uid(conn: socket.socket) -> int:
+def _peer(conn: socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end."""
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return int(struct.unpack("3i", creds)[1])
+    pid, uid, _ = struct.unpack("3i", creds)
+    return int(pid), int(uid)
 
 
 def _receive(conn: socket.socket) -> tuple[DaemonRequest, int] | None:
     """One request and the listening socket it carries; None if the peer only
     connected (start checking that a zygote listens).
 
-    :raise ValueError: a request that is malformed, too big or without one socket.
+    :raise ValueError: a request that is malformed, too big or without one socket, or
+        from another user or from other namespaces or cgroups than the zygote's.
     """
-    if _peer_uid(conn) != os.geteuid():
-        raise ValueError("only the zygote's own user may ask it")
     data, fds, flags, _ = socket.recv_fds(conn, MAX_REQUEST_BYTES, 2)
     if not data and not fds:
         return None
     try:
+        peer_pid, peer_uid = _peer(conn)
+        if peer_uid != os.geteuid():
+            raise ValueError("only the zygote's own user may ask it")
+        try:
+            elsewhere = placement(peer_pid) != placement()
+        except OSError as exc:
+            raise ValueError(f"cannot see where the asking process runs: {exc}") from exc
+        if elsewhere:
+            raise ValueError("the asking process runs in other namespaces or cgroups than this "
+                             "zygote (its daemon would not be where an exec'd one is)")
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
             raise ValueError("request too big")
         if len(fds) != 1 or not stat.S_ISSOCK(os.fstat(fds[0]).st_mode):

@@ -240,3 +240,42 @@ def test_the_key_names_the_code_and_the_interpreter(monkeypatch: pytest.MonkeyPa
     assert key == zygote.code_key() and len(key) == 32
     monkeypatch.setattr(sys, "executable", "/another/python3")
     assert zygote.code_key() != key
+
+
+def _in_new_netns(code: str) -> str:
+    """Run Python ``code`` in a network namespace of its own; its stdout."""
+    done = subprocess.run(["unshare", "--net", sys.executable, "-c", code], capture_output=True,
+                          text=True, timeout=WAIT_S * 2, cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_a_start_in_another_network_namespace_gets_a_daemon_there(zygote_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    """As containerd in a netns of its own (the rbd tests' does): its shims must see its
+    127.0.0.1, so its start may not use a zygote of the host's namespace."""
+    ours = spawn(zygote_dir, "host1", tmp_path)
+    code = f"""
+import os, socket
+from pathlib import Path
+from shim import manager, zygote
+zygote.ZYGOTE_DIR = Path({str(zygote_dir)!r})
+d = Path({str(zygote_dir)!r})
+# The host's zygote refuses a request from here...
+with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn, manager._bind(str(d / "x.sock")) as lst:
+    conn.connect({str(zygote.socket_path(zygote.code_key()))!r})
+    socket.send_fds(conn, [zygote.DaemonRequest(["-id", "x"], "/", {{}}, 18).encode()], [lst.fileno()])
+    print(conn.recv(4096).decode())
+# ...and start here gets a zygote (and a daemon) of this namespace.
+with manager._bind(str(d / "ns1.sock")) as lst:
+    pid = zygote.spawn_daemon({flags("ns1")!r}, {str(tmp_path)!r}, lst)
+print(pid, os.stat("/proc/self/ns/net").st_ino)
+"""
+    refusal, placed = _in_new_netns(code).splitlines()
+    assert "other namespaces" in json.loads(refusal)["error"]
+    pid, netns = map(int, placed.split())
+    assert os.stat(f"/proc/{pid}/ns/net").st_ino == netns != os.stat("/proc/self/ns/net").st_ino
+    assert psutil.Process(pid).ppid() != psutil.Process(ours).ppid()  # another zygote
+    for p in (pid, ours):
+        os.kill(p, signal.SIGKILL)
+        wait_gone(p)
