@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 import time
+from pathlib import Path
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -174,7 +175,9 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 return await run_program(reaper, [network.IP, *args], network.IP_TIMEOUT_S,
                                          f"{network.IP} {args[0]}", stdin=stdin)
 
-            await network.configure(config, NIC_WAIT_S, run_ip)
+            class_net = Path(self._runtime.config.sysfs) / "class" / "net"
+            await network.configure(config, NIC_WAIT_S, run_ip,
+                                    functools.partial(network.sysfs_links, class_net))
 
     # Section: block volumes
 

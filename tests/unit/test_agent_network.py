@@ -6,6 +6,7 @@ import json
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -38,6 +39,13 @@ def ip_in(ns: str, reaper: Reaper) -> network.IpRunner:
         return await run_program(reaper, [network.IP, "-n", ns, *args], network.IP_TIMEOUT_S,
                                  f"{network.IP} {args[0]}", stdin=stdin)
     return run_ip
+
+
+def links_in(ns: str) -> network.LinkLister:
+    """What sysfs shows the agent, for a namespace the test process is not in."""
+    def listing() -> dict[str, str]:
+        return {link["address"]: link["ifname"] for link in json.loads(_ip(ns, "-j", "link"))}
+    return listing
 
 
 @pytest.fixture
@@ -73,7 +81,7 @@ def _config() -> pb.NetworkConfig:
 async def test_interfaces_routes_and_neighbours_are_applied(guest_ns: str, reaper: Reaper) -> None:
     config = _config()
     network.check(config)
-    await network.configure(config, 5.0, ip_in(guest_ns, reaper))
+    await network.configure(config, 5.0, ip_in(guest_ns, reaper), links_in(guest_ns))
     links = {link["ifname"]: link for link in json.loads(_ip(guest_ns, "-j", "addr"))}
     assert links["eth0"]["address"] == MAC_A and links["eth0"]["mtu"] == 1400
     assert links["net1"]["address"] == MAC_B and links["net1"]["mtu"] == 9000
@@ -95,7 +103,7 @@ async def test_a_nic_that_never_comes_is_named(reaper: Reaper) -> None:
     try:
         config = pb.NetworkConfig(interfaces=[pb.Interface(name="eth0", mac=MAC_A, mtu=1500)])
         with pytest.raises(DeadlineError, match=MAC_A):
-            await network.configure(config, 0.2, ip_in(name, reaper))
+            await network.configure(config, 0.2, ip_in(name, reaper), links_in(name))
     finally:
         subprocess.run(["ip", "netns", "delete", name], check=True)
 
@@ -107,10 +115,20 @@ async def test_what_the_kernel_refuses_is_named_and_nothing_after_it_runs(
     config.interfaces[1].addresses.append(pb.IPAddress(address="10.99.0.7", prefix_len=24))
     network.check(config)
     with pytest.raises(GuestError, match=r"^network: net1 address 10\.99\.0\.7/24: ipv4: Address already assigned\.$"):
-        await network.configure(config, 5.0, ip_in(guest_ns, reaper))
+        await network.configure(config, 5.0, ip_in(guest_ns, reaper), links_in(guest_ns))
     links = {link["ifname"]: link for link in json.loads(_ip(guest_ns, "-j", "link"))}
     assert links["net1"]["operstate"] == "DOWN" and "UP" not in links["net1"]["flags"]
     assert "default" not in _ip(guest_ns, "route")  # the routes come after the refusal
+
+
+def test_links_are_read_from_sysfs(tmp_path: Path) -> None:
+    for name, address in (("eth0", "02:00:00:AA:00:01\n"), ("lo", "00:00:00:00:00:00\n")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "address").write_text(address)
+    (tmp_path / "gone").mkdir()  # removed between the listing and the read: skipped
+    assert network.sysfs_links(tmp_path) == {MAC_A: "eth0", "00:00:00:00:00:00": "lo"}
+    with pytest.raises(GuestError, match="cannot list"):
+        network.sysfs_links(tmp_path / "missing")
 
 
 @pytest.mark.parametrize("bad", [
