@@ -130,7 +130,7 @@ def _spawn_daemon(args: ShimArgs, group: str, bundle: Path, sock: socket.socket)
     try:
         zygote.spawn_daemon(daemon_flags(args, group), str(bundle), sock)
         return
-    except zygote.ZygoteUnavailable as exc:
+    except (zygote.ZygoteUnavailable, OSError) as exc:  # OSError: its dir, files, /proc
         why = str(exc)[:1000]  # the daemon logs it (start's stderr would spoil the address)
     import subprocess
 

@@ -10,6 +10,7 @@ import ctypes
 import gc
 import json
 import logging
+import logging.handlers
 import os
 import select
 import signal
@@ -30,6 +31,7 @@ log = logging.getLogger("shim.zygote")
 
 # What the children are called in /proc/<pid>/comm (15 bytes), as an exec'd shim is.
 CHILD_COMM = SHIM_NAME[:15]
+LOG_MAX_BYTES = 1 << 20
 IDLE_EXIT_S = float(os.environ.get(IDLE_ENV) or 60.0)
 LOOP_WAKEUP_S = 5.0
 # The modules a daemon imports, at its start or later (lazily, at its pod's first
@@ -292,7 +294,12 @@ def main(argv: list[str]) -> int:
     _libc.prctl(PR_SET_NAME, PROGRAM_TITLE[:15].encode(), 0, 0, 0)
     with contextlib.suppress(OSError):
         LOG_FILE.parent.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(level=logging.INFO, filename=str(LOG_FILE),
+    # Two lines per pod for as long as the node runs: bounded, one old file kept.
+    handlers: list[logging.Handler] = []
+    with contextlib.suppress(OSError):
+        handlers.append(logging.handlers.RotatingFileHandler(
+            LOG_FILE, maxBytes=LOG_MAX_BYTES, backupCount=1))
+    logging.basicConfig(level=logging.INFO, handlers=handlers or [logging.NullHandler()],
                         format="%(asctime)s husk-zygote[%(process)d] %(levelname)s: %(message)s")
     started = time.monotonic()
     env_before = dict(os.environ)

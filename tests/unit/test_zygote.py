@@ -279,3 +279,17 @@ print(pid, os.stat("/proc/self/ns/net").st_ino)
     for p in (pid, ours):
         os.kill(p, signal.SIGKILL)
         wait_gone(p)
+
+
+def test_start_falls_back_when_the_zygote_dir_cannot_be_used(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def unusable(*_: object) -> int:
+        raise PermissionError(13, "Permission denied", "/run/husk/zygote")
+    monkeypatch.setattr(zygote, "spawn_daemon", unusable)
+    spawned: list[dict[str, str]] = []
+    monkeypatch.setattr(subprocess, "Popen", lambda argv, **kw: spawned.append(kw["env"]))
+    args = parse_args(["-namespace", "k8s.io", "-address", "/c.sock", "-id", "pod1", "start"])
+    with socket.socket(socket.AF_UNIX) as sock:
+        manager._spawn_daemon(args, "pod1", tmp_path, sock)
+    [env] = spawned
+    assert "Permission denied" in env[zygote.FALLBACK_ENV]
