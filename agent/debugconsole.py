@@ -15,7 +15,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Sequence
 
-from agent.errors import InvalidArgumentError
+from agent.errors import FailedPreconditionError, InvalidArgumentError
 from agent.process import Process, Reaper, spawn
 from agent.stdio import PipeSet, ProcessIO
 
@@ -80,10 +80,19 @@ def start(reaper: Reaper, name: str, argv: Sequence[str], tty: bool, rows: int =
 
 
 async def feed(inputs: AsyncIterator[tuple[bytes, int, int, bool]], process: Process) -> None:
-    """The host's stdin, window sizes and end of stdin, to the process."""
+    """The host's stdin, window sizes and end of stdin, to the process, until the host's end.
+
+    Input the process no longer reads is dropped, so the host's stream is still
+    read to its end (the console's end waits for it).
+    """
+    reads_stdin = True
     async for data, rows, columns, close in inputs:
-        if data:
-            await process.io.stdin.write(data)
+        if data and reads_stdin:
+            try:
+                await process.io.stdin.write(data)
+            except FailedPreconditionError as e:
+                log.info("debug console %s: %s", process.exec_id, e)
+                reads_stdin = False
         if 0 < rows <= WINSIZE_MAX and 0 < columns <= WINSIZE_MAX:
             process.io.resize(rows, columns)
         if close:

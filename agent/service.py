@@ -54,6 +54,10 @@ PORT_FORWARD_CHUNK = 64 * 1024
 PORT_CONNECT_TIMEOUT_S = 5.0
 LOOPBACKS = ("127.0.0.1", "::1")
 WINSIZE_MAX = 0xFFFF
+# After the exit status, how long the console waits for the host to stop writing: a
+# host's write that crosses the end of the call turns gRPC's status into an internal
+# error on the host, and the exit status with it is lost.
+CONSOLE_HALF_CLOSE_WAIT_S = 5.0
 
 _CODES: dict[type[AgentError], grpc.StatusCode] = {
     InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
@@ -455,6 +459,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                                        f"{e.strerror or e}\n".encode())
                 not_found = isinstance(e, FileNotFoundError)
                 yield pb.ConsoleOutput(exited=True, exit_status=127 if not_found else 126)
+                feeder = asyncio.create_task(_drain(requests))
+                await asyncio.wait({feeder}, timeout=CONSOLE_HALF_CLOSE_WAIT_S)
                 return
             log.info("debug console %s: pid %d runs %s%s", name, process.pid,
                      list(first.argv)[:8] or list(debugconsole.DEFAULT_ARGV),
@@ -466,6 +472,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             async for data in debugconsole.output(process, OUTPUT_CHUNK):
                 yield pb.ConsoleOutput(data=data)
             yield pb.ConsoleOutput(exited=True, exit_status=await process.wait())
+            await asyncio.wait({feeder}, timeout=CONSOLE_HALF_CLOSE_WAIT_S)
         except Exception as e:  # noqa: BLE001 - every error must become a status
             await _abort(context, "DebugConsole", e)
         finally:
@@ -513,6 +520,11 @@ def _stats_message(s: CgroupStats) -> pb.StatsContainerResponse:
         memory_max_usage_bytes=s.memory_max_usage_bytes, pids_current=s.pids_current,
         pids_limit=s.pids_limit, memory_cache_bytes=s.memory_cache_bytes,
         memory_rss_bytes=s.memory_rss_bytes, oom_kills=s.oom_kills)
+
+
+async def _drain(requests: AsyncIterator[Any]) -> None:
+    async for _ in requests:
+        pass
 
 
 async def _console_inputs(requests: AsyncIterator[pb.ConsoleInput]
