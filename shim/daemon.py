@@ -3,6 +3,7 @@
 Builds the object graph (publisher → task service → ttrpc server on the
 socket the manager bound), wires logging to containerd's ``log`` FIFO and a
 per-sandbox file, and exits after Shutdown or SIGTERM once the VM is down.
+SIGUSR1 logs every task's and thread's stack (a daemon that seems stuck).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from proto.gen.containerd.task.v2 import shim_pb2
+from shim import SHIM_NAME
 from shim.__main__ import ShimArgs
 from shim.config import ConfigError, load_config
 from shim.task.events import Publisher
@@ -24,11 +26,11 @@ from shim.task.service import TaskService
 from shim.ttrpc.server import Server
 from shim.ttrpc.services import ServiceRegistry
 from shim.util.proctitle import set_cmdline
+from shim.util.stackdump import stack_dump
 from shim.zygote import DISABLE_ENV, FALLBACK_ENV
 
 log = logging.getLogger("shim")
 
-SHIM_NAME = "containerd-shim-husk-v2"
 
 LOG_FIFO = "log"
 LOG_DIR = Path("/var/log/husk")
@@ -151,6 +153,9 @@ async def serve(args: ShimArgs) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, done.set)
+        # As containerd's runc shim: SIGUSR1 writes where everything waits to the log.
+        loop.add_signal_handler(signal.SIGUSR1, lambda: log.info(
+            "stack dump (SIGUSR1): %s", stack_dump()))
         log.info("shim %s serving (pid %d)", args.id, os.getpid())
         await done.wait()
         if service.pod is not None:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from proto import wire
+from shim import SHIM_NAME
 from shim.__main__ import ShimArgs
 from shim.ids import SANDBOXES_DIR, is_valid_id
 
@@ -38,7 +39,6 @@ SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
 GROUP_LABEL = "io.containerd.runc.v2.group"
 CONNECT_TIMEOUT_S = 1.0
 SIGKILL_STATUS = 128 + signal.SIGKILL
-SHIM_NAME = "containerd-shim-husk-v2"
 
 
 class StartError(Exception):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from shim import RUNTIME_TYPE, __version__
+from shim import RUNTIME_TYPE, SHIM_NAME, __version__
 from shim.cgroups.host import cgroup_layout
 from shim.config import (ALLOWED_ANNOTATIONS, DEFAULT_CONFIG_PATHS, Config, ConfigError,
                          load_config, resolve_config_path)
@@ -40,7 +40,7 @@ COMMAND_TIMEOUT_S = 10.0
 DEFAULT_CONTAINERD_CONFIG = Path("/etc/containerd/config.toml")
 HUSK_RUNTIME_TYPE = RUNTIME_TYPE
 RUNC_RUNTIME_TYPE = "io.containerd.runc.v2"
-SHIM_BINARY = "containerd-shim-husk-v2"
+SHIM_BINARY = SHIM_NAME
 TUN_DEVICE = "/dev/net/tun"
 SYSTEMD_INIT_DIR = Path("/run/systemd/system")
 # containerd started by systemd has systemd's default PATH, not the caller's.

@@ -34,6 +34,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from shim import SHIM_NAME
+
 # start imports this module: no logging, ctypes or subprocess here (the server is
 # shim.zygote.server).
 
@@ -44,7 +46,6 @@ IDLE_ENV = "HUSK_SHIM_ZYGOTE_IDLE_S"
 # Set for a daemon spawned without the zygote: why (the daemon logs it).
 FALLBACK_ENV = "HUSK_SHIM_ZYGOTE_UNUSED"
 PROGRAM_TITLE = "husk-shim-zygote"
-SHIM_NAME = "containerd-shim-husk-v2"
 LOG_FILE = Path("/var/log/husk/zygote.log")
 
 # Requests are small (flags, a path, containerd's environment); anything bigger is refused.

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+from shim import SHIM_NAME
 from shim.util.proctitle import set_cmdline
 from shim.zygote import (IDLE_ENV, LOG_FILE, MAX_REQUEST_BYTES, PROGRAM_TITLE,
-                         REQUEST_TIMEOUT_S, SHIM_NAME, DaemonRequest, placement)
+                         REQUEST_TIMEOUT_S, DaemonRequest, placement)
 
 log = logging.getLogger("shim.zygote")
 

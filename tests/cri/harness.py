@@ -40,6 +40,8 @@ from typing import Any, TypeVar
 import grpc
 import psutil
 
+from shim import RUNTIME_TYPE, SHIM_NAME
+
 from .cni import CNI_BIN_DIR, DEFAULT_NETWORK, CniConfig, CniNetwork
 from .cri import CriClient, CriError, wait_for
 from .images import DEFAULT_CACHE_DIR, PAUSE_REF, BuiltImage, build_images, import_images
@@ -56,7 +58,7 @@ NETNS_PREFIX = "husk-test-"
 CRI_NAMESPACE = "k8s.io"
 RUNC_HANDLER = "runc"
 HUSK_HANDLER = "husk"
-HUSK_RUNTIME_TYPE = "io.containerd.husk.v2"
+HUSK_RUNTIME_TYPE = RUNTIME_TYPE
 RUNC_RUNTIME_TYPE = "io.containerd.runc.v2"
 STANDARD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -94,6 +96,8 @@ IMAGE_VISIBLE_TIMEOUT_S = 30.0
 POD_CLEANUP_TIMEOUT_S = 120.0
 CONTAINERD_TERM_TIMEOUT_S = 15.0
 PROCESS_KILL_TIMEOUT_S = 10.0
+# A stuck shim daemon's SIGUSR1 stack dump reaches its log within this.
+STACK_DUMP_WAIT_S = 1.0
 CGROUP_EMPTY_TIMEOUT_S = 10.0
 LEAK_SETTLE_TIMEOUT_S = 15.0
 LOG_TAIL_LINES = 40
@@ -813,7 +817,9 @@ def teardown(rec: InstanceRecord) -> TeardownReport:
     if rec.containerd_pid and _same_instance_process(rec.containerd_pid, rec):
         _terminate(rec.containerd_pid, CONTAINERD_TERM_TIMEOUT_S)
     # Only what is surely ours gets killed: shims and what works in the temp dir.
-    for proc in _instance_processes(rec, by_cwd=True):
+    leftovers = _instance_processes(rec, by_cwd=True)
+    _ask_for_stack_dumps(leftovers)
+    for proc in leftovers:
         report.forced.append(f"killed process {proc.pid}: {' '.join(_cmdline(proc))}")
         _kill_tree(proc)
     tasks = _cgroup_tasks(rec.cgroup_parent)
@@ -946,6 +952,18 @@ def _terminate(pid: int, timeout: float, popen: subprocess.Popen[bytes] | None =
     if popen is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             popen.wait(PROCESS_KILL_TIMEOUT_S)  # reap it
+
+
+def _ask_for_stack_dumps(procs: list[psutil.Process]) -> None:
+    """A husk shim daemon still alive here is stuck: have it log where (SIGUSR1) first."""
+    daemons = [p for p in procs if _cmdline(p)[:1] == [SHIM_NAME] and _cmdline(p)[-1:] == ["serve"]]
+    for proc in daemons:
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(signal.SIGUSR1)
+            log.warning("shim daemon %d still running at teardown: its stacks go to "
+                        "/var/log/husk/<id>.log", proc.pid)
+    if daemons:
+        time.sleep(STACK_DUMP_WAIT_S)
 
 
 def _kill_tree(proc: psutil.Process) -> None:
