@@ -28,6 +28,11 @@ ANNOTATION_MEMORY = "io.husk.memory_mib"
 ALLOWED_ANNOTATIONS = frozenset({ANNOTATION_VCPUS, ANNOTATION_MEMORY})
 # The least memory a guest boots and runs its agent in.
 MIN_MEMORY_MIB = 128
+# max_vcpus = 0 caps a VM at the host's CPUs (as Kata's default_maxvcpus = 0) but
+# no higher than this: every possible vCPU costs the guest per-CPU memory from
+# boot (and under TCG a present vCPU in QEMU), and more vCPUs than the host has
+# CPUs only oversubscribe them.
+AUTO_MAX_VCPUS = 8
 
 ACCEL_MODES = ("auto", "kvm", "tcg")
 SHARED_FS_TYPES = ("virtio-fs", "9p")
@@ -69,8 +74,9 @@ class HypervisorConfig:
     memory_mib: int = 512
     base_vcpus: int = 0
     base_memory_mib: int = 256
-    # What a VM can grow to (the CPUs and memory it boots with room for).
-    max_vcpus: int = 8
+    # What a VM can grow to (the CPUs and memory it boots with room for);
+    # max_vcpus 0 = the host's CPUs, at most AUTO_MAX_VCPUS (see auto_max_vcpus).
+    max_vcpus: int = 0
     max_memory_mib: int = 16384
     accel: str = "auto"
     hotplug_ports: int = 16
@@ -79,6 +85,10 @@ class HypervisorConfig:
     # is the host's, once for every pod) or "virtio-blk" (a read-only disk, each
     # guest caching what it reads in its own RAM).
     root_device: str = "pmem"
+
+    def __post_init__(self) -> None:
+        if self.max_vcpus == 0:
+            object.__setattr__(self, "max_vcpus", auto_max_vcpus())
 
     def guest_file(self, name: str, override: str) -> Path:
         if override:
@@ -277,7 +287,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     hv = config.hypervisor
     _choice("hypervisor.accel", hv.accel, ACCEL_MODES)
     _choice("hypervisor.root_device", hv.root_device, ROOT_DEVICES)
-    _bounded_int("hypervisor.max_vcpus", hv.max_vcpus, 1, 255)
+    _bounded_int("hypervisor.max_vcpus", hv.max_vcpus, 1, 255)  # 0 is resolved at construction
     _bounded_int("hypervisor.max_memory_mib", hv.max_memory_mib, MIN_MEMORY_MIB, 1 << 22)
     _bounded_int("hypervisor.vcpus", hv.vcpus, 1, hv.max_vcpus)
     _bounded_int("hypervisor.memory_mib", hv.memory_mib, MIN_MEMORY_MIB, hv.max_memory_mib)
@@ -302,6 +312,11 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     _bounded_int("template.keep_unused_days", config.template.keep_unused_days, 0, 36500)
     parse_listen(config.monitor.listen)
     return config
+
+
+def auto_max_vcpus() -> int:
+    """max_vcpus = 0: the host's CPUs, at most AUTO_MAX_VCPUS."""
+    return max(1, min(os.cpu_count() or 1, AUTO_MAX_VCPUS))
 
 
 def parse_listen(address: str) -> tuple[str, int]:

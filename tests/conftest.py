@@ -96,8 +96,10 @@ def containerd_options(cri_images: list[BuiltImage], guest_image: Path,
     """The CRI tests' containerd: handlers runc and husk (husk with its own state dir)."""
     config_dir = tmp_path_factory.mktemp("husk")
     # Ten VMs booting at once under TCG on two cores take minutes, not seconds.
+    # max_vcpus above the host's CPUs: the resize tests grow a pod to 3 vCPUs.
     config = write_test_config(config_dir / "husk.toml", HUSK_CRI_STATE,
-                               agent={"dial_timeout_s": 300.0, "request_timeout_s": 120.0})
+                               agent={"dial_timeout_s": 300.0, "request_timeout_s": 120.0},
+                               max_vcpus=4)
     # The hostile-guest tests: the agent's test hooks on, and a keepalive quick
     # enough to see a stalled agent within seconds; the debug console on (husk exec's
     # tests; the main handler has it off, as husk.toml's default).

@@ -83,7 +83,8 @@ def main() -> int:
         raise SystemExit("BENCH_RUNS must be at least 1")
     started = time.monotonic()
     with scratch_dirs("bresize") as (work, state):
-        config = write_test_config(work / "husk.toml", state)
+        # Room for 3 vCPUs on any host (max_vcpus = 0 would cap at the host's CPUs).
+        config = write_test_config(work / "husk.toml", state, max_vcpus=4)
         options = ContainerdOptions(images=build_images(), husk_config=config, log_level="info")
         with Containerd.started(options) as cd:
             results = {handler: measure(cd.cri, handler) for handler in HANDLERS}

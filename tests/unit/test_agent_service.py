@@ -284,6 +284,14 @@ async def test_output_exit_code_and_guest_view(agent: Agent) -> None:
     assert await _code(agent.wait("c1")) == grpc.StatusCode.NOT_FOUND
 
 
+async def test_the_agent_loads_no_tls(agent: Agent) -> None:
+    """It serves no TLS: asyncio's optional ssl import (OpenSSL set up, ~1.2 MiB of
+    every guest) is kept out of the agent's process."""
+    assert "python" in Path(f"/proc/{agent.proc.pid}/exe").resolve().name
+    maps = Path(f"/proc/{agent.proc.pid}/maps").read_text()
+    assert "_ssl." not in maps and "libssl" not in maps
+
+
 async def test_fast_exit_loses_no_output(agent: Agent) -> None:
     """Output of a process that already exited is still delivered, beyond the buffer size."""
     await agent.run("fast", ["sh", "-c", "echo hello; echo bye >&2"])

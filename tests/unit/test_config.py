@@ -39,9 +39,19 @@ def test_missing_file_is_an_error(tmp_path: Path) -> None:
         load_config(str(tmp_path / "nope.toml"))
 
 
+@pytest.mark.parametrize("host_cpus,expected", [(2, 2), (1, 1), (64, 8), (None, 1)])
+def test_max_vcpus_zero_is_the_hosts_cpus_at_most_eight(
+        monkeypatch: pytest.MonkeyPatch, host_cpus: int | None, expected: int) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: host_cpus)
+    assert Config().hypervisor.max_vcpus == expected
+    assert parse_config({"hypervisor": {"max_vcpus": 0}}).hypervisor.max_vcpus == expected
+    # An explicit maximum is kept, above the host's CPUs too (TCG runs them as threads).
+    assert parse_config({"hypervisor": {"max_vcpus": 12}}).hypervisor.max_vcpus == 12
+
+
 def test_annotations_override_within_limits() -> None:
-    config = Config().with_pod_annotations({"io.husk.vcpus": "2", "io.husk.memory_mib": "1024",
-                                            "io.kubernetes.cri.sandbox-id": "x"})
+    config = parse_config({"hypervisor": {"max_vcpus": 8}}).with_pod_annotations({
+        "io.husk.vcpus": "2", "io.husk.memory_mib": "1024", "io.kubernetes.cri.sandbox-id": "x"})
     assert config.hypervisor.vcpus == 2
     assert config.hypervisor.memory_mib == 1024
 
