@@ -51,7 +51,7 @@ MIN_CONTAINERD = (1, 6)
 # Where each config version keeps the CRI runtimes (containerd 2.x reads 2 and 3).
 CRI_RUNTIME_PLUGINS = {1: "cri", 2: "io.containerd.grpc.v1.cri", 3: "io.containerd.cri.v1.runtime"}
 TCG_COST = ("guests run under software emulation: a cold boot takes ~12 s instead of "
-            "seconds, guest CPU work is ~10x slower, and each VM holds a 64 MiB "
+            "seconds, guest CPU work is ~10x slower, and each VM holds a ~50 MiB "
             "translation buffer (README, Performance)")
 RENDER_WIDTH = 100
 RENDER_INDENT = 24  # status and name columns

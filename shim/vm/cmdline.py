@@ -289,7 +289,7 @@ def build_cmdline(spec: VmSpec, slots: SlotMap | None = None) -> list[str]:
     args = [spec.qemu_path, "-name", qemu_value(f"husk-{spec.name}"),
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-sandbox", QEMU_SANDBOX,
-            *spec.accel.qemu_args,
+            *spec.accel.qemu_args(max(spec.vcpus, spec.max_vcpus)),
             "-smp", smp_args(spec), "-m", memory_args(spec),
             "-kernel", qemu_value(spec.kernel), "-initrd", qemu_value(spec.initrd),
             "-append", kernel_cmdline(spec),

@@ -19,7 +19,15 @@ async def test_forced_modes_skip_the_probe(tmp_path: Path) -> None:
     assert (await choose_accel("tcg", "/nonexistent/qemu", tmp_path)).accel is Accel.TCG
     kvm = await choose_accel("kvm", "/nonexistent/qemu", tmp_path)
     assert kvm.accel is Accel.KVM and "forced" in kvm.reason
-    assert kvm.qemu_args[:2] == ["-accel", "kvm"]
+    assert kvm.qemu_args(8)[:2] == ["-accel", "kvm"]
+
+
+async def test_the_tcg_buffer_leaves_the_running_vcpu_the_same_room(tmp_path: Path) -> None:
+    """Each idle possible vCPU holds a region: 8 of them got 64 MiB (50 for the running one)."""
+    tcg = await choose_accel("tcg", "/nonexistent/qemu", tmp_path)
+    assert tcg.qemu_args(8)[:2] == ["-accel", "tcg,tb-size=64"]
+    assert tcg.qemu_args(2)[1] == "tcg,tb-size=52"
+    assert tcg.qemu_args(1)[1] == "tcg,tb-size=50"
 
 
 @pytest.mark.skipif(not HAS_KVM_DEVICE, reason="needs a /dev/kvm to talk to")
