@@ -1,6 +1,7 @@
 """Shared fixtures: the guest image, a husk config for tests, leak checks."""
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -82,6 +83,19 @@ def our_processes(marker: str) -> list[str]:
                 name in cmd for name in ("qemu-system", "virtiofsd", "shim")):
             found.append(f"{proc.pid}: {cmd[:200]}")
     return found
+
+
+def open_files() -> set[str]:
+    """What this process's fds point to (pipe:[inode], socket:[inode], paths).
+
+    Leak checks compare these, not a count: fds of earlier tests (a grpc channel,
+    a collected object's file) may close while a test runs, hiding a leak of its own.
+    """
+    targets = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            targets.add(os.readlink(f"/proc/self/fd/{fd}"))
+    return targets
 
 
 def mounts_below(path: Path) -> list[str]:

@@ -8,15 +8,12 @@ from pathlib import Path
 
 from shim.util import child
 from shim.util.cappedfile import FILE_CAP_BYTES
-
-
-def _fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+from tests.conftest import open_files
 
 
 async def test_a_chatty_child_is_capped_and_not_blocked(tmp_path: Path) -> None:
     log_path = tmp_path / "qemu.log"
-    before = _fds()
+    before = open_files()
     script = ("import sys\n"
               "for i in range(40000): sys.stderr.write(f'warning {i:06d} ' + 'x' * 80 + '\\n')\n"
               "sys.stderr.write('last words\\n')\n")
@@ -30,7 +27,7 @@ async def test_a_chatty_child_is_capped_and_not_blocked(tmp_path: Path) -> None:
     assert 0 < size <= FILE_CAP_BYTES
     text = log_path.read_text()
     assert text.startswith("warning 000000") and "dropped" in text
-    assert _fds() == before
+    assert open_files() - before == set(), "the log's pipe or file is still open"
 
 
 async def test_the_tail_includes_what_is_still_in_the_pipe(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import pytest
 from shim import errors
 from shim.sandbox import stdio
 from shim.sandbox.stdio import ProcessIO
+from tests.conftest import open_files
 from tests.fakes.agent import FakeAgent
 
 CID = "c1"
@@ -53,10 +54,6 @@ def _logger(tmp_path: Path, body: str) -> Path:
     script.write_text(f"#!{sys.executable}\n{body}")
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
     return script
-
-
-def _open_fds() -> list[str]:
-    return sorted(os.listdir("/proc/self/fd"))
 
 
 def _gone(pid: int) -> bool:
@@ -124,7 +121,7 @@ async def test_a_logger_that_never_signals_fails_open_and_leaves_nothing(
     monkeypatch.setattr(stdio, "LOGGER_READY_TIMEOUT_S", 0.5)
     script = _logger(tmp_path, NEVER_READY)
     io = ProcessIO(CID, "", "", f"binary://{script}", "", False, "k8s.io")
-    before = _open_fds()
+    before = open_files()
     started = time.monotonic()
     async with LoopWatch() as watch:
         with pytest.raises(errors.InvalidArgumentError) as exc:
@@ -132,7 +129,7 @@ async def test_a_logger_that_never_signals_fails_open_and_leaves_nothing(
     assert time.monotonic() - started < 2.0
     assert str(script) in str(exc.value) and "readiness" in str(exc.value)
     assert watch.worst < 0.25, "the loop was blocked while waiting for the logger"
-    assert _open_fds() == before
+    assert open_files() - before == set()
     [logger] = spawned
     assert logger.returncode == -signal.SIGKILL and _gone(logger.pid)
 
@@ -141,7 +138,7 @@ async def test_a_logger_that_dies_before_ready_fails_open(
         tmp_path: Path, spawned: list[subprocess.Popen[bytes]]) -> None:
     script = _logger(tmp_path, DIES_EARLY)
     io = ProcessIO(CID, "", "", f"binary://{script}", "", False)
-    before = _open_fds()
+    before = open_files()
     try:
         await _within(5, io.open())
     except errors.InvalidArgumentError as exc:
@@ -151,17 +148,17 @@ async def test_a_logger_that_dies_before_ready_fails_open(
         # the logger is then reaped at close like any other.
         io.close()
         await _within(10, io.wait_logger())
-    assert _open_fds() == before
+    assert open_files() - before == set()
     [logger] = spawned
     assert logger.returncode == 3 and _gone(logger.pid)
 
 
 async def test_a_missing_logger_fails_open(tmp_path: Path) -> None:
     io = ProcessIO(CID, "", "", f"binary://{tmp_path}/nope", "", False)
-    before = _open_fds()
+    before = open_files()
     with pytest.raises(errors.InvalidArgumentError, match="cannot start logger"):
         await io.open()
-    assert _open_fds() == before
+    assert open_files() - before == set()
 
 
 async def test_a_logger_that_signals_gets_the_output(tmp_path: Path) -> None:
@@ -170,7 +167,7 @@ async def test_a_logger_that_signals_gets_the_output(tmp_path: Path) -> None:
     agent = FakeAgent()
     await agent.create_container(CID, {})
     io = ProcessIO(CID, "", "", f"binary://{script}?out={out}", "", False, "k8s.io")
-    before = _open_fds()
+    before = open_files()
     await _within(5, io.open())
     logger = io._logger
     assert logger is not None
@@ -182,7 +179,7 @@ async def test_a_logger_that_signals_gets_the_output(tmp_path: Path) -> None:
     await _within(10, io.wait_logger())
     assert logger.returncode == 0
     assert out.read_bytes() == b"k8s.io/c1:hello world\n"
-    assert _open_fds() == before
+    assert open_files() - before == set()
 
 
 @pytest.mark.parametrize(("term", "status"), [("exit", -signal.SIGTERM),

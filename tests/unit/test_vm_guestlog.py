@@ -6,7 +6,6 @@ it connects to the listener the shim opened, writes, and hangs up.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import shutil
 import socket
@@ -18,6 +17,7 @@ import pytest
 
 from shim.vm.guestlog import (NOTICE_RESERVE_BYTES, READ_CHUNK_BYTES, CappedFile, GuestLog,
                               ReadPacer, RingBuffer, printable)
+from tests.conftest import open_files
 
 pytestmark = pytest.mark.timeout(30)
 STEP_S = 5.0
@@ -29,10 +29,6 @@ def short_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="hk", dir="/tmp"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def _flood(total: int, seed: int = 7) -> list[bytes]:
@@ -121,7 +117,7 @@ async def test_early_output_is_not_lost(short_dir: Path) -> None:
 
 
 async def test_flood_is_bounded_and_the_tail_is_the_newest(short_dir: Path) -> None:
-    baseline = _open_fds()
+    baseline = open_files()
     stream = GuestLog("guestlog", short_dir / "log.sock", short_dir / "guest.log",
                       ring=RingBuffer(capacity=8192), file_cap=32 * 1024,
                       pacer=ReadPacer(interval_s=0))
@@ -143,7 +139,7 @@ async def test_flood_is_bounded_and_the_tail_is_the_newest(short_dir: Path) -> N
     assert size <= 32 * 1024
     assert stream.dropped == len(everything) - (32 * 1024 - NOTICE_RESERVE_BYTES)
     assert b"dropped" in (short_dir / "guest.log").read_bytes()[-200:]
-    assert _open_fds() == baseline
+    assert open_files() - baseline == set()
 
 
 async def test_a_flooding_guest_is_paced_not_read_flat_out(short_dir: Path) -> None:
@@ -178,14 +174,14 @@ async def test_a_flooding_guest_is_paced_not_read_flat_out(short_dir: Path) -> N
 
 
 async def test_close_before_qemu_ever_connected(short_dir: Path) -> None:
-    baseline = _open_fds()
+    baseline = open_files()
     stream = GuestLog("console", short_dir / "con.sock", short_dir / "console.log")
     stream.open()
     await asyncio.wait_for(stream.drain(), 0.5)  # nothing pending: returns at once
     await stream.close()
     await stream.close()
     assert not (short_dir / "con.sock").exists()
-    assert _open_fds() == baseline
+    assert open_files() - baseline == set()
     assert stream.tail() == ""
 
 

@@ -21,6 +21,7 @@ import pytest
 from shim.vm.accel import Accel, AccelChoice
 from shim.vm.cmdline import AgentTransport, SharedFsType, VmPaths, VmSpec
 from shim.vm.qemu import Vm, VmError
+from tests.conftest import open_files
 
 pytestmark = pytest.mark.timeout(60)
 STEP_S = 10.0
@@ -124,10 +125,6 @@ def _vm(run_dir: Path, shared_fs: SharedFsType = SharedFsType.VIRTIO_FS) -> Vm:
     return Vm(spec, virtiofsd_path=_script(bin_dir / "virtiofsd", FAKE_VIRTIOFSD))
 
 
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 async def _until(condition: object, what: str) -> None:
     assert callable(condition)
     for _ in range(int(STEP_S / 0.01)):
@@ -144,7 +141,7 @@ def _assert_released(vm: Vm) -> None:
 
 
 async def test_start_and_stop_leave_nothing_but_the_tails(run_dir: Path) -> None:
-    baseline = _open_fds()
+    baseline = open_files()
     vm = _vm(run_dir)
     await vm.start()
     paths = vm.spec.paths
@@ -159,7 +156,7 @@ async def test_start_and_stop_leave_nothing_but_the_tails(run_dir: Path) -> None
     await vm.stop()  # idempotent
     assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
     _assert_released(vm)
-    assert _open_fds() == baseline
+    assert open_files() - baseline == set()
     assert vm.console.tail() == "fake console: booting", "tails outlive stop()"
     assert (run_dir / "console.log").read_bytes() == b"fake console: booting\r\n"
 
@@ -215,7 +212,7 @@ async def test_qemu_exiting_is_blamed_on_qemu(run_dir: Path,
 async def test_qemu_dying_at_boot_leaves_its_last_words(run_dir: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_QEMU", "die")
-    baseline = _open_fds()
+    baseline = open_files()
     vm = _vm(run_dir, SharedFsType.NINE_P)
     with pytest.raises(VmError, match="QEMU exited with status 3.*qemu: fake failure"):
         await vm.start()
@@ -223,7 +220,7 @@ async def test_qemu_dying_at_boot_leaves_its_last_words(run_dir: Path,
     assert vm.console.tail(2) == "fake console: booting | Kernel panic - not syncing: fake"
     assert vm.guest_log.tail() == "fake agent: up"
     _assert_released(vm)
-    assert _open_fds() == baseline
+    assert open_files() - baseline == set()
 
 
 async def test_unusable_run_dir_is_a_vm_error(run_dir: Path) -> None:
