@@ -104,7 +104,9 @@ def test_pod_stats_are_the_vms_and_rise_under_load(cri: CriClient) -> None:
     pod = cri.run_pod("statsp", handler=HANDLER)
     cid = cri.run_container(pod, BUSYBOX_REF, ["sleep", "600"])
     before = cri.pod_stats(pod.id).linux
-    assert before.memory.working_set_bytes.value > 64 * MIB, "QEMU's memory, at least"
+    # The VM's: QEMU and virtiofsd in the pod cgroup hold tens of MiB (~60 here, idle),
+    # the busybox container's own cgroup in the guest well under one.
+    assert before.memory.working_set_bytes.value > 32 * MIB, "QEMU's memory, at least"
     cpu_before = before.cpu.usage_core_nano_seconds.value
     assert cpu_before > 0
     container_cpu_before = cri.container_stats(cid).cpu.usage_core_nano_seconds.value
