@@ -958,10 +958,12 @@ def _ask_for_stack_dumps(procs: list[psutil.Process]) -> None:
     """A husk shim daemon still alive here is stuck: have it log where (SIGUSR1) first."""
     daemons = [p for p in procs if _cmdline(p)[:1] == [SHIM_NAME] and _cmdline(p)[-1:] == ["serve"]]
     for proc in daemons:
+        argv = _cmdline(proc)
+        shim_id = argv[argv.index("-id") + 1] if "-id" in argv[:-1] else "<id>"
         with contextlib.suppress(psutil.Error):
             proc.send_signal(signal.SIGUSR1)
             log.warning("shim daemon %d still running at teardown: its stacks go to "
-                        "/var/log/husk/<id>.log", proc.pid)
+                        "/var/log/husk/%s.log", proc.pid, shim_id)
     if daemons:
         time.sleep(STACK_DUMP_WAIT_S)
 
