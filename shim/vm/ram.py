@@ -15,7 +15,9 @@ import os
 
 RAM_MEMFD_NAME = "husk-guest-ram"
 COPY_CHUNK = 1 << 20
+PAGE_SIZE = 4096
 _ZERO_CHUNK = bytes(COPY_CHUNK)
+_ZERO_PAGE = bytes(PAGE_SIZE)
 
 
 def new_guest_ram(size_bytes: int) -> int:
@@ -56,8 +58,11 @@ def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
 
 def copy_sparse(src_fd: int, dst_fd: int, size: int) -> int:
     """Copy ``size`` bytes of guest RAM from ``src_fd`` to ``dst_fd`` (same offsets),
-    writing only data: holes and all-zero chunks are left as holes in the
+    writing only data: holes and all-zero pages are left as holes in the
     destination, which must be all holes to begin with. Returns the bytes written.
+
+    Page by page, not chunk by chunk: a guest's RAM is a patchwork of used pages and
+    free ones it zeroed, and every page written is a page of memory the copy holds.
 
     :raise OSError: a read or write failed.
     """
@@ -69,13 +74,34 @@ def copy_sparse(src_fd: int, dst_fd: int, size: int) -> int:
             if not chunk:
                 raise OSError(errno.EIO, f"guest RAM ends early at {offset}")
             if chunk != _ZERO_CHUNK[:len(chunk)]:
-                view = memoryview(chunk)
-                done = 0
-                while done < len(view):
-                    done += os.pwrite(dst_fd, view[done:], offset + done)
-                written += len(chunk)
+                for run_start, run_end in _data_runs(chunk):
+                    _write_all(dst_fd, memoryview(chunk)[run_start:run_end], offset + run_start)
+                    written += run_end - run_start
             offset += len(chunk)
     return written
+
+
+def _data_runs(chunk: bytes) -> list[tuple[int, int]]:
+    """[start, end) of every run of pages in ``chunk`` that are not all zero."""
+    runs: list[tuple[int, int]] = []
+    run_start = -1
+    for page in range(0, len(chunk), PAGE_SIZE):
+        # bytes slices, not memoryview ones: their == is a memcmp (10x faster).
+        is_zero = chunk[page:page + PAGE_SIZE] == _ZERO_PAGE[:len(chunk) - page]
+        if is_zero and run_start >= 0:
+            runs.append((run_start, page))
+            run_start = -1
+        elif not is_zero and run_start < 0:
+            run_start = page
+    if run_start >= 0:
+        runs.append((run_start, len(chunk)))
+    return runs
+
+
+def _write_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
 
 
 def allocated_bytes(fd: int) -> int:

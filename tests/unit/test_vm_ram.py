@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from shim.vm.ram import COPY_CHUNK, allocated_bytes, copy_sparse, new_guest_ram, qemu_mem_path
+from shim.vm.ram import COPY_CHUNK, PAGE_SIZE, allocated_bytes, copy_sparse, new_guest_ram, qemu_mem_path
 
 MIB = 1 << 20
 
@@ -27,6 +27,29 @@ def test_a_copy_writes_only_data_and_keeps_offsets(tmp_path: Path) -> None:
         assert os.pread(dst, COPY_CHUNK, 10 * MIB) == bytes(COPY_CHUNK)
         assert allocated_bytes(dst) <= written + 64 * 1024
         assert os.fstat(dst).st_size == size
+    finally:
+        os.close(src)
+        os.close(dst)
+
+
+def test_zero_pages_among_data_stay_holes() -> None:
+    # A guest's RAM as the template leaves it: one region of touched pages, where
+    # used pages lie between pages the guest zeroed (init_on_alloc, freed memory).
+    size = 4 * MIB
+    pattern = [True, False, False, True, True, False]  # data / zero, repeated
+    page_data = [pattern[i % len(pattern)] for i in range(size // PAGE_SIZE)]
+    src = new_guest_ram(size)
+    dst = new_guest_ram(size)
+    try:
+        os.pwrite(src, b"".join(bytes([i % 251 + 1]) * PAGE_SIZE if data else bytes(PAGE_SIZE)
+                                for i, data in enumerate(page_data)), 0)
+        assert allocated_bytes(src) == size  # every page touched
+        written = copy_sparse(src, dst, size)
+        assert written == sum(page_data) * PAGE_SIZE
+        assert allocated_bytes(dst) == written  # the zero pages cost nothing
+        for i in (0, 1, 3, 5, len(page_data) - 1):
+            expected = bytes([i % 251 + 1]) * PAGE_SIZE if page_data[i] else bytes(PAGE_SIZE)
+            assert os.pread(dst, PAGE_SIZE, i * PAGE_SIZE) == expected
     finally:
         os.close(src)
         os.close(dst)
