@@ -27,6 +27,7 @@ from typing import Protocol
 
 from shim import errors
 from shim.network.netns import NetnsError, run_in_netns
+from shim.util.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,4 @@ async def _splice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
         if writer.can_write_eof():
             writer.write_eof()
     finally:
-        sending.cancel()
-        with contextlib.suppress(asyncio.CancelledError, errors.HuskError, OSError):
-            await sending
+        await cancel_and_wait(sending, errors.HuskError, OSError)

@@ -8,12 +8,12 @@ routes), so the callback runs once the namespace has been quiet for a moment.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable
 
 from shim.network.netns import run_in_netns
+from shim.util.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,4 @@ class NetnsWatcher:
             self._sock.close()
             self._sock = None
         if self._running is not None:
-            self._running.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._running
+            await cancel_and_wait(self._running, Exception)

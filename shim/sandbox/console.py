@@ -9,7 +9,6 @@ relay waits for the client to take each before reading more from the guest
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import struct
 import time
@@ -20,6 +19,7 @@ from proto.gen import agent_pb2 as pb
 from shim import errors
 from shim.agentclient.client import AgentClient, ConsoleStream
 from shim.sandbox.manage import MAX_FRAME_BYTES, Frame, Stream, encode_frame, read_frame
+from shim.util.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +83,7 @@ async def run_console(agent: AgentClient, request: ConsoleRequest, stream: Strea
         try:
             status = await _guest_to_client(console, stream)
         finally:
-            upstream.cancel()
-            with contextlib.suppress(asyncio.CancelledError, errors.HuskError):
-                await upstream
+            await cancel_and_wait(upstream, errors.HuskError)
         log.warning("%s: debug console (%s) exited with status %d after %.1fs", name, what,
                     status, time.monotonic() - started)
     except BaseException as exc:

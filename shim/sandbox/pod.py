@@ -35,6 +35,7 @@ from shim.vm.devices import DeviceError, Devices
 from shim.sandbox.stdio import ProcessIO
 from shim.util.mount import submounts
 from shim.util.ratelimit import PerKeyRateLimit
+from shim.util.stackdump import await_chain
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,9 @@ MAX_SUBMOUNTS = 64
 # (seen under TCG: the guest kernel hit a BUG in the dying process). The VM is stopped
 # so that every process of the pod is reported gone and StopPodSandbox can finish.
 KILL_EXIT_TIMEOUT_S = 30.0
+# The pod's own tasks (watchers, process monitors) end this long after being
+# cancelled at shutdown, or are left behind (logged) so the pod still goes.
+TASK_CANCEL_TIMEOUT_S = 5.0
 CONTAINER_NAME = "io.kubernetes.cri.container-name"
 NAME_MAX = 253
 
@@ -214,18 +218,30 @@ class Pod:
     async def shutdown(self) -> None:
         if self._manage is not None:
             await self._manage.stop()
-        for watcher in self._watchers:
-            watcher.cancel()
-        await asyncio.gather(*self._watchers, return_exceptions=True)
-        self._watchers = []
-        for task in list(self._monitors):
-            task.cancel()
-        await asyncio.gather(*self._monitors, return_exceptions=True)
+        watchers, self._watchers = self._watchers, []
+        await self._cancel(watchers)
+        await self._cancel(list(self._monitors))
         for container in self.containers.values():
             for proc in [container.init, *container.execs.values()]:
                 proc.io.close()
         await self.sandbox.stop()
         self.volumes.release_all()  # the disks went with the VM
+
+    async def _cancel(self, tasks: list[asyncio.Task[Any]]) -> None:
+        """Cancel the pod's own tasks and wait for them, for at most TASK_CANCEL_TIMEOUT_S:
+        one that does not end (it swallowed its cancellation, or waits in something
+        that cannot be cancelled) is logged with where it waits and left behind, so
+        the VM and the rest of the pod still go."""
+        for task in tasks:
+            task.cancel()
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=TASK_CANCEL_TIMEOUT_S)
+        for task in pending:
+            log.error("sandbox %s: task %s did not end %.0fs after it was cancelled; the pod "
+                      "goes without waiting for it; it waits in: %s", self.sandbox.sandbox_id,
+                      task.get_name(), TASK_CANCEL_TIMEOUT_S,
+                      " <- ".join(await_chain(task.get_coro())) or "(nothing)")
 
     def _exited(self, proc: Process, status: int) -> None:
         if proc.set_exited(status):

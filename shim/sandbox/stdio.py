@@ -30,6 +30,7 @@ from typing import Protocol
 from urllib.parse import parse_qs, urlparse
 
 from shim import errors
+from shim.util.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -362,9 +363,7 @@ class ProcessIO:
         async with self._stdin_lock:
             # The copy is between chunks (waiting for input): cancelling it loses nothing.
             if self._stdin_task is not None:
-                self._stdin_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, errors.HuskError):
-                    await self._stdin_task
+                await cancel_and_wait(self._stdin_task, errors.HuskError)
                 self._stdin_task = None
             if self._in_fd >= 0:
                 dropped = 0

@@ -22,6 +22,7 @@ from proto.gen.containerd.events import task_pb2 as ev
 from proto.gen.containerd.services.events.ttrpc.v1 import events_pb2
 from shim.ttrpc.client import Client
 from shim.ttrpc.errors import TtrpcError
+from shim.util.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -169,9 +170,7 @@ class Publisher:
                 await asyncio.wait_for(self._task, DRAIN_TIMEOUT_S)
             except asyncio.TimeoutError:
                 log.error("gave up sending %d queued events", len(self._queue))
-                self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
+                await cancel_and_wait(self._task)
             self._task = None
         if self.dropped_oom:
             log.warning("%d TaskOOM events were not sent: one was already queued for the "

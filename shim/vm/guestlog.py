@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shim.util.cappedfile import FILE_CAP_BYTES, NOTICE_RESERVE_BYTES, CappedFile
+from shim.util.tasks import cancel_and_wait
 
 __all__ = ["FILE_CAP_BYTES", "NOTICE_RESERVE_BYTES", "CappedFile", "GuestLog", "GuestLogError",
            "RingBuffer", "printable"]
@@ -231,9 +232,7 @@ class GuestLog:
         """
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         self._release()
         if self.ring.total:
             log.debug("%s log: %d bytes from the guest in %d reads (%d paced), %d dropped past "

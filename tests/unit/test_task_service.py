@@ -409,3 +409,33 @@ async def test_a_process_that_survives_sigkill_stops_the_vm(env: Any,
     assert reply.exit_status == 255
     assert not env.sandboxes[0].vm.running
     assert "has not exited 0s after SIGKILL" in caplog.text
+
+
+async def test_a_task_that_ignores_its_cancellation_does_not_keep_the_pod(
+        env: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deleting the sandbox cancels the pod's tasks; one that swallows the cancellation
+    (a `suppress(CancelledError)` around an await) must not stop the VM from going,
+    and the log says where it waits."""
+    import shim.sandbox.pod as pod_module
+    monkeypatch.setattr(pod_module, "TASK_CANCEL_TIMEOUT_S", 0.3)
+    await _run_pod(env)
+    released = asyncio.Event()
+
+    async def stubborn() -> None:
+        while not released.is_set():
+            try:
+                await released.wait()
+            except asyncio.CancelledError:
+                pass  # the bug being guarded against
+
+    assert env.service.pod is not None
+    task = asyncio.create_task(stubborn(), name="wait-stubborn")
+    env.service.pod._monitors.add(task)
+    await asyncio.sleep(0)
+    await env.service.kill(api.KillRequest(id=SANDBOX, signal=9))
+    await asyncio.wait_for(env.service.delete(api.DeleteRequest(id=SANDBOX)), 5)
+    assert env.sandboxes[0].stopped
+    assert "task wait-stubborn did not end 0s after it was cancelled" in caplog.text
+    assert "in stubborn" in caplog.text  # where it waits
+    released.set()
+    await asyncio.wait_for(task, 1)
