@@ -13,12 +13,15 @@ async def cancel_and_wait(task: asyncio.Task[Any], *ignore: type[Exception]) -> 
     ``suppress(CancelledError)`` around the await drops both, and a caller cancelled
     there carries on as if it never was: a shutdown waiting for it waits forever.)
     """
+    current = asyncio.current_task()
+    # A caller that is itself being cancelled may be cleaning up: only a
+    # cancellation that arrives during this wait is its own to raise.
+    cancelling = current.cancelling() if current is not None else 0
     task.cancel()
     try:
         await task
     except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
+        if current is not None and current.cancelling() > cancelling:
             raise
     except ignore:
         pass

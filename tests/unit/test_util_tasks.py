@@ -60,3 +60,26 @@ async def test_only_the_listed_errors_are_dropped() -> None:
     await asyncio.sleep(0)
     with pytest.raises(OSError):
         await cancel_and_wait(task, ValueError)
+
+
+async def test_cleanup_after_the_waiters_cancellation_still_waits() -> None:
+    """A task cancelled earlier, cleaning up in `finally`, still gets its waits."""
+    started, release = asyncio.Event(), asyncio.Event()
+    release.set()
+    inner = asyncio.create_task(_slow_to_end(started, release))
+    await started.wait()
+    cleaned = []
+
+    async def owner() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            await cancel_and_wait(inner)
+            cleaned.append(inner.done())
+
+    outer = asyncio.create_task(owner())
+    await asyncio.sleep(0)
+    outer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await outer
+    assert cleaned == [True]
