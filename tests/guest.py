@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 
-from shim import oci
+from shim import errors, oci
 from shim.sandbox.sandbox import Sandbox
 
 _ids = itertools.count(1)
@@ -39,5 +40,7 @@ async def run(box: Sandbox, args: list[str], terminal: bool = False, stdin: byte
         stderr = (await asyncio.wait_for(err, 10)).decode() if err else ""
         return status, stdout, stderr
     finally:
-        await box.agent.remove_container(cid)
+        # Not found: creating it failed, and that error is the one to see.
+        with contextlib.suppress(errors.NotFoundError):
+            await box.agent.remove_container(cid)
         box.shared.release(cid)
