@@ -62,9 +62,12 @@ test-unit: venv
 test-vm: deps venv guest-image
 	$(PY) -m pytest -q -p no:cacheprovider -m vm tests/integration
 
-# The VM and CRI tests with every guest booted cold (VM templates off).
+# The VM and CRI tests with every guest booted cold (VM templates off); as in `test`,
+# the tests that load the whole machine (ten VMs at once) run alone.
 test-cold: deps venv guest-image
-	HUSK_TEST_TEMPLATES=off $(PY) -m pytest -q -rs -p no:cacheprovider -n 2 --dist loadfile tests/integration
+	HUSK_TEST_TEMPLATES=off $(PY) -m pytest -q -rs -p no:cacheprovider -n 2 --dist loadfile \
+		-m "not whole_machine" tests/integration
+	HUSK_TEST_TEMPLATES=off $(PY) -m pytest -q -rs -p no:cacheprovider -m whole_machine tests/integration
 
 test-cri: deps venv guest-image
 	$(PY) -m pytest -q -p no:cacheprovider -m cri tests/integration

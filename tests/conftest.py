@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from tests.cri.harness import (DEFAULT_KEEP_LOGS_DIR, HUSK_RUNTIME_TYPE, ContainerdOptions,
-                               RuntimeHandler)
+                               RuntimeHandler, remove_state_dir)
 from tests.cri.images import BuiltImage
 from tests.rootfs import make_busybox_rootfs
 
@@ -71,7 +71,7 @@ def husk_state_dir() -> Iterator[Path]:
     """A short private state dir (unix socket paths must stay under 106 bytes)."""
     state = Path("/run") / f"husk-test-{secrets.token_hex(4)}"
     yield state
-    shutil.rmtree(state, ignore_errors=True)
+    remove_state_dir(state)  # a killed `husk run` leaves the container's rootfs bound in it
 
 
 def our_processes(marker: str) -> list[str]:

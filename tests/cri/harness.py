@@ -1073,13 +1073,20 @@ def scratch_dirs(name: str, work_base: Path | None = None) -> Iterator[tuple[Pat
     try:
         yield work, state
     finally:
-        for point in mounts_under(state):  # deepest first
-            subprocess.run(["umount", "--lazy", point], check=False, timeout=60)
-        if left := mounts_under(state):
-            print(f"not removing {state}: still mounted: {', '.join(left)}", file=sys.stderr)
-        else:
-            shutil.rmtree(state, ignore_errors=True)
+        remove_state_dir(state)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def remove_state_dir(state: Path) -> None:
+    """Remove a husk state dir, unmounting first what a killed shim or `husk run` left
+    mounted in it (a container's rootfs bind among them): nothing is removed through
+    a mount."""
+    for point in mounts_under(state):  # deepest first
+        subprocess.run(["umount", "--lazy", point], check=False, timeout=60)
+    if left := mounts_under(state):
+        print(f"not removing {state}: still mounted: {', '.join(left)}", file=sys.stderr)
+    else:
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def mounts_under(root: Path | str) -> list[str]:
