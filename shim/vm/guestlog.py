@@ -231,9 +231,11 @@ class GuestLog:
         The ring buffer stays readable.
         """
         task, self._task = self._task, None
-        if task is not None:
-            await cancel_and_wait(task)
-        self._release()
+        try:
+            if task is not None:
+                await cancel_and_wait(task)
+        finally:
+            self._release()  # also when the caller is cancelled while it waits
         if self.ring.total:
             log.debug("%s log: %d bytes from the guest in %d reads (%d paced), %d dropped past "
                       "the file cap", self.name, self.ring.total, self.reads, self.paced,
