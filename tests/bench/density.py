@@ -7,9 +7,15 @@ what booting or restoring touched), then reads every process's PSS from
 a template's page cache) counts once across them:
 
 - husk: the shim daemon, and its share of the node's shim zygote (which forked
-  it; its PSS divided by the pods); QEMU split into guest RAM (its memfd backends), TCG's
-  translation buffer (its executable anonymous mappings, one region per vCPU
-  thread; KVM has none) and the rest; virtiofsd (both of its processes).
+  it; its PSS divided by the pods); QEMU split into guest RAM, TCG's translation
+  buffer (its executable anonymous mappings, one region per vCPU thread; KVM has
+  none) and the rest; virtiofsd (both of its processes).
+
+Guest RAM is what its memfds hold (their allocated blocks), not their PSS: a pod
+restored from a template gets its RAM written into the memfd by the shim, and a
+page the guest has not touched since is in no process's page tables, so smaps
+does not see it, yet it is memory the pod holds. The memfds are the pod's alone
+(its QEMU and its virtiofsd map them), so they count in full, once.
 - runc: the runc shim and every process below it (pause and the container).
 
 Medians over the pods of BENCH_RUNS rounds (default 3), per pod, as JSON.
@@ -39,8 +45,8 @@ MIB = 1 << 20
 
 
 def smaps_pss(pid: int) -> dict[str, int]:
-    """PSS bytes of one process: guest RAM, the TCG buffer and everything else."""
-    parts = {"guest_ram": 0, "tcg_buffer": 0, "other": 0}
+    """PSS bytes of one process: its memfd mappings (guest RAM), the TCG buffer and the rest."""
+    parts = {"memfd": 0, "tcg_buffer": 0, "other": 0}
     try:
         text = Path(f"/proc/{pid}/smaps").read_text()
     except OSError:
@@ -53,7 +59,7 @@ def smaps_pss(pid: int) -> dict[str, int]:
                 pss = int(line.split()[1]) * 1024
             elif first == "VmFlags:":
                 if "memfd:" in name:  # the guest RAM backends (boot RAM and DIMMs)
-                    parts["guest_ram"] += pss
+                    parts["memfd"] += pss
                 elif not name and "ex" in line.split()[1:]:  # TCG's code regions (rwx, anonymous)
                     parts["tcg_buffer"] += pss
                 else:
@@ -66,6 +72,27 @@ def smaps_pss(pid: int) -> dict[str, int]:
 
 def _total(pid: int) -> int:
     return sum(smaps_pss(pid).values())
+
+
+def memfd_bytes(pid: int, seen: set[int]) -> int:
+    """Bytes allocated in the memfds ``pid`` holds open (guest RAM), each inode once."""
+    total = 0
+    fd_dir = Path(f"/proc/{pid}/fd")
+    try:
+        fds = list(fd_dir.iterdir())
+    except OSError:
+        return 0
+    for fd in fds:
+        try:
+            if not os.readlink(fd).startswith("/memfd:"):
+                continue
+            st = fd.stat()
+        except OSError:
+            continue
+        if st.st_ino not in seen:
+            seen.add(st.st_ino)
+            total += st.st_blocks * 512
+    return total
 
 
 def _shim(pod_id: str) -> psutil.Process | None:
@@ -89,19 +116,20 @@ def husk_pod(pod_id: str, state: Path, zygote_share: int = 0) -> dict[str, float
     shim = _shim(pod_id)
     if shim is not None:
         sample["shim"] = _total(shim.pid)
+    memfds: set[int] = set()
     for proc in psutil.process_iter(["cmdline"]):
         cmd = " ".join(proc.info["cmdline"] or [])
         if marker not in cmd:
             continue
         if "qemu-system" in cmd:
             parts = smaps_pss(proc.pid)
-            sample["qemu_guest_ram"] += parts["guest_ram"]
+            sample["qemu_guest_ram"] += memfd_bytes(proc.pid, memfds)
             sample["qemu_tcg_buffer"] += parts["tcg_buffer"]
             sample["qemu_other"] += parts["other"]
-        elif "virtiofsd" in cmd:
-            sample["virtiofsd"] += _total(proc.pid)
-            for child in proc.children(recursive=True):
-                sample["virtiofsd"] += _total(child.pid)
+        elif "virtiofsd" in cmd:  # its mappings of guest RAM are in qemu_guest_ram
+            for pid in [proc.pid, *(c.pid for c in proc.children(recursive=True))]:
+                parts = smaps_pss(pid)
+                sample["virtiofsd"] += parts["tcg_buffer"] + parts["other"]
     out = {f"{k}_mib": round(v / MIB, 1) for k, v in sample.items()}
     out["total_mib"] = round(sum(sample.values()) / MIB, 1)
     out["total_without_tcg_buffer_mib"] = round(
