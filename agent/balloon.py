@@ -1,8 +1,13 @@
 """Memory the guest hands back to the host, and a template's warm-up.
 
 Every husk VM has a virtio-balloon with free page reporting: once its driver
-is loaded, the guest tells QEMU about free memory (in 2 MiB blocks, every
-couple of seconds) and QEMU releases it on the host. A guest that will become
+is loaded, the guest tells QEMU about free memory (every couple of seconds)
+and QEMU releases it on the host. The agent lowers the reporting order from
+the kernel's 2 MiB blocks to single pages: a guest's free memory after boot is
+scattered (its initramfs, its init code, what its agent freed), and a page not
+reported stays in the host's memory, and in a template in every pod restored
+from it. (Linux 6.1 overwrites the kernel parameter when the driver
+registers, so it is set afterwards.) A guest that will become
 a VM template (husk.template=1) also drops its clean page cache before it
 serves, so that the template holds as little as possible and every pod
 restored from it starts small.
@@ -22,16 +27,23 @@ log = logging.getLogger(__name__)
 BALLOON_MODULE = "virtio_balloon"
 MODPROBE_TIMEOUT_S = 30.0
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+REPORTING_ORDER = Path("/sys/module/page_reporting/parameters/page_reporting_order")
+SINGLE_PAGES = 0
 
 
-async def start_free_page_reporting(reaper: Reaper) -> bool:
-    """Load the balloon driver; False (logged) when it cannot be loaded."""
+async def start_free_page_reporting(reaper: Reaper, order_path: Path = REPORTING_ORDER) -> bool:
+    """Load the balloon driver and report single free pages; False (logged) when
+    the driver cannot be loaded."""
     try:
         await run_program(reaper, ["modprobe", BALLOON_MODULE], MODPROBE_TIMEOUT_S,
                           f"modprobe {BALLOON_MODULE}")
     except AgentError as e:
         log.warning("free page reporting is off: %s", e)
         return False
+    try:
+        order_path.write_text(f"{SINGLE_PAGES}\n")
+    except OSError as e:
+        log.warning("free page reporting stays at 2 MiB blocks: %s", e)
     log.info("free page reporting on (%s loaded)", BALLOON_MODULE)
     return True
 

@@ -264,3 +264,22 @@ def test_the_root_image_cannot_be_written_from_the_guest(cri: CriClient) -> None
         "a guest changed the node's root image"
     # Whatever became of the guest, the pod stops and goes (the fixture checks the rest).
     _remove_pod(cri, pod)
+
+
+def test_the_guest_kernel_is_locked_down(cri: CriClient) -> None:
+    """Root in the guest cannot read the guest kernel's memory nor change its code:
+    the guest boots with lockdown=confidentiality (which also spares every guest
+    tracefs's ~10 MiB of inodes)."""
+    pod = _hostile_pod(cri, "hostile-lockdown")
+    attacker = Attacker(cri, pod)
+    state = attacker.run("mkdir -p /run/sec && mount -t securityfs none /run/sec && "
+                         "cat /run/sec/lockdown; umount /run/sec")
+    assert state.exit_code == 0 and "[confidentiality]" in state.out, state
+    # Root may read /proc/kcore on a kernel that is not locked down (CAP_SYS_RAWIO).
+    kcore = attacker.run("head -c 4096 /proc/kcore > /dev/null")
+    assert kcore.exit_code != 0 and "not permitted" in kcore.err, kcore
+    # No trace events for a guest root to attach to.
+    tracing = attacker.run("mkdir -p /run/tr && mount -t tracefs none /run/tr && "
+                           "ls /run/tr | wc -l; umount /run/tr")
+    assert tracing.out.strip() in ("", "0"), tracing
+    _remove_pod(cri, pod)
