@@ -25,6 +25,7 @@ from shim.task.events import Publisher
 from shim.task.service import TaskService
 from shim.ttrpc.server import Server
 from shim.ttrpc.services import ServiceRegistry
+from shim.util.malloc import fix_mmap_threshold
 from shim.util.proctitle import set_cmdline
 from shim.util.stackdump import stack_dump
 from shim.zygote import DISABLE_ENV, FALLBACK_ENV
@@ -178,6 +179,7 @@ async def serve(args: ShimArgs) -> int:
 def main(args: ShimArgs) -> int:
     # `ps`/`pgrep -f` show "containerd-shim-husk-v2 -namespace … -id …", like every shim.
     set_cmdline([SHIM_NAME, *sys.argv[1:]])
+    fix_mmap_threshold()  # large transient buffers (the RAM copy) go back when freed
     debug = args.debug
     try:
         debug = debug or load_config().runtime.debug

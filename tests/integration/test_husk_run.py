@@ -69,15 +69,23 @@ def test_the_guest_root_device(root_device: str, device: str, not_device: str, g
 def test_interrupt_cleans_up(sig: int, guest_image: Path, busybox_rootfs: Path,
                              husk_state_dir: Path, tmp_path: Path) -> None:
     config = write_test_config(tmp_path / "husk.toml", husk_state_dir)
-    proc = subprocess.Popen([*HUSK, "--config", str(config), "run", "--rootfs",
-                             str(busybox_rootfs), "--", "sh", "-c", "echo up; sleep 600"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Its log goes to a file: a pipe nobody reads would stall it once full.
+    log = tmp_path / "husk-run.log"
+    with log.open("w") as log_file:
+        proc = subprocess.Popen([*HUSK, "--config", str(config), "run", "--rootfs",
+                                 str(busybox_rootfs), "--", "sh", "-c", "echo up; sleep 600"],
+                                stdout=subprocess.PIPE, stderr=log_file, text=True)
     try:
         assert proc.stdout is not None
-        assert proc.stdout.readline() == "up\n"  # the container runs in its VM
+        assert proc.stdout.readline() == "up\n", log.read_text()  # the container runs in its VM
         assert our_processes(str(husk_state_dir)), "expected QEMU to be running"
         proc.send_signal(sig)
-        assert proc.wait(timeout=60) == 130
+        try:
+            status = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"husk run still running 60 s after signal {sig}; its log:\n"
+                        f"{log.read_text()[-6000:]}")
+        assert status == 130, log.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
