@@ -22,7 +22,7 @@ def fix_mmap_threshold() -> bool:
     """Fix malloc's mmap threshold for this process (and children it forks);
     False (logged) on a libc without mallopt."""
     try:
-        done = ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+        done = bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1)
     except (OSError, AttributeError) as exc:
         log.debug("no mallopt: %s", exc)
         return False
