@@ -3,7 +3,10 @@
 containerd hands the pause container a ``linux.cgroupsPath`` (the kubelet's
 pod cgroup plus the sandbox id). Like Kata's sandbox_cgroup_only, QEMU and
 virtiofsd join that cgroup in every v1 controller (or the v2 unified tree),
-so the pod's limits and accounting cover its VM. Both cgroup drivers are
+so the pod's limits and accounting cover its VM. The guest RAM the shim writes
+for a VM restored from a template is charged there too: the shim joins the
+pod's memory cgroup while it writes it (memory is charged to the cgroup of the
+process that allocates it, and stays there). Both cgroup drivers are
 understood:
 
 * cgroupfs: an absolute path, "/kubepods/burstable/pod<uid>/<id>";
@@ -22,11 +25,13 @@ removed at teardown.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -146,6 +151,21 @@ def _hierarchies() -> list[Path]:
     return [CGROUP_ROOT / c for c in V1_CONTROLLERS if (CGROUP_ROOT / c / "tasks").exists()]
 
 
+def _memory_hierarchy() -> tuple[Path, str] | None:
+    """Where memory is charged: the memory controller's hierarchy (the v2 root when
+    unified) and this process's cgroup in it; None without a memory controller."""
+    unified = cgroup_layout() == "v2"
+    hierarchy = CGROUP_ROOT if unified else CGROUP_ROOT / "memory"
+    if not (hierarchy / "cgroup.procs").exists():
+        return None
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            if (unified and controllers == "") or (not unified and "memory" in controllers.split(",")):
+                return hierarchy, path
+    return None
+
+
 def _copy_file(name: str, src_dir: int, dst_dir: int) -> None:
     src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
     try:
@@ -204,6 +224,36 @@ class SandboxCgroup:
                         controller.procs = [pid]  # one write per pid: the kernel takes one
             except OSError as exc:
                 log.warning("cannot put the VM into cgroup %s: %s", target, exc)
+
+    @contextlib.contextmanager
+    def charging_memory(self) -> Iterator[None]:
+        """Memory this process allocates meanwhile (a restored VM's guest RAM, written
+        into QEMU's memfd) is charged to this cgroup: the shim joins its memory cgroup
+        (with all of its threads) and goes back to its own after. Best effort: when
+        it cannot, the memory is charged to the shim's cgroup (logged)."""
+        where = _memory_hierarchy()
+        if where is None:
+            yield
+            return
+        hierarchy, own = where
+        relative = PurePosixPath(self.path.lstrip("/"))
+        target = hierarchy / relative
+        try:
+            self._mkdirs(hierarchy, relative)
+            _controller(target).procs = [os.getpid()]
+        except OSError as exc:
+            log.warning("cannot charge the guest RAM to cgroup %s (it stays with the "
+                        "shim's): %s", target, exc)
+            yield
+            return
+        try:
+            yield
+        finally:
+            back = hierarchy / own.lstrip("/")
+            try:
+                _controller(back).procs = [os.getpid()]
+            except OSError as exc:
+                log.warning("cannot move the shim back to cgroup %s: %s", back, exc)
 
     def _mkdirs(self, hierarchy: Path, relative: PurePosixPath) -> None:
         """Create ``hierarchy/relative`` level by level, never leaving the hierarchy.

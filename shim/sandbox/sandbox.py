@@ -277,7 +277,7 @@ class Sandbox:
         if self.building_template:
             self._ram_fd = self._new_guest_ram(undo)
             await self._run_vm(undo, template_spec(spec, incoming=False, ram_fd=self._ram_fd),
-                               with_virtiofsd=False)
+                               self._pod_cgroup(undo), with_virtiofsd=False)
             return
         template = await self._template_for(spec)
         if template is not None:
@@ -291,15 +291,20 @@ class Sandbox:
                           self.sandbox_id, exc)
                 TemplateStore(Path(self.config.template.dir)).discard(template.id)
                 self.times.template = ""
-        await self._run_vm(undo, spec)
+        await self._run_vm(undo, spec, self._pod_cgroup(undo))
 
-    async def _run_vm(self, undo: AsyncExitStack, spec: VmSpec,
+    def _pod_cgroup(self, undo: AsyncExitStack) -> SandboxCgroup | None:
+        """The pod's cgroup on the host (None: the VM stays in the shim's), removed
+        with ``undo`` after the VM has stopped (pushed before it starts: LIFO)."""
+        cgroup = SandboxCgroup.from_spec_path(self.pod.cgroup_path)
+        if cgroup is not None:
+            undo.callback(cgroup.remove)
+        return cgroup
+
+    async def _run_vm(self, undo: AsyncExitStack, spec: VmSpec, cgroup: SandboxCgroup | None,
                       with_virtiofsd: bool = True) -> None:
         self.vm = Vm(spec, self.config.shared_fs.virtiofsd_path,
                      self.config.shared_fs.virtiofs_cache, with_virtiofsd=with_virtiofsd)
-        cgroup = SandboxCgroup.from_spec_path(self.pod.cgroup_path)
-        if cgroup is not None:
-            undo.callback(cgroup.remove)  # runs after vm.stop (LIFO)
         try:
             await self.vm.start()
         except VmError as exc:
@@ -318,13 +323,16 @@ class Sandbox:
         :raise TemplateError: the restore failed; ``undo`` stops what started.
         """
         try:
+            cgroup = self._pod_cgroup(undo)
             ram_fd = self._new_guest_ram(undo)
             began = time.monotonic()
-            copied = await asyncio.to_thread(_copy_file_into, template.ram, ram_fd,
-                                             spec.memory_mib << 20)
+            # Charged to the pod, as the RAM a booted guest touches is (QEMU is in its cgroup).
+            with cgroup.charging_memory() if cgroup else contextlib.nullcontext():
+                copied = await asyncio.to_thread(_copy_file_into, template.ram, ram_fd,
+                                                 spec.memory_mib << 20)
             log.debug("sandbox %s: %d MiB of guest RAM from the template in %.3fs",
                       self.sandbox_id, copied >> 20, time.monotonic() - began)
-            await self._run_vm(undo, template_spec(spec, incoming=True, ram_fd=ram_fd))
+            await self._run_vm(undo, template_spec(spec, incoming=True, ram_fd=ram_fd), cgroup)
             assert self.vm is not None
             await self.vm.restore(template.state)
             await self.vm.attach_shared_fs()

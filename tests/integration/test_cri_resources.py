@@ -1,8 +1,11 @@
 """Pod resources through the CRI: the VM is sized from the pod's limits."""
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
+import psutil
 import pytest
 from cri_api.v1 import api_pb2 as api
 
@@ -18,6 +21,19 @@ BASE_MEMORY_MIB = 256
 # What the guest kernel keeps for itself (its image, page tables) and MemTotal leaves
 # out: ~56 MiB of this guest's.
 KERNEL_MIB = 96
+
+
+def _guest_ram_bytes(pod_id: str) -> int:
+    """What the memfds holding the pod's guest RAM have allocated (QEMU holds them open)."""
+    qemu = [p for p in psutil.process_iter(["cmdline"])
+            if "qemu-system" in " ".join(p.info["cmdline"] or []) and pod_id in " ".join(p.info["cmdline"])]
+    assert len(qemu) == 1, qemu
+    sizes = {}
+    for fd in Path(f"/proc/{qemu[0].pid}/fd").iterdir():
+        if os.readlink(fd).startswith("/memfd:"):
+            st = fd.stat()
+            sizes[st.st_ino] = st.st_blocks * 512
+    return sum(sizes.values())
 
 
 def _guest_size(cri: CriClient, cid: str) -> tuple[int, int]:
@@ -107,6 +123,11 @@ def test_pod_stats_are_the_vms_and_rise_under_load(cri: CriClient) -> None:
     # The VM's: QEMU and virtiofsd in the pod cgroup hold tens of MiB (~60 here, idle),
     # the busybox container's own cgroup in the guest well under one.
     assert before.memory.working_set_bytes.value > 32 * MIB, "QEMU's memory, at least"
+    # The guest's RAM is the pod's, also when the shim wrote it (a VM from a template).
+    guest_ram = _guest_ram_bytes(pod.id)
+    assert guest_ram > 32 * MIB
+    assert before.memory.working_set_bytes.value > guest_ram, \
+        f"the pod cgroup does not hold the guest's {guest_ram >> 20} MiB of RAM"
     cpu_before = before.cpu.usage_core_nano_seconds.value
     assert cpu_before > 0
     container_cpu_before = cri.container_stats(cid).cpu.usage_core_nano_seconds.value

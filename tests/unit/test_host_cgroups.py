@@ -1,10 +1,13 @@
 """The VM's host processes join the pod's cgroup, and the cgroup goes away with them."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
 import subprocess
+import sys
+import textwrap
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -194,3 +197,42 @@ def test_existing_parents_are_kept() -> None:
     finally:
         kubelet.remove()
     assert not any((h / f"{top}.slice").exists() for h in hierarchies)
+
+
+# In a fresh process (it moves itself): write 16 MiB into a memfd while charging the
+# pod's cgroup, then report that cgroup's memory usage and where the process is after.
+CHARGE_AND_REPORT = textwrap.dedent("""
+    import json, os, sys
+    from pathlib import Path
+    from shim.cgroups import host
+    from shim.cgroups.host import SandboxCgroup
+
+    cgroup = SandboxCgroup.from_spec_path(sys.argv[1])
+    hierarchy, own_before = host._memory_hierarchy()
+    fd = os.memfd_create("charged")
+    with cgroup.charging_memory():
+        os.write(fd, b"\\1" * (16 << 20))
+    _, own_after = host._memory_hierarchy()
+    target = hierarchy / cgroup.path.lstrip("/")
+    usage = target / ("memory.current" if hierarchy == host.CGROUP_ROOT and
+                      (hierarchy / "cgroup.controllers").exists() else "memory.usage_in_bytes")
+    print(json.dumps({"usage": int(usage.read_text()), "before": own_before, "after": own_after}))
+    os.close(fd)
+    cgroup.remove()
+""")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or host._memory_hierarchy() is None,
+                    reason="no writable memory cgroup")
+def test_memory_written_while_charging_is_the_pods() -> None:
+    """The guest RAM the shim writes for a restored VM is charged to the pod's cgroup,
+    and the shim goes back to its own cgroup after."""
+    top = f"huskunit{secrets.token_hex(3)}"
+    out = subprocess.run([sys.executable, "-c", CHARGE_AND_REPORT, f"/{top}/pod1/sandbox"],
+                         check=True, capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[2]).stdout
+    report = json.loads(out)
+    assert report["usage"] >= 16 << 20, report
+    assert report["after"] == report["before"], report
+    memory = host._memory_hierarchy()
+    assert memory is not None and not (memory[0] / top).exists(), "cgroup left behind"
