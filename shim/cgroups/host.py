@@ -41,6 +41,9 @@ from cgroupspy.nodes import Node
 log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+# cgroup v1's memory.limit_in_bytes without a limit (PAGE_COUNTER_MAX pages);
+# anything this large is no limit.
+NO_MEMORY_LIMIT = 1 << 62
 RMDIR_ATTEMPTS = 50
 RMDIR_RETRY_S = 0.02
 V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "devices", "freezer")
@@ -224,6 +227,32 @@ class SandboxCgroup:
                         controller.procs = [pid]  # one write per pid: the kernel takes one
             except OSError as exc:
                 log.warning("cannot put the VM into cgroup %s: %s", target, exc)
+
+    def memory_headroom(self) -> int | None:
+        """Bytes this cgroup may still be charged before a limit (its own or an
+        ancestor's) is reached; None when nothing limits it (or it cannot be read)."""
+        where = _memory_hierarchy()
+        if where is None:
+            return None
+        hierarchy = where[0]
+        unified = hierarchy == CGROUP_ROOT
+        limit_file, usage_file = (("memory.max", "memory.current") if unified
+                                  else ("memory.limit_in_bytes", "memory.usage_in_bytes"))
+        headroom: int | None = None
+        level = hierarchy / self.path.lstrip("/")
+        while level != hierarchy and level.is_relative_to(hierarchy):
+            try:
+                limit = (level / limit_file).read_text().strip()
+                usage = int((level / usage_file).read_text())
+            except (OSError, ValueError):
+                level = level.parent  # not made yet: its parent's limit applies
+                continue
+            # v1 writes "no limit" as a huge page-aligned number, v2 as "max".
+            if limit != "max" and int(limit) < NO_MEMORY_LIMIT:
+                room = max(int(limit) - usage, 0)
+                headroom = room if headroom is None else min(headroom, room)
+            level = level.parent
+        return headroom
 
     @contextlib.contextmanager
     def charging_memory(self) -> Iterator[None]:

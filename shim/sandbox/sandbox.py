@@ -47,7 +47,7 @@ from shim.vm.cmdline import (AGENT_CHARDEV, PMEM_ALIGN_BYTES, SHARED_FS_TAG, Age
                              NicSpec, SharedFsType, VmPaths, VmSpec)
 from shim.vm.devices import DeviceError
 from shim.vm.qemu import Vm, VmError
-from shim.vm.ram import allocated_bytes, copy_sparse, new_guest_ram
+from shim.vm.ram import allocated_bytes, allocated_bytes_of, copy_sparse, new_guest_ram
 from shim.vm.vsock import VsockError, allocate_cid, vhost_vsock_available
 
 log = logging.getLogger(__name__)
@@ -322,8 +322,10 @@ class Sandbox:
 
         :raise TemplateError: the restore failed; ``undo`` stops what started.
         """
+        cgroup = self._pod_cgroup(undo)
+        if cgroup is not None:
+            _check_room_for_guest_ram(cgroup, template)
         try:
-            cgroup = self._pod_cgroup(undo)
             ram_fd = self._new_guest_ram(undo)
             began = time.monotonic()
             # Charged to the pod, as the RAM a booted guest touches is (QEMU is in its cgroup).
@@ -615,6 +617,23 @@ class Sandbox:
         if self.vm is None:
             return {}
         return {"qemu": self.vm.pid, "virtiofsd": self.vm.virtiofsd_pid}
+
+
+def _check_room_for_guest_ram(cgroup: SandboxCgroup, template: Template) -> None:
+    """:raise errors.ResourceExhaustedError: the pod's memory limit cannot hold the guest
+    RAM restored from ``template``, which is charged to the pod (writing it would get
+    the shim itself OOM-killed in the pod's cgroup)."""
+    headroom = cgroup.memory_headroom()
+    try:
+        needed = allocated_bytes_of(template.ram)
+    except OSError:
+        return  # the restore reads it next and says what is wrong with it
+    if headroom is not None and needed > headroom:
+        raise errors.ResourceExhaustedError(
+            f"the pod's memory limit leaves {headroom >> 20} MiB in cgroup {cgroup.path}, and "
+            f"its VM's guest RAM from template {template.id.key} alone takes {needed >> 20} "
+            "MiB: raise the pod's memory limit or give its RuntimeClass an overhead "
+            "(overhead.podFixed.memory)")
 
 
 def _copy_file_into(path: Path, fd: int, size: int) -> int:

@@ -107,3 +107,8 @@ def _write_all(fd: int, data: memoryview, offset: int) -> None:
 def allocated_bytes(fd: int) -> int:
     """Bytes of the file that hold pages (not holes)."""
     return os.fstat(fd).st_blocks * 512
+
+
+def allocated_bytes_of(path: os.PathLike[str]) -> int:
+    """Bytes of the file at ``path`` that hold data (not holes). :raise OSError:"""
+    return os.stat(path).st_blocks * 512

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 from pathlib import Path
 
 import psutil
 import pytest
 from cri_api.v1 import api_pb2 as api
 
-from tests.cri.cri import CriClient
+from shim.cgroups import host
+from tests.cri.cri import CriClient, CriError
 from tests.cri.images import BUSYBOX_REF
 
 pytestmark = [pytest.mark.cri, pytest.mark.timeout(600)]
@@ -143,3 +145,24 @@ def test_pod_stats_are_the_vms_and_rise_under_load(cri: CriClient) -> None:
         "the container's own figures come from its cgroup in the guest"
     cri.stop_pod(pod.id)
     cri.remove_pod(pod.id)
+
+
+@pytest.mark.skipif(os.environ.get("HUSK_TEST_TEMPLATES") == "off", reason="templates are off")
+def test_a_pod_whose_limit_cannot_hold_its_guest_ram_is_refused_clearly(cri: CriClient) -> None:
+    """A VM from a template has its guest RAM charged to the pod's cgroup from the start:
+    a pod cgroup limited below that is refused with the reason, not OOM-killed."""
+    memory = host._memory_hierarchy()
+    if memory is None or not cri.cgroup_root:
+        pytest.skip("no memory cgroup to limit")
+    parent = f"{cri.cgroup_root}/podtight{secrets.token_hex(4)}"
+    pod_dir = memory[0] / parent.lstrip("/")
+    pod_dir.mkdir(parents=True)
+    try:
+        limit = "memory.max" if memory[0] == host.CGROUP_ROOT else "memory.limit_in_bytes"
+        (pod_dir / limit).write_text(str(32 * MIB))
+        with pytest.raises(CriError) as refused:
+            cri.run_pod("tight", handler=HANDLER, cgroup_parent=parent)
+        assert "memory limit leaves" in refused.value.details, refused.value
+        assert "overhead.podFixed.memory" in refused.value.details, refused.value
+    finally:
+        pod_dir.rmdir()

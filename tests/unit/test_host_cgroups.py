@@ -236,3 +236,24 @@ def test_memory_written_while_charging_is_the_pods() -> None:
     assert report["after"] == report["before"], report
     memory = host._memory_hierarchy()
     assert memory is not None and not (memory[0] / top).exists(), "cgroup left behind"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or host._memory_hierarchy() is None,
+                    reason="no writable memory cgroup")
+def test_memory_headroom_is_the_tightest_limit_above() -> None:
+    top = f"huskunit{secrets.token_hex(3)}"
+    memory = host._memory_hierarchy()
+    assert memory is not None
+    pod = memory[0] / top / "pod1"
+    pod.mkdir(parents=True)
+    try:
+        cgroup = SandboxCgroup.from_spec_path(f"/{top}/pod1/sandbox")  # not made yet
+        assert cgroup is not None
+        assert cgroup.memory_headroom() is None, "no limit anywhere above"
+        limit_file = "memory.max" if memory[0] == host.CGROUP_ROOT else "memory.limit_in_bytes"
+        (pod / limit_file).write_text(str(64 << 20))
+        headroom = cgroup.memory_headroom()
+        assert headroom is not None and (60 << 20) < headroom <= (64 << 20), headroom
+    finally:
+        pod.rmdir()
+        pod.parent.rmdir()
