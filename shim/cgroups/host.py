@@ -242,14 +242,14 @@ class SandboxCgroup:
         level = hierarchy / self.path.lstrip("/")
         while level != hierarchy and level.is_relative_to(hierarchy):
             try:
-                limit = (level / limit_file).read_text().strip()
+                text = (level / limit_file).read_text().strip()
+                # v1 writes "no limit" as a huge page-aligned number, v2 as "max".
+                limit = NO_MEMORY_LIMIT if text == "max" else int(text)
                 usage = int((level / usage_file).read_text())
             except (OSError, ValueError):
-                level = level.parent  # not made yet: its parent's limit applies
-                continue
-            # v1 writes "no limit" as a huge page-aligned number, v2 as "max".
-            if limit != "max" and int(limit) < NO_MEMORY_LIMIT:
-                room = max(int(limit) - usage, 0)
+                limit = NO_MEMORY_LIMIT  # not made yet: its parent's limit applies
+            if limit < NO_MEMORY_LIMIT:
+                room = max(limit - usage, 0)
                 headroom = room if headroom is None else min(headroom, room)
             level = level.parent
         return headroom

@@ -321,6 +321,7 @@ class Sandbox:
         the pod's own: the shared filesystem and the NICs.
 
         :raise TemplateError: the restore failed; ``undo`` stops what started.
+        :raise errors.ResourceExhaustedError: the pod's memory limit cannot hold it.
         """
         cgroup = self._pod_cgroup(undo)
         if cgroup is not None:
