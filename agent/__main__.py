@@ -11,6 +11,8 @@ Settings come from the arguments, else the kernel command line:
 ``husk.test_hooks=1`` (test configs only) enables agent.testhooks.
 ``husk.template=1``: this guest becomes a VM template (shim.sandbox.template);
 the agent loads what pods need before it serves, so restored guests have it.
+``husk.page_reporting_order=N``: free page reporting in blocks of 2**N pages
+(default 0, single pages; agent.balloon).
 """
 from __future__ import annotations
 
@@ -155,16 +157,17 @@ def _bridge(transport: str, socket_path: str) -> Callable[[], Coroutine[Any, Any
 
 
 async def serve(args: argparse.Namespace, config: AgentConfig, transport: str,
-                hooks: testhooks.Hooks | None = None, warm_up: bool = False) -> None:
+                hooks: testhooks.Hooks | None = None, warm_up: bool = False,
+                reporting_order: int = balloon.SINGLE_PAGES) -> None:
     """Start the reaper, the gRPC server and the bridge; run until SIGTERM/SIGINT."""
     loop = asyncio.get_running_loop()
     reaper = Reaper()
     reaper.start()
     reporting: asyncio.Task[bool] | None = None
     if warm_up:
-        await balloon.warm_up_for_template(reaper)
+        await balloon.warm_up_for_template(reaper, reporting_order)
     else:
-        reporting = asyncio.create_task(balloon.start_free_page_reporting(reaper))
+        reporting = asyncio.create_task(balloon.start_free_page_reporting(reaper, reporting_order))
     for directory in (config.state_dir, config.crun_root, config.bundles_dir):
         directory.mkdir(parents=True, exist_ok=True)
     runtime = Runtime(config, Crun(config.crun, config.crun_root, reaper), reaper)
@@ -227,7 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = 0
     try:
         asyncio.run(serve(args, config, transport, hooks,
-                          warm_up=cmdline.get("husk.template") == "1"))
+                          warm_up=cmdline.get("husk.template") == "1",
+                          reporting_order=balloon.reporting_order(cmdline)))
         log.info("husk-agent stopped")
     except BaseException:  # noqa: BLE001 - PID 1 must not die
         log.critical("husk-agent failed", exc_info=True)
