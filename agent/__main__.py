@@ -12,7 +12,7 @@ Settings come from the arguments, else the kernel command line:
 ``husk.template=1``: this guest becomes a VM template (shim.sandbox.template);
 the agent loads what pods need before it serves, so restored guests have it.
 ``husk.page_reporting_order=N``: free page reporting in blocks of 2**N pages
-(default 0, single pages; agent.balloon).
+(default: the kernel's, 2 MiB; a template reports single pages; agent.balloon).
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import signal
@@ -158,20 +159,24 @@ def _bridge(transport: str, socket_path: str) -> Callable[[], Coroutine[Any, Any
 
 async def serve(args: argparse.Namespace, config: AgentConfig, transport: str,
                 hooks: testhooks.Hooks | None = None, warm_up: bool = False,
-                reporting_order: int = balloon.SINGLE_PAGES) -> None:
+                reporting_order: int | None = None) -> None:
     """Start the reaper, the gRPC server and the bridge; run until SIGTERM/SIGINT."""
     loop = asyncio.get_running_loop()
     reaper = Reaper()
     reaper.start()
     reporting: asyncio.Task[bool] | None = None
+    restored_order: int | None = None
     if warm_up:
-        await balloon.warm_up_for_template(reaper, reporting_order)
+        restored_order = await balloon.warm_up_for_template(reaper, reporting_order)
     else:
         reporting = asyncio.create_task(balloon.start_free_page_reporting(reaper, reporting_order))
     for directory in (config.state_dir, config.crun_root, config.bundles_dir):
         directory.mkdir(parents=True, exist_ok=True)
     runtime = Runtime(config, Crun(config.crun, config.crun_root, reaper), reaper)
-    service = AgentService(runtime, hooks)
+    # A restored template guest's first CreateSandbox ends the template's single-page reporting.
+    service = AgentService(runtime, hooks, on_first_sandbox=(
+        functools.partial(balloon.set_reporting_order, restored_order)
+        if restored_order is not None else None))
     server = await start_server(service, args.listen, hooks)
     if hooks is not None:
         await hooks.start()

@@ -111,9 +111,12 @@ def unary(method: Callable[[Any, Req], Awaitable[Resp]]) -> Callable[..., Awaita
 class AgentService(agent_pb2_grpc.AgentServiceServicer):
     """The agent's gRPC API; holds the (at most one) sandbox."""
 
-    def __init__(self, runtime: Runtime, hooks: Hooks | None = None) -> None:
-        """:param hooks: test hooks (husk.test_hooks=1 only), else None."""
+    def __init__(self, runtime: Runtime, hooks: Hooks | None = None,
+                 on_first_sandbox: Callable[[], None] | None = None) -> None:
+        """:param hooks: test hooks (husk.test_hooks=1 only), else None.
+        :param on_first_sandbox: called once, when the first sandbox has been created."""
         self._runtime = runtime
+        self._on_first_sandbox = on_first_sandbox
         self._hooks = hooks
         self._sandbox: Sandbox | None = None
         self._sandbox_lock = asyncio.Lock()
@@ -169,6 +172,9 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 await sandbox.destroy()
                 raise
             self._sandbox = sandbox
+        if self._on_first_sandbox is not None:
+            on_first, self._on_first_sandbox = self._on_first_sandbox, None
+            on_first()
         return pb.Empty()
 
     async def _configure_network(self, config: pb.NetworkConfig) -> None:
