@@ -169,6 +169,13 @@ def _memory_hierarchy() -> tuple[Path, str] | None:
     return None
 
 
+def _has_child_cgroups(path: Path) -> bool:
+    try:
+        return any(entry.is_dir(follow_symlinks=False) for entry in os.scandir(path))
+    except OSError:
+        return False
+
+
 def _copy_file(name: str, src_dir: int, dst_dir: int) -> None:
     src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
     try:
@@ -337,6 +344,11 @@ class SandboxCgroup:
                     d.rmdir()
                     break
                 except OSError as exc:
+                    if exc.errno == errno.EBUSY and _has_child_cgroups(d):
+                        # A parent made here that others use now (another pod's
+                        # cgroup below it): theirs to remove, no point waiting.
+                        log.info("cgroup %s still has child cgroups; left in place", d)
+                        break
                     # A just-reaped process can keep the cgroup busy for a moment.
                     if exc.errno != errno.EBUSY or attempt == RMDIR_ATTEMPTS - 1:
                         log.warning("cannot remove cgroup %s: %s", d, exc)

@@ -8,6 +8,7 @@ import secrets
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -257,3 +258,30 @@ def test_memory_headroom_is_the_tightest_limit_above() -> None:
     finally:
         pod.rmdir()
         pod.parent.rmdir()
+
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not _hierarchies(), reason="no writable cgroup hierarchy")
+def test_a_parent_another_pod_now_uses_is_left_at_once() -> None:
+    """remove() does not wait on a parent it made that holds another pod's cgroup
+    (it used to retry for a second per hierarchy, and the pod's Delete outlasted
+    containerd's patience)."""
+    top = f"huskunit{secrets.token_hex(3)}"
+    hierarchies = _hierarchies()
+    ours = SandboxCgroup.from_spec_path(f"/{top}/pod1/sandbox")
+    assert ours is not None
+    ours.join([])
+    other = SandboxCgroup(f"/{top}/pod2")
+    for h in hierarchies:
+        other._mkdirs(h, PurePosixPath(top) / "pod2")
+    try:
+        began = time.monotonic()
+        ours.remove()
+        assert time.monotonic() - began < 0.5 * len(hierarchies) / 4, "waited on the parent"
+        assert all((h / top / "pod2").is_dir() for h in hierarchies)
+        assert not any((h / top / "pod1").exists() for h in hierarchies)
+    finally:
+        for h in hierarchies:
+            (h / top / "pod2").rmdir()
+            if (h / top).exists():
+                (h / top).rmdir()
