@@ -73,10 +73,14 @@ class FakeHost:
                         view = view[os.write(fd, view):]
                     except BlockingIOError:
                         await wait_fd(fd, write=True)
+        except ConnectionError:
+            pass  # the client reset its connection: that ends the session too
         finally:
+            # The client may be gone before the port's last bytes reach it
+            # (ConnectionResetError in the pump): the port must close all the same,
+            # or the bridge never sees this session end.
             pump_out.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pump_out
+            await asyncio.gather(pump_out, return_exceptions=True)
             os.close(fd)  # the host end goes away: the guest sees POLLHUP
             writer.close()
 
