@@ -169,6 +169,16 @@ def _memory_hierarchy() -> tuple[Path, str] | None:
     return None
 
 
+def _move_self(cgroup: Path) -> bool:
+    """Move this process (all its threads) into ``cgroup``; False (logged) when it cannot."""
+    try:
+        _controller(cgroup).procs = [os.getpid()]
+        return True
+    except OSError as exc:
+        log.warning("cannot move the shim back to cgroup %s: %s", cgroup, exc)
+        return False
+
+
 def _has_child_cgroups(path: Path) -> bool:
     try:
         return any(entry.is_dir(follow_symlinks=False) for entry in os.scandir(path))
@@ -193,6 +203,9 @@ def _copy_file(name: str, src_dir: int, dst_dir: int) -> None:
 class SandboxCgroup:
     path: str  # below each hierarchy's root, e.g. "/kubepods/pod1/<id>"
     _created: list[Path] = field(default_factory=list)
+    # Where the shim belongs when charging_memory() could not move it back: the
+    # pod's memory cgroup cannot be removed while the shim is in it.
+    _shim_home: Path | None = None
 
     @classmethod
     def from_spec_path(cls, cgroups_path: str) -> "SandboxCgroup | None":
@@ -286,10 +299,8 @@ class SandboxCgroup:
             yield
         finally:
             back = hierarchy / own.lstrip("/")
-            try:
-                _controller(back).procs = [os.getpid()]
-            except OSError as exc:
-                log.warning("cannot move the shim back to cgroup %s: %s", back, exc)
+            if not _move_self(back):
+                self._shim_home = back  # remove() tries again
 
     def _mkdirs(self, hierarchy: Path, relative: PurePosixPath) -> None:
         """Create ``hierarchy/relative`` level by level, never leaving the hierarchy.
@@ -338,6 +349,8 @@ class SandboxCgroup:
 
     def remove(self) -> None:
         """Remove the directories join() created (empty once the VM is gone)."""
+        if self._shim_home is not None and _move_self(self._shim_home):
+            self._shim_home = None
         for d in sorted(self._created, key=lambda p: len(p.parts), reverse=True):
             for attempt in range(RMDIR_ATTEMPTS):
                 try:

@@ -4,13 +4,13 @@ from __future__ import annotations
 import os
 import re
 import secrets
-from pathlib import Path
 
 import psutil
 import pytest
 from cri_api.v1 import api_pb2 as api
 
 from shim.cgroups import host
+from tests.bench.density import memfd_bytes
 from tests.cri.cri import CriClient, CriError
 from tests.cri.images import BUSYBOX_REF
 
@@ -30,12 +30,7 @@ def _guest_ram_bytes(pod_id: str) -> int:
     qemu = [p for p in psutil.process_iter(["cmdline"])
             if "qemu-system" in " ".join(p.info["cmdline"] or []) and pod_id in " ".join(p.info["cmdline"])]
     assert len(qemu) == 1, qemu
-    sizes = {}
-    for fd in Path(f"/proc/{qemu[0].pid}/fd").iterdir():
-        if os.readlink(fd).startswith("/memfd:"):
-            st = fd.stat()
-            sizes[st.st_ino] = st.st_blocks * 512
-    return sum(sizes.values())
+    return memfd_bytes(qemu[0].pid, set())
 
 
 def _guest_size(cri: CriClient, cid: str) -> tuple[int, int]:

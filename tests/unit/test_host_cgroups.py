@@ -239,6 +239,45 @@ def test_memory_written_while_charging_is_the_pods() -> None:
     assert memory is not None and not (memory[0] / top).exists(), "cgroup left behind"
 
 
+# The move back after the copy fails once (as a kernel refusing it would): the
+# process stays in the pod's cgroup, and remove() moves it back before removing.
+STUCK_THEN_REMOVE = textwrap.dedent("""
+    import json, sys
+    from shim.cgroups import host
+    from shim.cgroups.host import SandboxCgroup
+
+    real_move, refused = host._move_self, []
+    def move_refused_once(cgroup):
+        if not refused:
+            refused.append(cgroup)
+            return False
+        return real_move(cgroup)
+    host._move_self = move_refused_once
+    cgroup = SandboxCgroup.from_spec_path(sys.argv[1])
+    _, before = host._memory_hierarchy()
+    with cgroup.charging_memory():
+        pass
+    _, stuck = host._memory_hierarchy()
+    cgroup.remove()
+    _, after = host._memory_hierarchy()
+    print(json.dumps({"before": before, "stuck": stuck, "after": after}))
+""")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or host._memory_hierarchy() is None,
+                    reason="no writable memory cgroup")
+def test_remove_takes_the_shim_out_of_the_pods_memory_cgroup_first() -> None:
+    top = f"huskunit{secrets.token_hex(3)}"
+    out = subprocess.run([sys.executable, "-c", STUCK_THEN_REMOVE, f"/{top}/pod1/sandbox"],
+                         check=True, capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[2]).stdout
+    report = json.loads(out)
+    assert report["stuck"] == f"/{top}/pod1/sandbox", report
+    assert report["after"] == report["before"], report
+    memory = host._memory_hierarchy()
+    assert memory is not None and not (memory[0] / top).exists(), "cgroup left behind"
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or host._memory_hierarchy() is None,
                     reason="no writable memory cgroup")
 def test_memory_headroom_is_the_tightest_limit_above() -> None:
