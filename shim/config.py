@@ -170,6 +170,9 @@ class TemplateConfig:
 class RuntimeConfig:
     state_dir: str = "/run/husk"
     debug: bool = False
+    # A shim's log (/var/log/husk/<sandbox id>.log) outlives its pod by this many
+    # days (0: until the newest 1000 push it out).
+    log_keep_days: int = 7
 
 
 @dataclass(frozen=True)
@@ -310,6 +313,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     if not config.template.dir.startswith("/"):
         raise ConfigError("template.dir must be an absolute path")
     _bounded_int("template.keep_unused_days", config.template.keep_unused_days, 0, 36500)
+    _bounded_int("runtime.log_keep_days", config.runtime.log_keep_days, 0, 36500)
     parse_listen(config.monitor.listen)
     return config
 

@@ -20,15 +20,17 @@ from pathlib import Path
 from proto.gen.containerd.task.v2 import shim_pb2
 from shim import SHIM_NAME
 from shim.__main__ import ShimArgs
-from shim.config import ConfigError, load_config
+from shim.config import ConfigError, RuntimeConfig, load_config
 from shim.task.events import Publisher
 from shim.task.service import TaskService
 from shim.ttrpc.server import Server
 from shim.ttrpc.services import ServiceRegistry
+from shim.util import podlogs
 from shim.util.malloc import fix_mmap_threshold
 from shim.util.proctitle import set_cmdline
 from shim.util.stackdump import stack_dump
 from shim.zygote import DISABLE_ENV, FALLBACK_ENV
+from shim.zygote import LOG_FILE as ZYGOTE_LOG
 
 log = logging.getLogger("shim")
 
@@ -108,6 +110,7 @@ def _setup_logging(shim_id: str, debug: bool) -> Path | None:
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         log_file = LOG_DIR / f"{shim_id}.log"
         handlers.append(logging.FileHandler(log_file))
+        podlogs.hold(log_file)  # for life: marks the file as a live shim's
     except OSError:
         log_file = None
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format=LOG_FORMAT,
@@ -117,6 +120,18 @@ def _setup_logging(shim_id: str, debug: bool) -> Path | None:
     # grpc's DEBUG is a line per call ("Loaded running loop").
     logging.getLogger("grpc").setLevel(logging.INFO if debug else logging.WARNING)
     return log_file
+
+
+def _prune_old_logs(keep_days: int) -> None:
+    try:
+        pruned = podlogs.prune(LOG_DIR, keep_days, keep_names=frozenset({ZYGOTE_LOG.name}))
+    except OSError as exc:
+        log.warning("cannot prune old logs in %s: %s", LOG_DIR, exc)
+        return
+    if pruned is not None and pruned.removed:
+        log.info("removed %d logs of shims that exited over %d days ago (or beyond the "
+                 "newest %d) from %s", len(pruned.removed), keep_days, podlogs.KEEP_MAX_FILES,
+                 LOG_DIR)
 
 
 async def serve(args: ShimArgs) -> int:
@@ -181,11 +196,16 @@ def main(args: ShimArgs) -> int:
     set_cmdline([SHIM_NAME, *sys.argv[1:]])
     fix_mmap_threshold()  # large transient buffers (the RAM copy) go back when freed
     debug = args.debug
+    log_keep_days = RuntimeConfig.log_keep_days
     try:
-        debug = debug or load_config().runtime.debug
+        runtime = load_config().runtime
+        debug = debug or runtime.debug
+        log_keep_days = runtime.log_keep_days
     except ConfigError:
         pass
-    _setup_logging(args.id, debug)
+    log_file = _setup_logging(args.id, debug)
+    if log_file is not None:
+        _prune_old_logs(log_keep_days)
     try:
         return asyncio.run(serve(args))
     except Exception:
