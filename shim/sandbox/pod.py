@@ -30,7 +30,7 @@ from shim.storage.directvolume import DirectVolumes
 from shim.storage.share import RootfsMount, check_id
 from shim.sandbox.console import ConsoleRequest, run_console
 from shim.sandbox.manage import ManageServer, Stream
-from shim.util.procstats import host_usage, process_usage
+from shim.util.procstats import host_usage, process_usage, vm_memory_bytes
 from shim.vm.devices import DeviceError, Devices
 from shim.sandbox.stdio import ProcessIO
 from shim.util.mount import submounts
@@ -606,13 +606,15 @@ class Pod:
         vm = self.sandbox.vm
         if vm is None or not vm.running:
             return None
-        user = system = rss = 0.0
+        user = system = 0.0
         pids = [pid for pid in (vm.pid, vm.virtiofsd_pid) if pid > 0]
         for pid in pids:
             usage = process_usage(pid)
             if usage is not None:  # else gone meanwhile: the exit path reports it
                 user, system = user + usage.cpu_user_s, system + usage.cpu_system_s
-                rss += usage.rss_bytes
+        # Not the processes' RSS: that counts guest RAM twice (QEMU and virtiofsd both
+        # map it) and leaves out a restored guest's RAM that nobody has touched yet.
+        rss = vm_memory_bytes(pids)
         ns = 1_000_000_000
         return ContainerStats(
             cpu_usage_ns=int((user + system) * ns), cpu_user_ns=int(user * ns),

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -40,3 +43,46 @@ def host_usage(pids: dict[str, int]) -> dict[str, dict[str, Any]]:
     """Usage (with PSS) of each named process that exists, as plain dicts."""
     found = {name: process_usage(pid, pss=True) for name, pid in pids.items()}
     return {name: dataclasses.asdict(usage) for name, usage in found.items() if usage}
+
+
+def memfd_bytes(pid: int, seen: set[int]) -> int:
+    """Bytes allocated in the memfds ``pid`` holds open (a VM's guest RAM), each inode
+    once across calls sharing ``seen``. Unlike RSS, this counts pages no process has
+    touched since they were written (a restored guest's RAM, copied in by the shim)."""
+    total = 0
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return 0
+    for fd in fds:
+        try:
+            if not os.readlink(fd).startswith("/memfd:"):
+                continue
+            st = fd.stat()
+        except OSError:
+            continue  # closed meanwhile
+        if st.st_ino not in seen:
+            seen.add(st.st_ino)
+            total += st.st_blocks * 512
+    return total
+
+
+def private_rss_bytes(pid: int) -> int:
+    """Resident anonymous and file pages, leaving out shared memory (``RssShmem``: the
+    guest RAM QEMU and virtiofsd map, which memfd_bytes counts once); 0 when gone."""
+    total = 0
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("RssAnon:", "RssFile:")):
+                    total += int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return 0
+    return total
+
+
+def vm_memory_bytes(pids: Iterable[int]) -> int:
+    """What a VM's host processes (QEMU, virtiofsd) hold: their private RSS and the
+    guest RAM in their memfds, shared pages counted once."""
+    seen: set[int] = set()
+    return sum(private_rss_bytes(pid) + memfd_bytes(pid, seen) for pid in pids)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import psutil
 
+from shim.util.procstats import memfd_bytes
 from shim.zygote import PROGRAM_TITLE
 from tests.bench import emit, machine, medians
 from tests.conftest import write_test_config
@@ -72,27 +73,6 @@ def smaps_pss(pid: int) -> dict[str, int]:
 
 def _total(pid: int) -> int:
     return sum(smaps_pss(pid).values())
-
-
-def memfd_bytes(pid: int, seen: set[int]) -> int:
-    """Bytes allocated in the memfds ``pid`` holds open (guest RAM), each inode once."""
-    total = 0
-    fd_dir = Path(f"/proc/{pid}/fd")
-    try:
-        fds = list(fd_dir.iterdir())
-    except OSError:
-        return 0
-    for fd in fds:
-        try:
-            if not os.readlink(fd).startswith("/memfd:"):
-                continue
-            st = fd.stat()
-        except OSError:
-            continue
-        if st.st_ino not in seen:
-            seen.add(st.st_ino)
-            total += st.st_blocks * 512
-    return total
 
 
 def _shim(pod_id: str) -> psutil.Process | None:

@@ -1,17 +1,20 @@
 """Pod resources through the CRI: the VM is sized from the pod's limits."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
+import subprocess
 
 import psutil
 import pytest
 from cri_api.v1 import api_pb2 as api
 
 from shim.cgroups import host
-from tests.bench.density import memfd_bytes
+from shim.util.procstats import memfd_bytes, private_rss_bytes
 from tests.cri.cri import CriClient, CriError
+from tests.cri.harness import CRI_NAMESPACE, Containerd
 from tests.cri.images import BUSYBOX_REF
 
 pytestmark = [pytest.mark.cri, pytest.mark.timeout(600)]
@@ -27,10 +30,14 @@ KERNEL_MIB = 96
 
 def _guest_ram_bytes(pod_id: str) -> int:
     """What the memfds holding the pod's guest RAM have allocated (QEMU holds them open)."""
+    return memfd_bytes(_qemu(pod_id).pid, set())
+
+
+def _qemu(pod_id: str) -> psutil.Process:
     qemu = [p for p in psutil.process_iter(["cmdline"])
             if "qemu-system" in " ".join(p.info["cmdline"] or []) and pod_id in " ".join(p.info["cmdline"])]
     assert len(qemu) == 1, qemu
-    return memfd_bytes(qemu[0].pid, set())
+    return qemu[0]
 
 
 def _guest_size(cri: CriClient, cid: str) -> tuple[int, int]:
@@ -113,7 +120,15 @@ def test_update_grows_the_vm_and_lowering_offlines_what_it_added(each_cri: CriCl
     cri.remove_pod(pod.id)
 
 
-def test_pod_stats_are_the_vms_and_rise_under_load(cri: CriClient) -> None:
+def _sandbox_task_memory(containerd: Containerd, pod_id: str) -> int:
+    """The sandbox task's memory usage in its Metrics (the shim's Stats), via ctr."""
+    out = subprocess.run([containerd.tool("ctr"), "--address", str(containerd.address), "-n",
+                          CRI_NAMESPACE, "task", "metrics", "--format", "json", pod_id],
+                         check=True, capture_output=True, text=True, timeout=60).stdout
+    return int(json.loads(out)["memory"]["usage"]["usage"])
+
+
+def test_pod_stats_are_the_vms_and_rise_under_load(containerd: Containerd, cri: CriClient) -> None:
     pod = cri.run_pod("statsp", handler=HANDLER)
     cid = cri.run_container(pod, BUSYBOX_REF, ["sleep", "600"])
     before = cri.pod_stats(pod.id).linux
@@ -125,6 +140,12 @@ def test_pod_stats_are_the_vms_and_rise_under_load(cri: CriClient) -> None:
     assert guest_ram > 32 * MIB
     assert before.memory.working_set_bytes.value > guest_ram, \
         f"the pod cgroup does not hold the guest's {guest_ram >> 20} MiB of RAM"
+    # The sandbox task's own figure (QEMU's and virtiofsd's) has the guest RAM once,
+    # also the pages of it that no process has touched since the shim wrote them.
+    task_memory = _sandbox_task_memory(containerd, pod.id)
+    qemu_own = private_rss_bytes(_qemu(pod.id).pid)  # its heap, TCG's buffers, libraries
+    assert guest_ram + 0.9 * qemu_own < task_memory < guest_ram + qemu_own + 64 * MIB, \
+        (task_memory >> 20, guest_ram >> 20, qemu_own >> 20)
     cpu_before = before.cpu.usage_core_nano_seconds.value
     assert cpu_before > 0
     container_cpu_before = cri.container_stats(cid).cpu.usage_core_nano_seconds.value
