@@ -396,6 +396,30 @@ def _decompress(data: bytes, kind: str) -> bytes:
     return proc.stdout
 
 
+# Section: kernel configuration
+
+
+def kconfig_values(text: str) -> dict[str, str]:
+    """CONFIG_* name -> value ("n" for "# CONFIG_X is not set") of a .config or fragment."""
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("# CONFIG_") and line.endswith(" is not set"):
+            values[line[2:-len(" is not set")]] = "n"
+        elif line.startswith("CONFIG_") and "=" in line:
+            name, value = line.split("=", 1)
+            values[name] = value
+    return values
+
+
+def kconfig_mismatches(fragment: str, config: str) -> list[str]:
+    """Options of ``fragment`` that ``config`` does not have as asked (kconfig drops
+    an option whose dependencies are off, without a word)."""
+    have = kconfig_values(config)
+    return [f"{name}={want} (got {have.get(name, 'n')})"
+            for name, want in kconfig_values(fragment).items() if have.get(name, "n") != want]
+
+
 # Section: input hashing
 
 
@@ -449,6 +473,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("bzimage", type=Path)
     p.add_argument("output", type=Path)
 
+    p = sub.add_parser("kconfig", help="check that a .config has every option of a fragment")
+    p.add_argument("fragment", type=Path)
+    p.add_argument("config", type=Path)
+
     p = sub.add_parser("hash", help="print a hash of files/trees (relative to --root)")
     p.add_argument("--root", type=Path, required=True)
     p.add_argument("paths", nargs="+")
@@ -467,6 +495,11 @@ def main(argv: list[str] | None = None) -> int:
                         " ".join(s.name + ("?" if s.optional else "") for s in steps))
         elif args.cmd == "vmlinux":
             args.output.write_bytes(extract_vmlinux(args.bzimage.read_bytes()))
+        elif args.cmd == "kconfig":
+            missing = kconfig_mismatches(args.fragment.read_text(), args.config.read_text())
+            for line in missing:
+                print(f"imagetool: kernel option not as asked: {line}", file=sys.stderr)
+            return 1 if missing else 0
         elif args.cmd == "hash":
             root = args.root.resolve()
             print(tree_hash([root / p for p in args.paths], root))

@@ -277,5 +277,30 @@ def test_kernel_pin_is_one_exact_package() -> None:
     lines = imagetool.read_list((GUEST_IMAGE_DIR / "kernel.pin").read_text())
     assert len(lines) == 1
     package, version = lines[0].split()
-    assert package.startswith("linux-image-") and package.endswith("-amd64")
+    assert package.startswith("linux-source-")  # built with kernel.config
     assert version[0].isdigit()
+
+
+# Section: kernel configuration
+
+def test_kconfig_reports_options_olddefconfig_dropped() -> None:
+    fragment = ("# comment\nCONFIG_VIRTIO_FS=y\nCONFIG_VIRTIO_BALLOON=m\nCONFIG_DRM=n\n"
+                'CONFIG_LSM="lockdown,yama"\nCONFIG_BTF=n\nCONFIG_FUSE_FS=y\n')
+    config = ("CONFIG_VIRTIO_FS=y\nCONFIG_VIRTIO_BALLOON=y\n# CONFIG_DRM is not set\n"
+              'CONFIG_LSM="lockdown,yama"\n')
+    assert imagetool.kconfig_mismatches(fragment, config) == [
+        "CONFIG_VIRTIO_BALLOON=m (got y)", "CONFIG_FUSE_FS=y (got n)"]
+
+
+def test_the_guest_kernel_config_keeps_what_the_guest_relies_on() -> None:
+    """Options whose loss would break a pod in ways a boot alone does not show."""
+    asked = imagetool.kconfig_values((GUEST_IMAGE_DIR / "kernel.config").read_text())
+    for name in ("CONFIG_PVH", "CONFIG_VIRTIO_FS", "CONFIG_HOTPLUG_PCI_PCIE",
+                 "CONFIG_ACPI_HOTPLUG_MEMORY", "CONFIG_HOTPLUG_CPU", "CONFIG_PAGE_REPORTING",
+                 "CONFIG_SECURITY_LOCKDOWN_LSM", "CONFIG_MODULE_SIG", "CONFIG_SECCOMP_FILTER",
+                 "CONFIG_CGROUP_BPF", "CONFIG_MEMCG", "CONFIG_USER_NS", "CONFIG_OVERLAY_FS",
+                 "CONFIG_VIRTIO_PMEM", "CONFIG_FS_DAX"):
+        assert asked.get(name) == "y", name
+    # Loaded on demand from the root filesystem, as modules.
+    assert asked.get("CONFIG_VIRTIO_BALLOON") == "m"
+    assert asked.get("CONFIG_DEBUG_INFO_BTF") == "n" and asked.get("CONFIG_UNWINDER_ORC") == "n"
