@@ -111,4 +111,4 @@ def test_env_parses_as_the_documented_toml(guest_image: Path, tmp_path: Path) ->
     guest = doc["guest"]
     assert guest["husk_version"] == __version__
     assert guest["agent_sources"] == guest["agent_sources_installed"]
-    assert guest["kernel"].startswith("linux-image-")
+    assert guest["kernel"].startswith("linux-source-6.1 ")  # built with kernel.config
