@@ -96,6 +96,7 @@ IMAGE_VISIBLE_TIMEOUT_S = 30.0
 POD_CLEANUP_TIMEOUT_S = 120.0
 CONTAINERD_TERM_TIMEOUT_S = 15.0
 PROCESS_KILL_TIMEOUT_S = 10.0
+PROCESS_POLL_S = 0.05
 # A stuck shim daemon's SIGUSR1 stack dump reaches its log within this.
 STACK_DUMP_WAIT_S = 1.0
 CGROUP_EMPTY_TIMEOUT_S = 10.0
@@ -188,6 +189,9 @@ class InstanceRecord:
     owner_pid: int
     owner_create_time: float
     containerd_pid: int = 0
+    # When the owner started, in clock ticks since boot: unlike owner_create_time it
+    # does not move when the wall clock is stepped (0 in records of older harnesses).
+    owner_start_ticks: int = 0
     created_host_dirs: list[str] = field(default_factory=list)
     seen_ids: list[str] = field(default_factory=list)
 
@@ -326,6 +330,7 @@ class Containerd:
             network_name=f"{NETNS_PREFIX}{suffix}",
             owner_pid=me.pid,
             owner_create_time=me.create_time(),
+            owner_start_ticks=_start_ticks(me.pid),
             created_host_dirs=[str(d) for d in HOST_SIDE_EFFECT_DIRS if not d.exists()],
         )
         if len(self.address) > UNIX_PATH_MAX - len(".ttrpc"):
@@ -888,10 +893,26 @@ def sweep_stale_instances(base_dir: Path = DEFAULT_BASE_DIR) -> list[str]:
 
 
 def _owner_alive(rec: InstanceRecord) -> bool:
+    """Whether the process that started the instance still runs. Its start in ticks
+    since boot tells it from a later process with its pid; psutil's create_time()
+    would not: it moves with every step of the wall clock, and a step of a few
+    seconds (NTP) made one test worker tear down another's live containerd."""
+    if rec.owner_start_ticks:
+        return _start_ticks(rec.owner_pid) == rec.owner_start_ticks
     try:
         return abs(psutil.Process(rec.owner_pid).create_time() - rec.owner_create_time) < 1.0
     except psutil.Error:
         return False
+
+
+def _start_ticks(pid: int) -> int:
+    """Field 22 of /proc/<pid>/stat (0 when the process is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return 0
+    # The command name (field 2) may hold spaces and parentheses: count after its end.
+    return int(stat[stat.rindex(b")") + 2:].split()[19])
 
 
 def _same_instance_process(pid: int, rec: InstanceRecord) -> bool:
@@ -942,16 +963,31 @@ def _terminate(pid: int, timeout: float, popen: subprocess.Popen[bytes] | None =
         proc = psutil.Process(pid)
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout)
+            _wait_gone(proc, timeout)
         except psutil.TimeoutExpired:
             log.warning("pid %d ignored SIGTERM for %.0fs; killing it", pid, timeout)
             proc.kill()
-            proc.wait(PROCESS_KILL_TIMEOUT_S)
+            _wait_gone(proc, PROCESS_KILL_TIMEOUT_S)
     except psutil.NoSuchProcess:
         pass
     if popen is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             popen.wait(PROCESS_KILL_TIMEOUT_S)  # reap it
+
+
+def _wait_gone(proc: psutil.Process, timeout: float) -> None:
+    """Until ``proc`` has exited. A zombie has: reaping it is its parent's business
+    (psutil's wait() would poll a zombie that is not our child until the timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+        if time.monotonic() >= deadline:
+            raise psutil.TimeoutExpired(timeout, pid=proc.pid)
+        time.sleep(PROCESS_POLL_S)
 
 
 def _ask_for_stack_dumps(procs: list[psutil.Process]) -> None:
