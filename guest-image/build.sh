@@ -212,7 +212,10 @@ prune() {
 if [ -f "$KERNEL_DIR/kver" ]; then
 	log "kernel $KERNEL_PKG $KERNEL_VERSION (cached)"
 else
+	# A failed build keeps its logs, not its ~2 GB of source and objects.
+	trap 'rm -rf "$KERNEL_DIR.tmp"/linux-source-* "$KERNEL_DIR.tmp/obj" "$KERNEL_DIR.tmp/mods"' EXIT
 	build_kernel
+	trap - EXIT
 	prune kernel "$KERNEL_DIR"
 fi
 KVER=$(cat "$KERNEL_DIR/kver")
