@@ -106,15 +106,27 @@ def _setup_logging(shim_id: str, debug: bool) -> Path | None:
     except OSError:
         pass  # not started by containerd (no FIFO): the file alone will do
     log_file = None
+    no_file: OSError | None = None
     try:
         LOG_DIR.mkdir(parents=True, exist_ok=True)
-        log_file = LOG_DIR / f"{shim_id}.log"
-        handlers.append(logging.FileHandler(log_file))
-        podlogs.hold(log_file)  # for life: marks the file as a live shim's
-    except OSError:
-        log_file = None
+        path = LOG_DIR / f"{shim_id}.log"
+        file_handler = logging.FileHandler(path)
+        try:
+            # For life: marks the file as a live shim's. Unmarked, the pruner could
+            # remove it under the pod, so the shim does not write to it at all.
+            podlogs.hold(path)
+        except OSError:
+            file_handler.close()
+            raise
+        handlers.append(file_handler)
+        log_file = path
+    except OSError as exc:
+        no_file = exc
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format=LOG_FORMAT,
                         handlers=handlers or [logging.NullHandler()], force=True)
+    if no_file is not None:
+        log.warning("shim %s logs only to containerd's log: no file in %s (%s)",
+                    shim_id, LOG_DIR, no_file)
     # qemu.qmp logs every QMP message at DEBUG and each disconnect at INFO: too much.
     logging.getLogger("qemu.qmp").setLevel(logging.INFO if debug else logging.WARNING)
     # grpc's DEBUG is a line per call ("Loaded running loop").
