@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 MANAGE_SOCKET = "manage.sock"
 MAX_REQUEST_BYTES = 64 * 1024
 REQUEST_TIMEOUT_S = 10.0
+# How long a stream's connection stays open after its last frame for the client to
+# close it (see ManageServer._linger).
+STREAM_LINGER_S = 2.0
 # A resize waits for QEMU, the guest to see the size and resize2fs.
 REPLY_TIMEOUT_S = 180.0
 
@@ -138,12 +141,29 @@ class ManageServer:
             if reply is not None:
                 writer.write(json.dumps(reply).encode() + b"\n")
                 await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT_S)
+            else:
+                await self._linger(reader)
         except (OSError, asyncio.TimeoutError):
             pass
         finally:
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
+
+    @staticmethod
+    async def _linger(reader: asyncio.StreamReader) -> None:
+        """After a stream's last frame, until the client closes (at most STREAM_LINGER_S).
+
+        The client may still be writing (its stdin, its end, a resize) when the last
+        frame goes out; closing at once fails those writes (EPIPE), and an asyncio
+        client then loses the frames it has not read yet: `husk exec` of a program that
+        exits at once reported a broken console instead of the exit status. What the
+        client still sends is dropped.
+        """
+        with contextlib.suppress(asyncio.TimeoutError, asyncio.LimitOverrunError):
+            async with asyncio.timeout(STREAM_LINGER_S):
+                while await reader.read(MAX_FRAME_BYTES):
+                    pass
 
     async def _reply(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
                      ) -> dict[str, Any] | None:

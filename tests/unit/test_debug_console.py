@@ -159,3 +159,33 @@ async def test_frames_are_bounded_and_typed() -> None:
                      (b"\x00\x00", "truncated")):
         with pytest.raises(ValueError, match=why):
             await read_frame(reader(bad))
+
+
+async def test_the_last_frame_survives_the_clients_late_writes(tmp_path: Path) -> None:
+    """A program that exits at once: the shim has sent EXIT and is done before the
+    client writes its end of stdin. The connection stays open for that write, so the
+    client still reads the status (it got EPIPE, and asyncio dropped the unread EXIT)."""
+    done = asyncio.Event()
+
+    async def exits_at_once(request: dict[str, Any], stream: Stream) -> None:
+        await stream.accept()
+        stream.writer.write(encode_frame(Frame.EXIT, b"\x00\x00\x00\x7f"))
+        await stream.writer.drain()
+        done.set()
+
+    manage = ManageServer(tmp_path, {}, "sandbox test", stream_handlers={"console": exits_at_once})
+    await manage.start()
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(manage.path))
+        writer.write(b'{"op": "console"}\n')
+        assert b'"ok": true' in await reader.readline()
+        await done.wait()
+        await asyncio.sleep(0.1)  # the handler has returned and the server moved on
+        writer.write(encode_frame(Frame.CLOSE_STDIN))
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        assert await read_frame(reader) == (Frame.EXIT, b"\x00\x00\x00\x7f")
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        await manage.stop()
