@@ -8,13 +8,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 GUEST := $(BUILD)/guest
 
+# What building the guest kernel from Debian's source takes (guest-image/build.sh);
+# defined first: := expands it where HOST_PACKAGES is defined.
+KERNEL_BUILD_PACKAGES := gcc make bc bison flex libelf-dev libssl-dev openssl xz-utils
 # Host packages, all from Debian bookworm.
 HOST_PACKAGES := qemu-system-x86 qemu-utils containerd runc crun mmdebstrap \
 	busybox-static squashfs-tools cpio zstd containernetworking-plugins \
 	iproute2 kmod e2fsprogs iptables ceph-mon ceph-osd ceph-common qemu-block-extra \
 	$(KERNEL_BUILD_PACKAGES)
-# What building the guest kernel from Debian's source takes (guest-image/build.sh).
-KERNEL_BUILD_PACKAGES := gcc make bc bison flex libelf-dev libssl-dev openssl xz-utils
 
 .PHONY: all deps venv proto guest-image test test-unit test-vm test-cold test-cri demo soak critest \
 	bench-boot bench-cri bench-density bench-monitor bench-net bench-io bench-resize clean
