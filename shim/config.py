@@ -28,6 +28,8 @@ ANNOTATION_MEMORY = "io.husk.memory_mib"
 ALLOWED_ANNOTATIONS = frozenset({ANNOTATION_VCPUS, ANNOTATION_MEMORY})
 # The least memory a guest boots and runs its agent in.
 MIN_MEMORY_MIB = 128
+# Less gives each vCPU thread's region of the buffer too little room for the guest.
+MIN_TCG_BUFFER_MIB = 16
 # max_vcpus = 0 caps a VM at the host's CPUs (as Kata's default_maxvcpus = 0) but
 # no higher than this: every possible vCPU costs the guest per-CPU memory from
 # boot (and under TCG a present vCPU in QEMU), and more vCPUs than the host has
@@ -80,6 +82,9 @@ class HypervisorConfig:
     max_memory_mib: int = 16384
     accel: str = "auto"
     hotplug_ports: int = 16
+    # TCG's translation buffer per VM in MiB (QEMU's tb-size); 0 = sized by the
+    # possible vCPUs (shim.vm.accel.tcg_buffer_mib). Unused under KVM.
+    tcg_buffer_mib: int = 0
     # How the guest gets its root image: "pmem" maps the file into the guest
     # (virtio-pmem, read-only, DAX: the guest reads it in place, so its page cache
     # is the host's, once for every pod) or "virtio-blk" (a read-only disk, each
@@ -298,6 +303,9 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     _bounded_int("hypervisor.base_memory_mib", hv.base_memory_mib, MIN_MEMORY_MIB,
                  hv.max_memory_mib)
     _bounded_int("hypervisor.hotplug_ports", hv.hotplug_ports, 0, MAX_HOTPLUG_PORTS)
+    if 0 < _bounded_int("hypervisor.tcg_buffer_mib", hv.tcg_buffer_mib, 0, 4096) < MIN_TCG_BUFFER_MIB:
+        raise ConfigError(f"hypervisor.tcg_buffer_mib: {hv.tcg_buffer_mib} is too small "
+                          f"(0 sizes it by the vCPUs; else at least {MIN_TCG_BUFFER_MIB})")
     if any(c in hv.kernel_params for c in "\n\0"):
         raise ConfigError("hypervisor.kernel_params must be one line")
     _choice("shared_fs.type", config.shared_fs.type, SHARED_FS_TYPES)

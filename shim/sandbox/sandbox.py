@@ -256,7 +256,7 @@ class Sandbox:
             all_vcpus_present=self.accel.accel is Accel.TCG, accel=self.accel,
             shared_fs=SharedFsType(self.config.shared_fs.type),
             shared_dir=self.shared.host_dir, transport=self._transport, vsock_cid=cid,
-            vhost_fd=vhost_fd, hotplug_ports=self.config.hypervisor.hotplug_ports,
+            vhost_fd=vhost_fd, hotplug_ports=hv.hotplug_ports, tcg_buffer_mib=hv.tcg_buffer_mib,
             msize_9p=self.config.shared_fs.msize_9p, kernel_params=hv.kernel_params,
             debug=self.config.runtime.debug,
             extra_fds=[vhost_fd] if vhost_fd >= 0 else [], nics=self._nics())

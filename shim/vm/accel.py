@@ -46,10 +46,12 @@ class AccelChoice:
     accel: Accel
     reason: str
 
-    def qemu_args(self, possible_vcpus: int) -> list[str]:
+    def qemu_args(self, possible_vcpus: int, tcg_buffer: int = 0) -> list[str]:
+        """``tcg_buffer``: TCG's translation buffer in MiB; 0 = tcg_buffer_mib's size."""
         if self.accel is Accel.KVM:
             return ["-accel", "kvm", "-cpu", "host"]
-        return ["-accel", f"tcg,tb-size={tcg_buffer_mib(possible_vcpus)}", "-cpu", "max"]
+        return ["-accel", f"tcg,tb-size={tcg_buffer or tcg_buffer_mib(possible_vcpus)}",
+                "-cpu", "max"]
 
 
 def tcg_buffer_mib(possible_vcpus: int) -> int:

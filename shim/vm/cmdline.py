@@ -198,6 +198,7 @@ class VmSpec:
     vsock_cid: int = 0
     vhost_fd: int = -1
     hotplug_ports: int = 4
+    tcg_buffer_mib: int = 0  # 0 = sized by the possible vCPUs (shim.vm.accel)
     msize_9p: int = 512 * 1024
     kernel_params: str = ""
     debug: bool = False
@@ -294,7 +295,7 @@ def build_cmdline(spec: VmSpec, slots: SlotMap | None = None) -> list[str]:
     args = [spec.qemu_path, "-name", qemu_value(f"husk-{spec.name}"),
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-sandbox", QEMU_SANDBOX,
-            *spec.accel.qemu_args(max(spec.vcpus, spec.max_vcpus)),
+            *spec.accel.qemu_args(max(spec.vcpus, spec.max_vcpus), spec.tcg_buffer_mib),
             "-smp", smp_args(spec), "-m", memory_args(spec),
             "-kernel", qemu_value(spec.kernel), "-initrd", qemu_value(spec.initrd),
             "-append", kernel_cmdline(spec),

@@ -69,3 +69,12 @@ def test_annotations_override_within_limits() -> None:
 def test_hostile_annotations_are_rejected(key: str, value: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         Config().with_pod_annotations({key: value})
+
+
+def test_tcg_buffer_is_auto_or_at_least_the_minimum() -> None:
+    assert Config().hypervisor.tcg_buffer_mib == 0
+    assert parse_config({"hypervisor": {"tcg_buffer_mib": 32}}).hypervisor.tcg_buffer_mib == 32
+    with pytest.raises(ConfigError, match="tcg_buffer_mib: 8 is too small"):
+        parse_config({"hypervisor": {"tcg_buffer_mib": 8}})
+    with pytest.raises(ConfigError, match="tcg_buffer_mib: -1 is outside"):
+        parse_config({"hypervisor": {"tcg_buffer_mib": -1}})

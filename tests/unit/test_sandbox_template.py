@@ -40,6 +40,7 @@ def test_pods_of_one_shape_share_a_template_and_any_other_shape_gets_another(
     assert TemplateId.of(other_pod, "1.0") == one
     for change in ({"memory_mib": 1024}, {"vcpus": 2}, {"max_memory_mib": 4096},
                    {"kernel_params": "mitigations=off"}, {"hotplug_ports": 8},
+                   {"tcg_buffer_mib": 32},
                    {"transport": AgentTransport.VSOCK, "vsock_cid": 7, "vhost_fd": 9}):
         assert TemplateId.of(_spec(tmp_path, **change), "1.0").key != one.key, change
     assert TemplateId.of(_spec(tmp_path), "1.1").key != one.key  # another husk

@@ -78,6 +78,15 @@ def test_hotplug_ports(tmp_path: Path) -> None:
     assert len(ports) == 3 and "id=hp2" in ports[2]
 
 
+def test_tcg_buffer_from_config_or_sized_by_the_vcpus(tmp_path: Path) -> None:
+    sized = build_cmdline(_spec(tmp_path, max_vcpus=2))
+    assert sized[sized.index("-accel") + 1] == "tcg,tb-size=52"
+    fixed = build_cmdline(_spec(tmp_path, max_vcpus=2, tcg_buffer_mib=32))
+    assert fixed[fixed.index("-accel") + 1] == "tcg,tb-size=32"
+    kvm = build_cmdline(_spec(tmp_path, tcg_buffer_mib=32, accel=AccelChoice(Accel.KVM, "test")))
+    assert kvm[kvm.index("-accel") + 1] == "kvm"
+
+
 def test_vsock_transport(tmp_path: Path) -> None:
     joined = " ".join(build_cmdline(_spec(tmp_path, transport=AgentTransport.VSOCK,
                                           vsock_cid=7, vhost_fd=9)))
