@@ -221,8 +221,9 @@ def test_a_lying_or_silent_agent_is_contained(cri: CriClient) -> None:
     rss_before = shim.memory_info().rss
 
     for mode, expected in (("garbage", "agent"), ("oversized", "agent")):
-        attacker.hook_later(f"replies {mode}", "sleep 8", "replies normal")
-        time.sleep(1)
+        # The hook waits a second: the exec that starts it must get its own replies.
+        attacker.hook_later("sleep 1", f"replies {mode}", "sleep 8", "replies normal")
+        time.sleep(2)
         with pytest.raises(CriError) as exc:
             cri.exec_sync(victim, ["echo", "hi"])
         assert expected in str(exc.value), exc.value
