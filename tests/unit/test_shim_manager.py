@@ -192,11 +192,19 @@ def test_delete_response_is_what_protobuf_reads(pid: int, status: int, ns: int) 
     assert manager.delete_response(pid, status, ns) == expected.SerializeToString()
 
 
-def test_delete_imports_neither_protobuf_nor_openssl(tmp_path: Path) -> None:
+@pytest.mark.parametrize("bundle_names_a_run_dir", [False, True])
+def test_delete_imports_neither_protobuf_nor_openssl(tmp_path: Path,
+                                                     bundle_names_a_run_dir: bool) -> None:
+    """containerd waits for delete twice per pod stop: it imports only what it needs.
+    A sandbox's bundle names its run dir; once the daemon has removed it (a clean
+    stop) there is nothing to clean up, and nothing of the clean-up is imported."""
+    if bundle_names_a_run_dir:
+        (tmp_path / manager.RUN_DIR_FILE).write_text(str(tmp_path / "sb" / "c1"))
     code = ("import sys; from shim.__main__ import main; main(['-namespace', 'k8s.io', '-address',"
             f" '/c.sock', '-id', 'c1', '-bundle', {str(tmp_path)!r}, 'delete']);"
             " print(sorted(m for m in sys.modules if m.split('.')[0] in"
-            " ('google', '_hashlib', 'subprocess', 'psutil')), file=sys.stderr)")
+            " ('google', '_hashlib', 'subprocess', 'psutil', 'dataclasses', 'pyroute2')"
+            " or m == 'shim.sandbox.leftovers'), file=sys.stderr)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, check=True)
     assert done.stderr.decode().strip() == "[]"
     assert shim_pb2.DeleteResponse.FromString(done.stdout).exit_status == 137
