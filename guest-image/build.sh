@@ -47,7 +47,10 @@ for tool in mmdebstrap mksquashfs mkfs.ext4 cpio depmod dpkg-deb apt-get chroot 
 	command -v "$tool" >/dev/null || die "$tool is missing (make deps installs what the build needs)"
 done
 BUSYBOX=/bin/busybox
-"$BUSYBOX" --list 2>/dev/null | grep -qx switch_root ||
+# The list is read whole first: under pipefail, `busybox --list | grep -q` fails
+# whenever grep exits at its match before busybox has written the rest (SIGPIPE).
+applets=$("$BUSYBOX" --list 2>/dev/null) || applets=""
+grep -qx switch_root <<<"$applets" ||
 	die "$BUSYBOX (Debian package busybox-static) is missing or has no switch_root"
 ldd "$BUSYBOX" >/dev/null 2>&1 && die "$BUSYBOX is dynamically linked: install busybox-static"
 
