@@ -10,7 +10,7 @@ GUEST := $(BUILD)/guest
 
 # What building the guest kernel from Debian's source takes (guest-image/build.sh);
 # defined first: := expands it where HOST_PACKAGES is defined.
-KERNEL_BUILD_PACKAGES := gcc make bc bison flex libelf-dev libssl-dev openssl xz-utils
+KERNEL_BUILD_PACKAGES := gcc make bc bison flex libelf-dev libssl-dev openssl patch xz-utils
 # Host packages, all from Debian bookworm.
 HOST_PACKAGES := qemu-system-x86 qemu-utils containerd runc crun mmdebstrap \
 	busybox-static squashfs-tools cpio zstd containernetworking-plugins \

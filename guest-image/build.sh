@@ -92,6 +92,11 @@ build_kernel() {
 	tar -C "$tmp" -xJf "$tarball"
 	rm -rf "$tmp/deb" "$tmp/x"
 	src=$(echo "$tmp"/linux-source-*)
+	local patch
+	for patch in "$HERE"/kernel-patches/*.patch; do
+		log "applying kernel-patches/${patch##*/}"
+		patch -d "$src" -p1 --forward --quiet <"$patch" || die "kernel-patches/${patch##*/} does not apply to $KERNEL_PKG $KERNEL_VERSION"
+	done
 	obj=$tmp/obj
 	jobs=$(nproc)
 	log "configuring the kernel (x86_64_defconfig + kernel.config)"
@@ -181,7 +186,8 @@ MM_OPTS=(
 	--dpkgopt='path-exclude=/usr/share/lintian/*'
 )
 
-KERNEL_KEY=$(printf '%s\n' "$KERNEL_PKG" "$KERNEL_VERSION" "$(declare -f build_kernel)" | cat - "$HERE/kernel.config" | sha)
+KERNEL_KEY=$(printf '%s\n' "$KERNEL_PKG" "$KERNEL_VERSION" "$(declare -f build_kernel)" |
+	cat - "$HERE/kernel.config" "$HERE"/kernel-patches/*.patch | sha)
 BASE_KEY=$(printf '%s\n' "$RELEASE" "${MIRRORS[@]}" "${MM_OPTS[@]}" "$(declare -f build_base)" | sha)
 SITE_KEY=$(printf '%s\n' "${PINS[@]}" "${PIP_TARGET_OPTS[@]}" "$(declare -f build_site)" | sha)
 # shim/__init__.py (the husk version) and shim/ops/imageid.py write manifest lines.

@@ -386,6 +386,26 @@ def check_tun(target: Target, device: str = TUN_DEVICE) -> CheckResult:
                                            "NICs cannot be made", "modprobe tun")
 
 
+KSM_DIR = Path("/sys/kernel/mm/ksm")
+
+
+def check_ksm(target: Target, ksm_dir: Path = KSM_DIR) -> CheckResult:
+    """KSM is the node's choice: pods run either way, with more memory each when off."""
+    try:
+        run = (ksm_dir / "run").read_text().strip()
+    except OSError:
+        return CheckResult("ksm", Status.PASS, "not in this kernel: every pod's guest RAM is "
+                                               "its own")
+    if run == "1":
+        return CheckResult("ksm", Status.PASS, "on: the host merges the guest RAM that pods "
+                                               "have in common")
+    return CheckResult("ksm", Status.PASS,
+                       "off: every pod's guest RAM is its own; with KSM on, pods restored from "
+                       "one template share most of theirs (README, Memory)",
+                       f"echo 1 > {ksm_dir / 'run'} (merging across pods is a side channel "
+                       "between them: README, Memory)")
+
+
 def check_cgroups(target: Target) -> CheckResult:
     layout = cgroup_layout()
     names = {"v2": "cgroup v2 (unified)", "v1": "cgroup v1",
@@ -576,7 +596,8 @@ def make_target(explicit: str | None, containerd_config: Path) -> tuple[CheckRes
 
 
 CHECKS = (check_accel, check_qemu, check_qemu_rbd, check_virtiofsd, check_vhost_vsock,
-          check_vhost_net, check_tun, check_cgroups, check_guest_image, check_containerd,
+          check_vhost_net, check_tun, check_ksm, check_cgroups, check_guest_image,
+          check_containerd,
           check_containerd_config, check_shim_binary)
 
 

@@ -41,13 +41,14 @@ from shim.sandbox.sizing import size_vm
 from shim.sandbox.template import (RAM_FILE, Template, TemplateError, TemplateId, TemplateStore,
                                    template_spec)
 from shim.util.mount import mounts_under
+from shim.util.procstats import vm_memory_bytes
 from shim.storage.share import GUEST_SHARED_DIR, SharedDir, check_id
 from shim.vm.accel import Accel, AccelChoice, choose_accel
 from shim.vm.cmdline import (AGENT_CHARDEV, PMEM_ALIGN_BYTES, SHARED_FS_TAG, AgentTransport,
-                             NicSpec, SharedFsType, VmPaths, VmSpec)
+                             NicSpec, RamLayout, SharedFsType, VmPaths, VmSpec)
 from shim.vm.devices import DeviceError
 from shim.vm.qemu import Vm, VmError
-from shim.vm.ram import allocated_bytes, allocated_bytes_of, copy_sparse, new_guest_ram
+from shim.vm.ram import allocated_bytes_of, copy_sparse, new_guest_ram
 from shim.vm.vsock import VsockError, allocate_cid, vhost_vsock_available
 
 log = logging.getLogger(__name__)
@@ -332,8 +333,8 @@ class Sandbox:
             # Charged to the pod, as the RAM a booted guest touches is (QEMU is in its cgroup).
             with cgroup.charging_memory() if cgroup else contextlib.nullcontext():
                 copied = await asyncio.to_thread(_copy_file_into, template.ram, ram_fd,
-                                                 spec.memory_mib << 20)
-            log.debug("sandbox %s: %d MiB of guest RAM from the template in %.3fs",
+                                                 self._shared_ram_bytes())
+            log.debug("sandbox %s: %d MiB of shared guest RAM from the template in %.3fs",
                       self.sandbox_id, copied >> 20, time.monotonic() - began)
             await self._run_vm(undo, template_spec(spec, incoming=True, ram_fd=ram_fd), cgroup)
             assert self.vm is not None
@@ -415,10 +416,14 @@ class Sandbox:
                  time.monotonic() - began, template.state.stat().st_size >> 20)
         return template
 
+    def _shared_ram_bytes(self) -> int:
+        """The guest RAM the shim holds in a memfd: the node virtiofsd maps."""
+        return RamLayout.for_memory(self.size.memory_mib).shared_mib << 20
+
     def _new_guest_ram(self, undo: AsyncExitStack) -> int:
-        """A memfd for the guest's RAM; closed with the sandbox (QEMU opens its own)."""
+        """A memfd for the guest's shared RAM; closed with the sandbox (QEMU opens its own)."""
         try:
-            fd = new_guest_ram(self.size.memory_mib << 20)
+            fd = new_guest_ram(self._shared_ram_bytes())
         except OSError as exc:
             raise errors.UnavailableError(f"cannot create the guest's RAM: {exc}") from exc
         undo.callback(os.close, fd)
@@ -427,7 +432,7 @@ class Sandbox:
     async def save_template(self, state: Path) -> None:
         """A template VM: hang up on its agent (a restored guest waits for its new
         host), let the guest hand back the memory it freed, save the paused guest's
-        devices to ``state`` and its RAM beside it (sparse).
+        devices and private RAM to ``state`` and its shared RAM beside it (sparse).
 
         :raise VmError: QEMU failed. :raise OSError: writing the RAM failed.
         """
@@ -437,21 +442,25 @@ class Sandbox:
             await agent.close()
         await self._wait_for_free_page_reporting()
         await self.vm.save(state)
-        size = self.size.memory_mib << 20
+        size = self._shared_ram_bytes()
         ram = state.parent / RAM_FILE
         written = await asyncio.to_thread(_copy_fd_into_file, self._ram_fd, ram, size)
-        log.info("template guest RAM: %d MiB of %d MiB hold data", written >> 20, size >> 20)
+        log.info("template saved: %d MiB of state and private guest RAM, %d of %d MiB of "
+                 "shared guest RAM hold data", state.stat().st_size >> 20, written >> 20,
+                 size >> 20)
 
     async def _wait_for_free_page_reporting(self) -> None:
-        """Until the guest's RAM stops shrinking (it reports what it freed after boot
-        every couple of seconds), for at most TEMPLATE_SETTLE_MAX_S."""
+        """Until the VM's memory stops shrinking (the guest reports what it freed after
+        boot every couple of seconds), for at most TEMPLATE_SETTLE_MAX_S."""
+        assert self.vm is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + TEMPLATE_SETTLE_MAX_S
-        last = allocated_bytes(self._ram_fd)
+        qemu = (self.vm.pid,)
+        last = vm_memory_bytes(qemu)
         stable_since = loop.time()
         while loop.time() < deadline and loop.time() - stable_since < TEMPLATE_SETTLE_S:
             await asyncio.sleep(TEMPLATE_SETTLE_POLL_S)
-            now = allocated_bytes(self._ram_fd)
+            now = vm_memory_bytes(qemu)
             if now < last:
                 last, stable_since = now, loop.time()
 
@@ -626,7 +635,8 @@ def _check_room_for_guest_ram(cgroup: SandboxCgroup, template: Template) -> None
     the shim itself OOM-killed in the pod's cgroup)."""
     headroom = cgroup.memory_headroom()
     try:
-        needed = allocated_bytes_of(template.ram)
+        # The private RAM is in the state (all but its zero pages), the shared in a file.
+        needed = allocated_bytes_of(template.ram) + template.state.stat().st_size
     except OSError:
         return  # the restore reads it next and says what is wrong with it
     if headroom is not None and needed > headroom:

@@ -45,7 +45,7 @@ TEMPLATE_FORMAT = 2
 # The guest's agent warms up (imports what CreateSandbox needs) before it serves.
 TEMPLATE_KERNEL_PARAM = "husk.template=1"
 STATE_FILE = "state"  # QEMU's migration stream: the devices
-RAM_FILE = "ram"  # the guest's RAM, sparse (shim.vm.ram)
+RAM_FILE = "ram"  # the guest's shared RAM, sparse (shim.vm.ram); the state holds the rest
 META_FILE = "meta.json"
 FAILED_FILE = "failed"
 LOCK_SUFFIX = ".lock"
@@ -68,7 +68,7 @@ class TemplateError(Exception):
 
 def template_spec(spec: VmSpec, *, incoming: bool, ram_fd: int) -> VmSpec:
     """The VM of a template for pods whose VM is ``spec`` (incoming=False), or of a
-    pod restored from it (incoming=True): guest RAM in the shim's memfd ``ram_fd``,
+    pod restored from it (incoming=True): shared guest RAM in the shim's memfd ``ram_fd``,
     no shared-filesystem device and no NICs (hot-plugged after the restore), the
     agent told to warm up."""
     params = " ".join(p for p in (spec.kernel_params, TEMPLATE_KERNEL_PARAM) if p)

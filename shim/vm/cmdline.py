@@ -4,8 +4,8 @@ Owns argument syntax only: no processes, no sockets. A q35 machine with PCIe
 root ports left free for hot-plugged disks and NICs, direct kernel boot, no
 default devices, QMP on a unix socket, the agent channel, the guest's output
 (console and log port) as clients of sockets the shim listens on, the shared
-filesystem (virtio-fs with a shared memory backend, or 9p), and QEMU's seccomp
-sandbox.
+filesystem (virtio-fs, with guest RAM split into NUMA nodes so that virtiofsd
+maps only a small one, or 9p), and QEMU's seccomp sandbox.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shim.vm.accel import AccelChoice
-from shim.vm.devices import SlotMap
+from shim.vm.devices import VIRTIO_FS_QUEUE_SIZE, SlotMap
 from shim.vm.ram import qemu_mem_path
 
 AGENT_PORT_NAME = "io.husk.agent"
@@ -25,9 +25,12 @@ GUEST_LOG_CHARDEV = "guestlog"
 LOG_PORT_NAME = "io.husk.log"
 SHARED_FS_TAG = "husk-shared"
 SHARED_FS_CHARDEV = "fs"
+# Memory backends of boot RAM with virtio-fs (RamLayout).
+PRIVATE_RAM_ID = "ram-private"
+SHARED_RAM_ID = "ram-shared"
+PRIVATE_HIGH_RAM_ID = "ram-private-high"
 AGENT_VSOCK_PORT = 1024
-# DIMM slots for memory hot-added to a running VM, one per grow step. vhost-user
-# backends (virtiofsd) map each as a region: libvhost-user takes 32 at most.
+# DIMM slots for memory hot-added to a running VM, one per grow step.
 MEMORY_SLOTS = 8
 # Linux's sockaddr_un.sun_path holds 108 bytes including the terminator;
 # leave margin for the suffixes QEMU and virtiofsd add.
@@ -36,8 +39,26 @@ FAST_BOOT_PARAMS = ("tsc=reliable", "no_timer_check", "rcupdate.rcu_expedited=1"
                     "i8042.direct=1", "i8042.dumbkbd=1", "i8042.nopnp=1", "i8042.noaux=1",
                     "noreplace-smp", "cryptomgr.notests")
 # No DMA bounce buffers: virtio devices reach all guest memory, and a VM with room
-# for memory above 4 GiB (maxmem) would otherwise reserve and zero 64 MiB for them.
+# for memory above 4 GiB (maxmem) would otherwise reserve and zero 64 MiB for them
+# (with 9p; virtio-fs bounces through a small pool of its own, below).
 NO_BOUNCE_BUFFERS = "swiotlb=noforce"
+# Guest RAM with virtio-fs. vhost-user hands the backend every RAM region that has
+# a file behind it, so only a small NUMA node is shared memory (a memfd that
+# virtiofsd maps); the rest is private anonymous memory that no other process
+# maps and that KSM can merge across pods (what pods restored from one template
+# have in common: the guest kernel, the agent). The guest keeps virtio-fs inside
+# the shared node (guest-image/kernel-patches/virtio-fs-dma-api.patch): its
+# buffers bounce through a swiotlb pool and its rings come from a CMA area, both
+# placed there. The node ends where RAM below 4 GiB ends: the kernel takes the
+# swiotlb pool from the top of that RAM.
+SHARED_RAM_MIB = 32
+BOUNCE_POOL_SLABS = 1024  # swiotlb slabs of 2 KiB: a 2 MiB pool
+RING_CMA_MIB = 4
+VIRTIO_FS_DMA_PARAMS = ("virtio_ring.virtio_fs_dma_api=1", f"swiotlb={BOUNCE_POOL_SLABS},force")
+# q35 keeps RAM below 4 GiB whole up to 2816 MiB (0xb0000000); from there on, only
+# the first 2 GiB is below 4 GiB and the rest starts at 4 GiB.
+Q35_WHOLE_LOWMEM_LIMIT_MIB = 2816
+Q35_SPLIT_LOWMEM_MIB = 2048
 # Lockdown (confidentiality) makes the guest kernel create no tracefs files, whose
 # ~12,000 inodes and dentries are ~10 MiB of slab in every guest (and in every pod
 # restored from a template); it also closes what a privileged container has no
@@ -184,12 +205,13 @@ class VmSpec:
     # hot-plugged vCPU's thread finds the translation buffer's regions all taken.
     all_vcpus_present: bool = False
     # The shared filesystem's device is hot-plugged after a restore (vhost-user-fs
-    # cannot migrate): the command line keeps only its shared memory backend.
+    # cannot migrate): the command line keeps only its memory layout.
     shared_fs_hotplug: bool = False
     # Waits for a migration stream (a template's) instead of booting: -incoming defer.
     incoming: bool = False
-    # Guest RAM in this memfd (shim.vm.ram) instead of one QEMU creates: a template's,
-    # or a VM's restored from one; the migration stream then leaves it out.
+    # The shared node of guest RAM (RamLayout) in this memfd (shim.vm.ram) instead of
+    # one QEMU creates: a template's, or a VM's restored from one; the migration
+    # stream then leaves it out (and carries the private nodes).
     ram_fd: int = -1
     # > 0: the image is a read-only virtio-pmem device of this many bytes (the
     # guest's root on DAX; a ROM region, so the guest cannot write it and vhost-user
@@ -215,6 +237,29 @@ class CmdlineError(ValueError):
     """A value cannot be placed on QEMU's command line safely."""
 
 
+@dataclass(frozen=True)
+class RamLayout:
+    """Boot RAM as NUMA nodes, in address order: private (node 0, with every vCPU),
+    shared with virtiofsd (node 1, the top of RAM below 4 GiB), private above 4 GiB
+    (node 2, only when RAM does not fit below 4 GiB)."""
+
+    private_low_mib: int
+    shared_mib: int
+    private_high_mib: int
+
+    @classmethod
+    def for_memory(cls, memory_mib: int) -> RamLayout:
+        below_4g = memory_mib if memory_mib < Q35_WHOLE_LOWMEM_LIMIT_MIB else Q35_SPLIT_LOWMEM_MIB
+        return cls(below_4g - SHARED_RAM_MIB, SHARED_RAM_MIB, memory_mib - below_4g)
+
+    def kernel_params(self) -> tuple[str, ...]:
+        """Where the guest keeps virtio-fs: rings in a CMA area inside the shared node
+        (the kernel takes the bounce pool from its top by itself)."""
+        start = self.private_low_mib
+        return (*VIRTIO_FS_DMA_PARAMS,
+                f"cma={RING_CMA_MIB}M@{start}M-{start + self.shared_mib}M")
+
+
 def qemu_value(value: object) -> str:
     """One value inside a QEMU ``key=value,...`` option: commas are doubled."""
     text = str(value)
@@ -231,9 +276,13 @@ def check_socket_path(path: Path) -> None:
 def kernel_cmdline(spec: VmSpec) -> str:
     # panic=-1 with QEMU's -no-reboot: a guest that panics ends QEMU at once.
     root = PMEM_ROOT_PARAMS if spec.root_pmem_bytes else ("root=/dev/vda",)
+    if spec.shared_fs is SharedFsType.VIRTIO_FS:
+        dma = RamLayout.for_memory(spec.memory_mib).kernel_params()
+    else:
+        dma = (NO_BOUNCE_BUFFERS,)
     params = ["console=ttyS0", "8250.nr_uarts=1", *root, "ro", "panic=-1",
               # Skip probing hardware a VM never has; saves seconds under TCG.
-              *FAST_BOOT_PARAMS, GUEST_LOCKDOWN, NO_BOUNCE_BUFFERS, f"husk.transport={spec.transport.value}"]
+              *FAST_BOOT_PARAMS, GUEST_LOCKDOWN, *dma, f"husk.transport={spec.transport.value}"]
     if spec.debug:
         params += ["husk.debug=1", "loglevel=7"]
     else:
@@ -280,6 +329,28 @@ def root_args(spec: VmSpec) -> list[str]:
             "-device", "virtio-blk-pci,drive=rootfs,bus=pcie.0,addr=0x2"]
 
 
+def numa_ram_args(spec: VmSpec) -> list[str]:
+    """Boot RAM as RamLayout's nodes: private anonymous memory, and the shared node
+    in a memfd (the shim's ``ram_fd`` when it has one, which the migration stream
+    then leaves out)."""
+    layout = RamLayout.for_memory(spec.memory_mib)
+    if spec.ram_fd >= 0:
+        shared = f"memory-backend-file,mem-path={qemu_mem_path(spec.ram_fd)}"
+    else:
+        shared = "memory-backend-memfd"
+    backends = [f"memory-backend-ram,id={PRIVATE_RAM_ID},size={layout.private_low_mib}M",
+                f"{shared},id={SHARED_RAM_ID},size={layout.shared_mib}M,share=on"]
+    possible_vcpus = max(spec.vcpus, spec.max_vcpus)
+    nodes = [f"node,nodeid=0,cpus=0-{possible_vcpus - 1},memdev={PRIVATE_RAM_ID}",
+             f"node,nodeid=1,memdev={SHARED_RAM_ID}"]
+    if layout.private_high_mib:
+        backends.append(f"memory-backend-ram,id={PRIVATE_HIGH_RAM_ID},"
+                        f"size={layout.private_high_mib}M")
+        nodes.append(f"node,nodeid=2,memdev={PRIVATE_HIGH_RAM_ID}")
+    return [*(arg for backend in backends for arg in ("-object", backend)),
+            *(arg for node in nodes for arg in ("-numa", node))]
+
+
 def build_cmdline(spec: VmSpec, slots: SlotMap | None = None) -> list[str]:
     """The full argv for QEMU; boot-time devices take their slots from ``slots``
     (the VM's; a fresh map when only the command line is wanted).
@@ -290,7 +361,6 @@ def build_cmdline(spec: VmSpec, slots: SlotMap | None = None) -> list[str]:
     slots = slots if slots is not None else SlotMap(spec.hotplug_ports)
     for sock in p.sockets():
         check_socket_path(sock)
-    memory = f"{spec.memory_mib}M"
     machine = "q35,vmport=off,sata=off,smbus=off"
     args = [spec.qemu_path, "-name", qemu_value(f"husk-{spec.name}"),
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
@@ -307,18 +377,13 @@ def build_cmdline(spec: VmSpec, slots: SlotMap | None = None) -> list[str]:
             "-serial", f"chardev:{CONSOLE_CHARDEV}",
             *root_args(spec)]
     if spec.shared_fs is SharedFsType.VIRTIO_FS:
-        # vhost-user needs guest RAM that virtiofsd can map.
-        if spec.ram_fd >= 0:
-            args += ["-object", f"memory-backend-file,id=mem,size={memory},"
-                                f"mem-path={qemu_mem_path(spec.ram_fd)},share=on"]
-        else:
-            args += ["-object", f"memory-backend-memfd,id=mem,size={memory},share=on"]
+        args += numa_ram_args(spec)
         if not spec.shared_fs_hotplug:
             args += ["-chardev", f"socket,id={SHARED_FS_CHARDEV},"
                                  f"path={qemu_value(p.virtiofsd_socket)}",
                      "-device", f"vhost-user-fs-pci,chardev={SHARED_FS_CHARDEV},"
-                                f"tag={SHARED_FS_TAG},bus=pcie.0,addr=0x3"]
-        machine += ",memory-backend=mem"
+                                f"tag={SHARED_FS_TAG},queue-size={VIRTIO_FS_QUEUE_SIZE},"
+                                "bus=pcie.0,addr=0x3"]
     else:
         args += ["-fsdev", f"local,id=fs,path={qemu_value(spec.shared_dir)},"
                            f"security_model={NINE_P_SECURITY_MODEL}",

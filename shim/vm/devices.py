@@ -33,6 +33,10 @@ MAX_HOTPLUG_PORTS = 8 * PORT_FUNCTIONS  # slots 0x10-0x17, functions 0-7
 
 # QEMU answers device_add at once; the guest acknowledging an unplug (the
 # DEVICE_DELETED event) takes its PCIe hot-plug handshake, seconds under TCG.
+# virtio-fs rings of more than a page come from the guest's CMA area in the RAM
+# virtiofsd maps (shim.vm.cmdline.RamLayout; the DMA API takes a single page from
+# anywhere); 1024 entries make both of its rings ~26 KiB.
+VIRTIO_FS_QUEUE_SIZE = 1024
 DEVICE_ADD_TIMEOUT_S = 10.0
 DEVICE_DEL_TIMEOUT_S = 20.0
 # Opening a backend can wait on the network (Ceph's monitors); librbd's own
@@ -203,8 +207,9 @@ class Devices:
                     "type": "unix", "data": {"path": socket_path}}}}}, DEVICE_ADD_TIMEOUT_S)
             undo.append(("chardev-remove", {"id": chardev}))
             await self.vm.qmp("device_add", {"driver": "vhost-user-fs-pci", "id": device_id,
-                                             "chardev": chardev, "tag": tag, "bus": slot.bus,
-                                             "addr": "0x0"}, DEVICE_ADD_TIMEOUT_S)
+                                             "chardev": chardev, "tag": tag,
+                                             "queue-size": VIRTIO_FS_QUEUE_SIZE,
+                                             "bus": slot.bus, "addr": "0x0"}, DEVICE_ADD_TIMEOUT_S)
 
         slot = await self._hotplug(device_id, f"shared filesystem {tag}", plug)
         log.info("hot-plugged the shared filesystem %s on %s (PCI path %s)", tag, slot.bus,
@@ -294,8 +299,9 @@ class Devices:
         return device_id
 
     async def add_memory(self, size_mib: int) -> str:
-        """Hot-plug a DIMM of ``size_mib`` (shared memory, as virtiofsd maps all guest
-        RAM); its device id. The guest onlines it (the agent's OnlineCPUMem).
+        """Hot-plug a DIMM of ``size_mib`` (private memory, as the guest's first NUMA
+        node: virtiofsd maps only the shared node); its device id. The guest onlines
+        it (the agent's OnlineCPUMem).
 
         :raise DeviceError: no free DIMM slot or address space (max_memory_mib), or
             QEMU refused.
@@ -304,9 +310,8 @@ class Devices:
         dimm_id, memdev_id = f"dimm{index}", f"dimm{index}-mem"
         undo: list[Undo] = []
         try:
-            await self.vm.qmp("object-add", {"qom-type": "memory-backend-memfd", "id": memdev_id,
-                                             "size": size_mib << 20, "share": True},
-                              DEVICE_ADD_TIMEOUT_S)
+            await self.vm.qmp("object-add", {"qom-type": "memory-backend-ram", "id": memdev_id,
+                                             "size": size_mib << 20}, DEVICE_ADD_TIMEOUT_S)
             undo.append(("object-del", {"id": memdev_id}))
             await self.vm.qmp("device_add", {"driver": "pc-dimm", "id": dimm_id,
                                              "memdev": memdev_id}, DEVICE_ADD_TIMEOUT_S)

@@ -209,8 +209,9 @@ class Vm:
             await self.qmp("cont")
 
     async def _skip_shared_ram(self) -> None:
-        """Guest RAM in the shim's memfd travels as a file of its own (shim.vm.ram),
-        not in the stream; both sides of a migration must agree on that."""
+        """The shared node of guest RAM, in the shim's memfd, travels as a file of its
+        own (shim.vm.ram), not in the stream (the private nodes do); both sides of a
+        migration must agree on that."""
         if self.spec.ram_fd >= 0:
             await self.qmp("migrate-set-capabilities", {"capabilities": [
                 {"capability": "x-ignore-shared", "state": True}]})

@@ -1,12 +1,15 @@
-"""Guest RAM in a memfd the shim owns (VMs from templates), and copying it sparsely.
+"""The shared node of guest RAM in a memfd the shim owns (VMs from templates), and
+copying it sparsely.
 
-A VM restored from a template gets its guest RAM as a copy of the template's
-RAM file, not through the migration stream: QEMU loading RAM from a stream
-touches every page of the guest (it checks each zero page), so every restored
-VM would start with all of its memory allocated. With the RAM in a file and
-QEMU's x-ignore-shared migration capability, the stream holds only device
-state, and the copy writes only the pages that hold data; the rest stays holes
-that cost nothing until the guest uses them.
+A VM restored from a template gets its shared RAM (the node virtiofsd maps,
+shim.vm.cmdline.RamLayout) as a copy of the template's RAM file, not through
+the migration stream: QEMU loading RAM from a stream reads every page of the
+guest (it checks each zero page), and a read of a memfd's hole allocates a page,
+so every restored VM would start with all of that memory allocated. With that
+RAM in a file and QEMU's x-ignore-shared migration capability, the stream leaves
+it out, and the copy writes only the pages that hold data; the rest stays holes
+that cost nothing until the guest uses them. The private nodes come through the
+stream: a read of anonymous memory that was never written maps the zero page.
 """
 from __future__ import annotations
 

@@ -11,12 +11,17 @@ a template's page cache) counts once across them:
   buffer (its executable anonymous mappings, one region per vCPU thread; KVM has
   none) and the rest; virtiofsd (both of its processes).
 
-Guest RAM is what its memfds hold (their allocated blocks), not their PSS: a pod
-restored from a template gets its RAM written into the memfd by the shim, and a
-page the guest has not touched since is in no process's page tables, so smaps
-does not see it, yet it is memory the pod holds. The memfds are the pod's alone
-(its QEMU and its virtiofsd map them), so they count in full, once.
+Guest RAM is the PSS of QEMU's private RAM (its anonymous mappings that KSM may
+merge, VmFlags "mg"), plus what the shared node's memfd holds (its allocated
+blocks, not its PSS: a pod restored from a template gets that RAM written into
+the memfd by the shim, and a page the guest has not touched since is in no
+process's page tables, yet it is memory the pod holds; the memfd is the pod's
+alone, so it counts in full, once).
 - runc: the runc shim and every process below it (pause and the container).
+
+KSM: the husk pods are measured twice, once settled with KSM off ("husk_unmerged")
+and once after KSM has scanned all memory twice more ("husk"), when it is
+available; the node's KSM settings are put back afterwards.
 
 Medians over the pods of BENCH_RUNS rounds (default 3), per pod, as JSON.
 """
@@ -46,8 +51,9 @@ MIB = 1 << 20
 
 
 def smaps_pss(pid: int) -> dict[str, int]:
-    """PSS bytes of one process: its memfd mappings (guest RAM), the TCG buffer and the rest."""
-    parts = {"memfd": 0, "tcg_buffer": 0, "other": 0}
+    """PSS bytes of one process: its memfd mappings (shared guest RAM), its mergeable
+    anonymous mappings (private guest RAM), the TCG buffer and the rest."""
+    parts = {"memfd": 0, "private_ram": 0, "tcg_buffer": 0, "other": 0}
     try:
         text = Path(f"/proc/{pid}/smaps").read_text()
     except OSError:
@@ -59,9 +65,12 @@ def smaps_pss(pid: int) -> dict[str, int]:
             if first == "Pss:":
                 pss = int(line.split()[1]) * 1024
             elif first == "VmFlags:":
-                if "memfd:" in name:  # the guest RAM backends (boot RAM and DIMMs)
+                flags = line.split()[1:]
+                if "memfd:" in name:  # the shared node of guest RAM
                     parts["memfd"] += pss
-                elif not name and "ex" in line.split()[1:]:  # TCG's code regions (rwx, anonymous)
+                elif not name and "mg" in flags:  # private guest RAM (QEMU madvises it)
+                    parts["private_ram"] += pss
+                elif not name and "ex" in flags:  # TCG's code regions (rwx, anonymous)
                     parts["tcg_buffer"] += pss
                 else:
                     parts["other"] += pss
@@ -103,7 +112,7 @@ def husk_pod(pod_id: str, state: Path, zygote_share: int = 0) -> dict[str, float
             continue
         if "qemu-system" in cmd:
             parts = smaps_pss(proc.pid)
-            sample["qemu_guest_ram"] += memfd_bytes(proc.pid, memfds)
+            sample["qemu_guest_ram"] += memfd_bytes(proc.pid, memfds) + parts["private_ram"]
             sample["qemu_tcg_buffer"] += parts["tcg_buffer"]
             sample["qemu_other"] += parts["other"]
         elif "virtiofsd" in cmd:  # its mappings of guest RAM are in qemu_guest_ram
@@ -125,7 +134,51 @@ def runc_pod(pod_id: str) -> dict[str, float]:
     return {"total_mib": round(total / MIB, 1)}
 
 
-def one_round(cri: CriClient, handler: str, state: Path, index: int) -> list[dict[str, float]]:
+class Ksm:
+    """The node's KSM switches (/sys/kernel/mm/ksm), put back as found."""
+
+    DIR = Path("/sys/kernel/mm/ksm")
+    SCAN_PAGES = 1000  # per 20 ms wake-up: a few seconds per full scan of ten pods
+    MERGE_TIMEOUT_S = 300.0
+
+    def __init__(self) -> None:
+        self.saved = {name: self._read(name) for name in ("run", "pages_to_scan")} \
+            if self.available() else {}
+
+    @classmethod
+    def available(cls) -> bool:
+        return (cls.DIR / "run").exists()
+
+    def _read(self, name: str) -> str:
+        return (self.DIR / name).read_text().strip()
+
+    def _write(self, name: str, value: object) -> None:
+        (self.DIR / name).write_text(f"{value}\n")
+
+    def stop(self) -> None:
+        if self.saved:
+            self._write("run", 0)
+
+    def merge(self) -> float:
+        """Run KSM until it has scanned everything twice more; the seconds it took."""
+        began = time.monotonic()
+        self._write("pages_to_scan", self.SCAN_PAGES)
+        self._write("run", 1)
+        target = int(self._read("full_scans")) + 2
+        while int(self._read("full_scans")) < target:
+            if time.monotonic() - began > self.MERGE_TIMEOUT_S:
+                raise TimeoutError(f"KSM did not finish two scans in {self.MERGE_TIMEOUT_S}s")
+            time.sleep(1)
+        return time.monotonic() - began
+
+    def restore(self) -> None:
+        for name, value in self.saved.items():
+            self._write(name, value)
+
+
+def one_round(cri: CriClient, handler: str, state: Path, index: int,
+              ksm: Ksm | None = None) -> dict[str, list[dict[str, float]]]:
+    """PSS samples of one round's pods: {"runc": ...} or {"husk_unmerged": ..., "husk": ...}."""
     def bring_up(i: int) -> str:
         pod = cri.run_pod(f"dense-{handler}-{index}-{i}", handler=handler, timeout=600)
         cri.run_container(pod, BUSYBOX_REF, ["sleep", "3600"], timeout=600)
@@ -136,9 +189,16 @@ def one_round(cri: CriClient, handler: str, state: Path, index: int) -> list[dic
     try:
         time.sleep(SETTLE_S)
         if handler != "husk":
-            return [runc_pod(p) for p in pods]
+            return {"runc": [runc_pod(p) for p in pods]}
         share = zygote_pss() // len(pods)
-        return [husk_pod(p, state, share) for p in pods]
+        samples = {"husk_unmerged": [husk_pod(p, state, share) for p in pods]}
+        if ksm is not None:
+            merge_s = ksm.merge()
+            share = zygote_pss() // len(pods)
+            samples["husk"] = [dict(husk_pod(p, state, share), ksm_merge_s=round(merge_s, 1))
+                               for p in pods]
+            ksm.stop()
+        return samples
     finally:
         with ThreadPoolExecutor(PODS) as pool:
             list(pool.map(cri.stop_and_remove_pod, pods))
@@ -148,16 +208,25 @@ def main() -> int:
     with scratch_dirs("bdense") as (work, state):
         config = write_test_config(work / "husk.toml", state, templates=True)
         options = ContainerdOptions(images=build_images(), husk_config=config, log_level="info")
-        results = {}
-        with Containerd.started(options) as cd:
-            for handler in ("runc", "husk"):
-                samples = []
-                for i in range(RUNS):
-                    samples += one_round(cd.cri, handler, state, i)
-                    print(f"{handler} round {i + 1}/{RUNS}: {json.dumps(samples[-PODS:])}",
-                          file=sys.stderr)
-                results[handler] = medians(samples)
+        samples: dict[str, list[dict[str, float]]] = {}
+        ksm = Ksm() if Ksm.available() else None
+        try:
+            if ksm is not None:
+                ksm.stop()  # the unmerged figures first
+            with Containerd.started(options) as cd:
+                for handler in ("runc", "husk"):
+                    for i in range(RUNS):
+                        for kind, found in one_round(cd.cri, handler, state, i, ksm).items():
+                            samples.setdefault(kind, []).extend(found)
+                            print(f"{kind} round {i + 1}/{RUNS}: {json.dumps(found)}",
+                                  file=sys.stderr)
+        finally:
+            if ksm is not None:
+                ksm.restore()
+        results = {kind: medians(found) for kind, found in samples.items()}
+        results.setdefault("husk", results["husk_unmerged"])
         emit({"benchmark": "density", "pods": PODS, "runs": RUNS, "settle_s": SETTLE_S,
+              "ksm": ksm is not None,
               "pss_per_pod_median": results,
               "husk_over_runc": round(results["husk"]["total_mib"]
                                       / max(results["runc"]["total_mib"], 0.1), 1),

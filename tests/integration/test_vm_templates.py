@@ -6,6 +6,7 @@ that changing the image touches nobody else's templates.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -13,13 +14,16 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from shim.config import Config, load_config
 from shim.sandbox.description import PodDescription
 from shim.sandbox.sandbox import Sandbox
+from shim.vm.cmdline import SHARED_RAM_MIB
 from tests.conftest import GUEST_DIR, mounts_below, our_processes, write_test_config
 from tests.guest import run
+from tests.rootfs import make_busybox_rootfs
 
 pytestmark = [pytest.mark.vm, pytest.mark.asyncio(loop_scope="module"),
               pytest.mark.timeout(600)]
@@ -98,6 +102,38 @@ async def test_restored_guests_are_distinct_and_a_changed_image_is_rebuilt(
     rebuilt = json.loads((template / "meta.json").read_text())
     assert rebuilt["inputs"]["image"] != built["inputs"]["image"]
     assert rebuilt["inputs"]["kernel"] == built["inputs"]["kernel"]
+
+
+def _guest_ram_mapped_by(pid: int) -> int:
+    """Bytes of memfd (guest RAM) mappings of ``pid`` and its children."""
+    total = 0
+    for proc in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        for line in Path(f"/proc/{proc.pid}/maps").read_text().splitlines():
+            fields = line.split(None, 5)
+            if len(fields) == 6 and "memfd:" in fields[5]:
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                total += end - start
+    return total
+
+
+async def test_virtiofsd_maps_only_the_shared_node_and_virtio_fs_bounces_through_it(
+        setup: tuple[Config, Path], tmp_path: Path) -> None:
+    config, _ = setup
+    rootfs = make_busybox_rootfs(tmp_path / "rootfs")
+    async with Pod(config, "bounce", rootfs) as pod:
+        assert pod.times.template in ("built", "restored")
+        total_kib = int((await _sh(pod, "grep MemTotal /proc/meminfo")).split()[1])
+        assert total_kib > 4 * SHARED_RAM_MIB << 10
+        mapped = _guest_ram_mapped_by(pod.pids()["virtiofsd"])
+        assert 0 < mapped <= SHARED_RAM_MIB << 20, f"virtiofsd maps {mapped >> 20} MiB of guest RAM"
+        # 24 MiB each way through virtio-fs: twelve times the guest's 2 MiB bounce pool,
+        # and virtiofsd could not reach a buffer outside the shared node.
+        data = secrets.token_bytes(24 << 20)
+        (rootfs / "from-host").write_bytes(data)
+        out = await _sh(pod, "sha256sum /from-host && cat /from-host > /from-guest && sync")
+        assert out.split()[0] == hashlib.sha256(data).hexdigest()
+        assert hashlib.sha256((rootfs / "from-guest").read_bytes()).digest() == \
+            hashlib.sha256(data).digest()
 
 
 async def test_a_damaged_template_is_discarded_and_the_pod_boots(

@@ -197,6 +197,20 @@ def test_without_vhost_vsock_the_agent_uses_virtio_serial(tmp_path: Path,
     assert "virtio-serial" in check.check_vhost_vsock(_target(tmp_path)).detail
 
 
+def test_ksm_is_reported_with_its_trade_never_failed(tmp_path: Path) -> None:
+    ksm = tmp_path / "ksm"
+    missing = check.check_ksm(_target(tmp_path), ksm)
+    assert missing.status is Status.PASS and "not in this kernel" in missing.detail
+    ksm.mkdir()
+    (ksm / "run").write_text("0\n")
+    off = check.check_ksm(_target(tmp_path), ksm)
+    assert off.status is Status.PASS and off.detail.startswith("off")
+    assert off.fix.startswith(f"echo 1 > {ksm / 'run'}") and "side channel" in off.fix
+    (ksm / "run").write_text("1\n")
+    on = check.check_ksm(_target(tmp_path), ksm)
+    assert on.detail.startswith("on") and on.fix == ""
+
+
 def test_tun(tmp_path: Path) -> None:
     device = tmp_path / "tun"
     result = check.check_tun(_target(tmp_path), str(device))
@@ -429,7 +443,7 @@ def test_run_checks_with_a_broken_config_fails(tmp_path: Path,
     # The other checks still ran, on the built-in defaults.
     assert [r.name for r in report.results] == [
         "config", "accelerator", "qemu", "qemu-rbd", "virtiofsd", "vhost-vsock", "vhost-net",
-        "tun", "cgroups", "guest-image", "containerd", "containerd-config", "shim"]
+        "tun", "ksm", "cgroups", "guest-image", "containerd", "containerd-config", "shim"]
 
 
 # Section: the image's identity

@@ -64,8 +64,11 @@ def test_template_vms_have_no_pod_devices_and_a_restore_differs_only_in_waiting(
     build = build_cmdline(template_spec(spec, incoming=False, ram_fd=7))
     restore = build_cmdline(template_spec(spec, incoming=True, ram_fd=7))
     assert "vhost-user-fs-pci" not in " ".join(build)
-    # Guest RAM in the shim's memfd: it travels as a file, not in the stream.
-    assert "memory-backend-file,id=mem,size=512M,mem-path=/proc/self/fd/7,share=on" in build
+    # The shared node of guest RAM in the shim's memfd: it travels as a file, not in
+    # the stream; the private node is QEMU's own (the stream carries it).
+    assert ("memory-backend-file,mem-path=/proc/self/fd/7,id=ram-shared,size=32M,share=on"
+            in build)
+    assert "memory-backend-ram,id=ram-private,size=480M" in build
     assert 7 in template_spec(spec, incoming=True, ram_fd=7).passed_fds()
     assert build[build.index("-append") + 1].endswith("quiet husk.template=1")
     assert "-incoming" in restore

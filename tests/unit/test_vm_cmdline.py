@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from shim.vm.accel import Accel, AccelChoice
-from shim.vm.cmdline import (QEMU_SANDBOX, AgentTransport, CmdlineError, NicSpec, SharedFsType, VmPaths,
-                             VmSpec, build_cmdline, qemu_value)
+from shim.vm.cmdline import (QEMU_SANDBOX, AgentTransport, CmdlineError, NicSpec, RamLayout,
+                             SharedFsType, VmPaths, VmSpec, build_cmdline, qemu_value)
 from shim.vm.virtiofsd import virtiofsd_argv
 
 
@@ -21,13 +21,41 @@ def _spec(tmp_path: Path, **kw: object) -> VmSpec:
     return VmSpec(**base)  # type: ignore[arg-type]
 
 
-def test_virtiofs_needs_shared_memory(tmp_path: Path) -> None:
+def test_virtiofsd_gets_only_a_small_shared_node_of_guest_ram(tmp_path: Path) -> None:
     argv = build_cmdline(_spec(tmp_path))
     joined = " ".join(argv)
-    assert "memory-backend-memfd,id=mem,size=256M,share=on" in joined
-    assert "q35,vmport=off,sata=off,smbus=off,memory-backend=mem" in joined
-    assert "vhost-user-fs-pci" in joined
+    # vhost-user hands the backend every file-backed region: only the shared node has one.
+    assert "memory-backend-ram,id=ram-private,size=224M" in joined
+    assert "memory-backend-memfd,id=ram-shared,size=32M,share=on" in joined
+    assert argv[argv.index("-numa") + 1] == "node,nodeid=0,cpus=0-1,memdev=ram-private"
+    assert "node,nodeid=1,memdev=ram-shared" in argv and "nodeid=2" not in joined
+    assert "memory-backend=" not in joined
+    assert "vhost-user-fs-pci" in joined and "queue-size=1024" in joined
     assert "-nodefaults" in argv and "-smp" in argv and argv[argv.index("-smp") + 1] == "2"
+    # The guest keeps virtio-fs's buffers and rings inside the shared node.
+    params = argv[argv.index("-append") + 1].split()
+    assert {"virtio_ring.virtio_fs_dma_api=1", "swiotlb=1024,force",
+            "cma=4M@224M-256M"} <= set(params)
+    assert "swiotlb=noforce" not in params
+
+
+@pytest.mark.parametrize("memory_mib, low, high", [
+    (512, 480, 0), (2815, 2783, 0),
+    # From 2816 MiB q35 keeps only 2 GiB below 4 GiB: the shared node ends there.
+    (2816, 2016, 768), (16384, 2016, 14336)])
+def test_the_shared_node_ends_where_ram_below_4g_ends(memory_mib: int, low: int,
+                                                       high: int) -> None:
+    layout = RamLayout.for_memory(memory_mib)
+    assert (layout.private_low_mib, layout.shared_mib, layout.private_high_mib) == (low, 32, high)
+    assert layout.private_low_mib + layout.shared_mib + layout.private_high_mib == memory_mib
+    assert f"cma=4M@{low}M-{low + 32}M" in layout.kernel_params()
+
+
+def test_ram_above_4g_is_a_third_node_of_private_memory(tmp_path: Path) -> None:
+    argv = build_cmdline(_spec(tmp_path, memory_mib=4096))
+    joined = " ".join(argv)
+    assert "memory-backend-ram,id=ram-private-high,size=2048M" in joined
+    assert "node,nodeid=2,memdev=ram-private-high" in argv
 
 
 def test_the_vm_boots_with_room_to_grow_to_its_maximum(tmp_path: Path) -> None:
@@ -35,8 +63,8 @@ def test_the_vm_boots_with_room_to_grow_to_its_maximum(tmp_path: Path) -> None:
                                max_memory_mib=4096))
     assert argv[argv.index("-smp") + 1] == "2,maxcpus=8"
     assert argv[argv.index("-m") + 1] == "768M,slots=8,maxmem=4096M"
-    # Only the boot memory is guest RAM backed by the shared memfd.
-    assert "memory-backend-memfd,id=mem,size=768M,share=on" in " ".join(argv)
+    # Boot memory is the nodes' backends; what hot-plug adds has its own.
+    assert "memory-backend-ram,id=ram-private,size=736M" in " ".join(argv)
 
 
 def test_under_tcg_every_vcpu_is_present_and_the_guest_boots_only_its_share(
@@ -46,11 +74,12 @@ def test_under_tcg_every_vcpu_is_present_and_the_guest_boots_only_its_share(
     assert "maxcpus=2" in argv[argv.index("-append") + 1].split()
 
 
-def test_a_vm_from_a_template_keeps_shared_memory_but_plugs_virtiofs_later(
+def test_a_vm_from_a_template_keeps_its_memory_layout_but_plugs_virtiofs_later(
         tmp_path: Path) -> None:
     argv = build_cmdline(_spec(tmp_path, shared_fs_hotplug=True, incoming=True))
     joined = " ".join(argv)
-    assert "memory-backend-memfd,id=mem,size=256M,share=on" in joined
+    assert "memory-backend-memfd,id=ram-shared,size=32M,share=on" in joined
+    assert "cma=4M@224M-256M" in argv[argv.index("-append") + 1]
     assert "vhost-user-fs-pci" not in joined and "fs.sock" not in joined
     assert argv[argv.index("-incoming") + 1] == "defer"
     assert "-incoming" not in build_cmdline(_spec(tmp_path))
