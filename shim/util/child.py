@@ -20,6 +20,7 @@ from shim.util.cappedfile import CappedFile
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
+PR_SET_THP_DISABLE = 41
 STOP_GRACE_S = 5.0
 LOG_TAIL_LINES = 5
 # Bounds on one wakeup of a child's log pipe: the loop serves others in between.
@@ -32,6 +33,13 @@ _libc = ctypes.CDLL(None, use_errno=True)
 def die_with_parent() -> None:
     """preexec_fn: the child gets SIGKILL when the shim dies (it must not outlive it)."""
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _die_with_parent_without_huge_pages() -> None:
+    """preexec_fn: as die_with_parent, and no transparent huge pages for the program
+    (the flag survives execve, and madvise(MADV_HUGEPAGE) no longer overrides it)."""
+    die_with_parent()
+    _libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
 
 
 @dataclass
@@ -81,9 +89,10 @@ def _close_log(path: Path) -> None:
         entry.file.close()
 
 
-async def spawn(argv: list[str], log_path: Path, pass_fds: tuple[int, ...] = ()
-                ) -> asyncio.subprocess.Process:
-    """Start ``argv`` with stdin closed and output going to ``log_path``, capped.
+async def spawn(argv: list[str], log_path: Path, pass_fds: tuple[int, ...] = (),
+                huge_pages: bool = True) -> asyncio.subprocess.Process:
+    """Start ``argv`` with stdin closed and output going to ``log_path``, capped;
+    ``huge_pages=False`` keeps transparent huge pages from it.
 
     :raise OSError: the program cannot be executed.
     """
@@ -95,7 +104,8 @@ async def spawn(argv: list[str], log_path: Path, pass_fds: tuple[int, ...] = ()
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=write_fd, stderr=write_fd,
-                pass_fds=pass_fds, preexec_fn=die_with_parent, start_new_session=True)
+                pass_fds=pass_fds, start_new_session=True,
+                preexec_fn=die_with_parent if huge_pages else _die_with_parent_without_huge_pages)
         except BaseException:
             capped.close()
             raise

@@ -37,3 +37,20 @@ async def test_the_tail_includes_what_is_still_in_the_pipe(tmp_path: Path) -> No
     await proc.wait()
     # No chance for the loop to run the reader yet: log_tail drains the pipe itself.
     assert child.log_tail(log_path).endswith("cannot open the socket")
+
+
+async def test_a_child_can_be_kept_from_transparent_huge_pages_across_exec(
+        tmp_path: Path) -> None:
+    """QEMU under TCG: the flag must survive the exec, which only prctl's does."""
+    script = "grep THP_enabled /proc/self/status"
+    seen = {}
+    for huge_pages in (True, False):
+        log_path = tmp_path / f"huge-{huge_pages}.log"
+        proc = await child.spawn(["sh", "-c", script], log_path, huge_pages=huge_pages)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        for _ in range(1000):
+            if log_path not in child._logs:
+                break
+            await asyncio.sleep(0.01)
+        seen[huge_pages] = log_path.read_text().split()
+    assert seen == {True: ["THP_enabled:", "1"], False: ["THP_enabled:", "0"]}
