@@ -60,6 +60,7 @@ class SizeOverrides:
 
 
 ROOT_DEVICES = ("pmem", "virtio-blk")
+GUEST_RAM_LAYOUTS = ("shared", "split")
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,11 @@ class HypervisorConfig:
     # is the host's, once for every pod) or "virtio-blk" (a read-only disk, each
     # guest caching what it reads in its own RAM).
     root_device: str = "pmem"
+    # Guest RAM with virtio-fs: "shared" is all of it memory virtiofsd maps; "split"
+    # keeps virtiofsd to a 32 MiB NUMA node (the guest bounces virtio-fs through it)
+    # and the rest private to QEMU, which KSM can merge across pods
+    # (shim.vm.cmdline.RamLayout; README, "KSM").
+    guest_ram: str = "shared"
 
     def __post_init__(self) -> None:
         if self.max_vcpus == 0:
@@ -295,6 +301,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     hv = config.hypervisor
     _choice("hypervisor.accel", hv.accel, ACCEL_MODES)
     _choice("hypervisor.root_device", hv.root_device, ROOT_DEVICES)
+    _choice("hypervisor.guest_ram", hv.guest_ram, GUEST_RAM_LAYOUTS)
     _bounded_int("hypervisor.max_vcpus", hv.max_vcpus, 1, 255)  # 0 is resolved at construction
     _bounded_int("hypervisor.max_memory_mib", hv.max_memory_mib, MIN_MEMORY_MIB, 1 << 22)
     _bounded_int("hypervisor.vcpus", hv.vcpus, 1, hv.max_vcpus)

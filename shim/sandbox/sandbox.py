@@ -53,7 +53,9 @@ from shim.vm.vsock import VsockError, allocate_cid, vhost_vsock_available
 
 log = logging.getLogger(__name__)
 
-DESTROY_TIMEOUT_S = 10.0
+# DestroySandbox (it syncs the pod's volumes) is best effort: the VM goes after it
+# either way, and containerd's CRI gives the whole sandbox Delete 10 s.
+DESTROY_TIMEOUT_S = 5.0
 SECONDS_PER_DAY = 86400
 # The pod's /dev/shm: one tmpfs in guest memory that all its containers bind.
 POD_SHM_STORAGE = Storage("ephemeral", "shm", "tmpfs", "/run/husk/pod-shm",
@@ -259,7 +261,7 @@ class Sandbox:
             shared_dir=self.shared.host_dir, transport=self._transport, vsock_cid=cid,
             vhost_fd=vhost_fd, hotplug_ports=hv.hotplug_ports, tcg_buffer_mib=hv.tcg_buffer_mib,
             msize_9p=self.config.shared_fs.msize_9p, kernel_params=hv.kernel_params,
-            debug=self.config.runtime.debug,
+            debug=self.config.runtime.debug, split_ram=hv.guest_ram == "split",
             extra_fds=[vhost_fd] if vhost_fd >= 0 else [], nics=self._nics())
 
     async def _start_vm(self, undo: AsyncExitStack) -> None:
@@ -418,7 +420,8 @@ class Sandbox:
 
     def _shared_ram_bytes(self) -> int:
         """The guest RAM the shim holds in a memfd: the node virtiofsd maps."""
-        return RamLayout.for_memory(self.size.memory_mib).shared_mib << 20
+        split = self.config.hypervisor.guest_ram == "split"
+        return RamLayout.for_memory(self.size.memory_mib, split).shared_mib << 20
 
     def _new_guest_ram(self, undo: AsyncExitStack) -> int:
         """A memfd for the guest's shared RAM; closed with the sandbox (QEMU opens its own)."""

@@ -243,6 +243,31 @@ class TaskService:
             self.publisher.publish(ev.TaskStart(container_id=request.id, pid=proc.pid))
         return api.StartResponse(pid=proc.pid)
 
+    async def _tear_down(self, pod: Pod, sandbox_id: str) -> None:
+        """The VM goes with the sandbox; containers still listed went with it.
+
+        Shielded from the caller: containerd gives up on a Delete at its deadline (CRI:
+        10 s), and a teardown cut short there would leave the VM running. containerd
+        then sends no Shutdown either, so the daemon ends itself once the pod is gone.
+        """
+        async def tear_down() -> None:
+            await pod.shutdown()
+            pod.containers.clear()
+
+        teardown = asyncio.ensure_future(tear_down())
+        try:
+            await asyncio.shield(teardown)
+        except asyncio.CancelledError:
+            log.warning("sandbox %s: containerd stopped waiting for its delete; the teardown "
+                        "goes on and the shim exits after it", sandbox_id)
+            teardown.add_done_callback(lambda _: self._exit_after_abandoned_delete(pod))
+            raise
+
+    def _exit_after_abandoned_delete(self, pod: Pod) -> None:
+        if self.pod is pod and not pod.containers:
+            self.pod = None
+            self._on_shutdown()
+
     @rpc
     async def delete(self, request: api.DeleteRequest) -> api.DeleteResponse:
         pod = self._pod()
@@ -253,9 +278,7 @@ class TaskService:
             response.exited_at.CopyFrom(proc.exited_at)
         if not request.exec_id:
             if container.is_sandbox or not pod.containers:
-                # The VM goes with the sandbox; containers still listed went with it.
-                await pod.shutdown()
-                pod.containers.clear()
+                await self._tear_down(pod, request.id)
             self.publisher.publish(ev.TaskDelete(
                 container_id=request.id, pid=proc.pid, exit_status=proc.exit_status,
                 exited_at=response.exited_at, id=request.id))

@@ -213,6 +213,9 @@ class VmSpec:
     # one QEMU creates: a template's, or a VM's restored from one; the migration
     # stream then leaves it out (and carries the private nodes).
     ram_fd: int = -1
+    # Guest RAM split into NUMA nodes with virtio-fs (RamLayout): virtiofsd maps only
+    # the small shared node. False: all of guest RAM is the shared memfd.
+    split_ram: bool = False
     # > 0: the image is a read-only virtio-pmem device of this many bytes (the
     # guest's root on DAX; a ROM region, so the guest cannot write it and vhost-user
     # backends are not given it) instead of a virtio-blk disk.
@@ -248,13 +251,23 @@ class RamLayout:
     private_high_mib: int
 
     @classmethod
-    def for_memory(cls, memory_mib: int) -> RamLayout:
+    def for_memory(cls, memory_mib: int, split: bool = True) -> RamLayout:
+        """``split=False``: one node, all of it shared."""
+        if not split:
+            return cls(0, memory_mib, 0)
         below_4g = memory_mib if memory_mib < Q35_WHOLE_LOWMEM_LIMIT_MIB else Q35_SPLIT_LOWMEM_MIB
         return cls(below_4g - SHARED_RAM_MIB, SHARED_RAM_MIB, memory_mib - below_4g)
 
+    @classmethod
+    def of(cls, spec: VmSpec) -> RamLayout:
+        return cls.for_memory(spec.memory_mib, spec.split_ram)
+
     def kernel_params(self) -> tuple[str, ...]:
         """Where the guest keeps virtio-fs: rings in a CMA area inside the shared node
-        (the kernel takes the bounce pool from its top by itself)."""
+        (the kernel takes the bounce pool from its top by itself); no bounce buffers
+        when all of guest RAM is shared."""
+        if not self.private_low_mib:
+            return (NO_BOUNCE_BUFFERS,)
         start = self.private_low_mib
         return (*VIRTIO_FS_DMA_PARAMS,
                 f"cma={RING_CMA_MIB}M@{start}M-{start + self.shared_mib}M")
@@ -277,7 +290,7 @@ def kernel_cmdline(spec: VmSpec) -> str:
     # panic=-1 with QEMU's -no-reboot: a guest that panics ends QEMU at once.
     root = PMEM_ROOT_PARAMS if spec.root_pmem_bytes else ("root=/dev/vda",)
     if spec.shared_fs is SharedFsType.VIRTIO_FS:
-        dma = RamLayout.for_memory(spec.memory_mib).kernel_params()
+        dma = RamLayout.of(spec).kernel_params()
     else:
         dma = (NO_BOUNCE_BUFFERS,)
     params = ["console=ttyS0", "8250.nr_uarts=1", *root, "ro", "panic=-1",
@@ -332,14 +345,17 @@ def root_args(spec: VmSpec) -> list[str]:
 def numa_ram_args(spec: VmSpec) -> list[str]:
     """Boot RAM as RamLayout's nodes: private anonymous memory, and the shared node
     in a memfd (the shim's ``ram_fd`` when it has one, which the migration stream
-    then leaves out)."""
-    layout = RamLayout.for_memory(spec.memory_mib)
+    then leaves out); unsplit, the shared memfd alone."""
+    layout = RamLayout.of(spec)
     if spec.ram_fd >= 0:
         shared = f"memory-backend-file,mem-path={qemu_mem_path(spec.ram_fd)}"
     else:
         shared = "memory-backend-memfd"
+    shared += f",id={SHARED_RAM_ID},size={layout.shared_mib}M,share=on"
+    if not layout.private_low_mib:  # one node: the machine's memory backend
+        return ["-object", shared]
     backends = [f"memory-backend-ram,id={PRIVATE_RAM_ID},size={layout.private_low_mib}M",
-                f"{shared},id={SHARED_RAM_ID},size={layout.shared_mib}M,share=on"]
+                shared]
     possible_vcpus = max(spec.vcpus, spec.max_vcpus)
     nodes = [f"node,nodeid=0,cpus=0-{possible_vcpus - 1},memdev={PRIVATE_RAM_ID}",
              f"node,nodeid=1,memdev={SHARED_RAM_ID}"]
@@ -378,6 +394,8 @@ def build_cmdline(spec: VmSpec, slots: SlotMap | None = None) -> list[str]:
             *root_args(spec)]
     if spec.shared_fs is SharedFsType.VIRTIO_FS:
         args += numa_ram_args(spec)
+        if not spec.split_ram:
+            machine += f",memory-backend={SHARED_RAM_ID}"
         if not spec.shared_fs_hotplug:
             args += ["-chardev", f"socket,id={SHARED_FS_CHARDEV},"
                                  f"path={qemu_value(p.virtiofsd_socket)}",

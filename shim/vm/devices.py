@@ -165,6 +165,9 @@ class Devices:
 
     vm: QmpPort
     slots: SlotMap
+    # Guest RAM split into NUMA nodes (shim.vm.cmdline.RamLayout): hot-added memory is
+    # private too; else shared, as virtiofsd maps all of guest RAM.
+    split_ram: bool = False
     _backends: dict[str, list[Undo]] = field(default_factory=dict)
 
     async def add_nic(self, nic: NicSpec) -> PciSlot:
@@ -299,9 +302,8 @@ class Devices:
         return device_id
 
     async def add_memory(self, size_mib: int) -> str:
-        """Hot-plug a DIMM of ``size_mib`` (private memory, as the guest's first NUMA
-        node: virtiofsd maps only the shared node); its device id. The guest onlines
-        it (the agent's OnlineCPUMem).
+        """Hot-plug a DIMM of ``size_mib`` (see ``split_ram``); its device id. The guest
+        onlines it (the agent's OnlineCPUMem).
 
         :raise DeviceError: no free DIMM slot or address space (max_memory_mib), or
             QEMU refused.
@@ -310,8 +312,13 @@ class Devices:
         dimm_id, memdev_id = f"dimm{index}", f"dimm{index}-mem"
         undo: list[Undo] = []
         try:
-            await self.vm.qmp("object-add", {"qom-type": "memory-backend-ram", "id": memdev_id,
-                                             "size": size_mib << 20}, DEVICE_ADD_TIMEOUT_S)
+            if self.split_ram:
+                backend = {"qom-type": "memory-backend-ram", "id": memdev_id,
+                           "size": size_mib << 20}
+            else:
+                backend = {"qom-type": "memory-backend-memfd", "id": memdev_id,
+                           "size": size_mib << 20, "share": True}
+            await self.vm.qmp("object-add", backend, DEVICE_ADD_TIMEOUT_S)
             undo.append(("object-del", {"id": memdev_id}))
             await self.vm.qmp("device_add", {"driver": "pc-dimm", "id": dimm_id,
                                              "memdev": memdev_id}, DEVICE_ADD_TIMEOUT_S)

@@ -87,7 +87,7 @@ class Vm:
         #: The VM's PCI slots: boot-time devices take theirs when the command line is built.
         self.slots = SlotMap(self.spec.hotplug_ports)
         #: Hot-plug and unplug of devices (NICs, disks) while the VM runs.
-        self.devices = Devices(self, self.slots)
+        self.devices = Devices(self, self.slots, split_ram=self.spec.split_ram)
 
     @property
     def pid(self) -> int:

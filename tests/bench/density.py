@@ -23,7 +23,8 @@ KSM: the husk pods are measured twice, once settled with KSM off ("husk_unmerged
 and once KSM has merged what it finds ("husk": two full scans that add under 1 %),
 when the kernel has it; the node's KSM settings are put back afterwards.
 
-Medians over the pods of BENCH_RUNS rounds (default 3), per pod, as JSON.
+Medians over the pods of BENCH_RUNS rounds (default 3), per pod, as JSON. Guest RAM
+is split into NUMA nodes (BENCH_GUEST_RAM=shared measures the default instead).
 """
 from __future__ import annotations
 
@@ -214,7 +215,8 @@ def one_round(cri: CriClient, handler: str, state: Path, index: int,
 
 def main() -> int:
     with scratch_dirs("bdense") as (work, state):
-        config = write_test_config(work / "husk.toml", state, templates=True)
+        config = write_test_config(work / "husk.toml", state, templates=True,
+                                   guest_ram=os.environ.get("BENCH_GUEST_RAM", "split"))
         options = ContainerdOptions(images=build_images(), husk_config=config, log_level="info")
         samples: dict[str, list[dict[str, float]]] = {}
         ksm = Ksm() if Ksm.available() else None

@@ -1,5 +1,6 @@
 """VM templates with real VMs: built once, restored as distinct guests, rebuilt when
-the guest image changes, and a damaged one falls back to a cold boot.
+the guest image changes, and a damaged one falls back to a cold boot; with guest RAM
+split into NUMA nodes, virtiofsd maps only the shared one.
 
 A template directory and a copy of the guest image of this module's own, so
 that changing the image touches nobody else's templates.
@@ -40,8 +41,10 @@ def setup(guest_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         shutil.copy2(GUEST_DIR / name, guest / name)
     templates = work / "templates"
     state = Path("/run") / f"husk-test-{secrets.token_hex(4)}"
+    # Split guest RAM (not the default): the templates carry it in two parts.
     config = load_config(str(write_test_config(work / "husk.toml", state, templates_dir=templates,
-                                               templates=True, guest_dir=str(guest))))
+                                               templates=True, guest_dir=str(guest),
+                                               guest_ram="split")))
     assert config.template.dir == str(templates) and config.template.enabled
     yield config, guest
     assert our_processes(str(state)) == [], "QEMU/virtiofsd left running"

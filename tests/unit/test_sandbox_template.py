@@ -60,7 +60,7 @@ def test_a_9p_vm_cannot_come_from_a_template(tmp_path: Path) -> None:
 
 def test_template_vms_have_no_pod_devices_and_a_restore_differs_only_in_waiting(
         tmp_path: Path) -> None:
-    spec = _spec(tmp_path, kernel_params="quiet")
+    spec = _spec(tmp_path, kernel_params="quiet", split_ram=True)
     build = build_cmdline(template_spec(spec, incoming=False, ram_fd=7))
     restore = build_cmdline(template_spec(spec, incoming=True, ram_fd=7))
     assert "vhost-user-fs-pci" not in " ".join(build)
@@ -69,6 +69,11 @@ def test_template_vms_have_no_pod_devices_and_a_restore_differs_only_in_waiting(
     assert ("memory-backend-file,mem-path=/proc/self/fd/7,id=ram-shared,size=32M,share=on"
             in build)
     assert "memory-backend-ram,id=ram-private,size=480M" in build
+    # Unsplit, all of guest RAM is in the memfd (the stream carries only devices).
+    unsplit = build_cmdline(template_spec(dataclasses.replace(spec, split_ram=False),
+                                          incoming=False, ram_fd=7))
+    assert ("memory-backend-file,mem-path=/proc/self/fd/7,id=ram-shared,size=512M,share=on"
+            in unsplit) and "-numa" not in unsplit
     assert 7 in template_spec(spec, incoming=True, ram_fd=7).passed_fds()
     assert build[build.index("-append") + 1].endswith("quiet husk.template=1")
     assert "-incoming" in restore

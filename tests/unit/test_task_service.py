@@ -102,6 +102,34 @@ async def test_sandbox_lifecycle_and_event_order(env: Any) -> None:
     assert env.shutdowns == [True]
 
 
+async def test_a_sandbox_delete_containerd_stops_waiting_for_still_stops_the_vm(
+        env: Any) -> None:
+    """containerd's deadline cancels the Delete mid-teardown: the VM goes anyway, and the
+    shim, which will get no Shutdown, ends itself."""
+    await _run_pod(env)
+    box = env.sandboxes[0]
+    release = asyncio.Event()
+    plain_stop = box.stop
+
+    async def slow_stop() -> None:  # a guest slow to answer DestroySandbox
+        await release.wait()
+        await plain_stop()
+    box.stop = slow_stop
+    await env.service.kill(api.KillRequest(id=SANDBOX, signal=9))
+    delete = asyncio.create_task(env.service.delete(api.DeleteRequest(id=SANDBOX)))
+    await asyncio.sleep(0.05)
+    delete.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await delete
+    assert not box.stopped and env.shutdowns == []
+    release.set()
+    for _ in range(100):
+        if env.shutdowns:
+            break
+        await asyncio.sleep(0.01)
+    assert box.stopped and env.shutdowns == [True] and env.service.pod is None
+
+
 async def test_container_output_exit_and_cleanup(env: Any) -> None:
     await _run_pod(env)
     fifo = env.root / "stdout.fifo"

@@ -21,8 +21,18 @@ def _spec(tmp_path: Path, **kw: object) -> VmSpec:
     return VmSpec(**base)  # type: ignore[arg-type]
 
 
-def test_virtiofsd_gets_only_a_small_shared_node_of_guest_ram(tmp_path: Path) -> None:
+def test_by_default_virtiofsd_maps_all_of_guest_ram(tmp_path: Path) -> None:
     argv = build_cmdline(_spec(tmp_path))
+    joined = " ".join(argv)
+    assert "memory-backend-memfd,id=ram-shared,size=256M,share=on" in joined
+    assert "q35,vmport=off,sata=off,smbus=off,memory-backend=ram-shared" in joined
+    assert "-numa" not in argv and "vhost-user-fs-pci" in joined
+    params = argv[argv.index("-append") + 1].split()
+    assert "swiotlb=noforce" in params and not any(p.startswith("cma=") for p in params)
+
+
+def test_virtiofsd_gets_only_a_small_shared_node_of_guest_ram(tmp_path: Path) -> None:
+    argv = build_cmdline(_spec(tmp_path, split_ram=True))
     joined = " ".join(argv)
     # vhost-user hands the backend every file-backed region: only the shared node has one.
     assert "memory-backend-ram,id=ram-private,size=224M" in joined
@@ -52,7 +62,7 @@ def test_the_shared_node_ends_where_ram_below_4g_ends(memory_mib: int, low: int,
 
 
 def test_ram_above_4g_is_a_third_node_of_private_memory(tmp_path: Path) -> None:
-    argv = build_cmdline(_spec(tmp_path, memory_mib=4096))
+    argv = build_cmdline(_spec(tmp_path, memory_mib=4096, split_ram=True))
     joined = " ".join(argv)
     assert "memory-backend-ram,id=ram-private-high,size=2048M" in joined
     assert "node,nodeid=2,memdev=ram-private-high" in argv
@@ -63,8 +73,8 @@ def test_the_vm_boots_with_room_to_grow_to_its_maximum(tmp_path: Path) -> None:
                                max_memory_mib=4096))
     assert argv[argv.index("-smp") + 1] == "2,maxcpus=8"
     assert argv[argv.index("-m") + 1] == "768M,slots=8,maxmem=4096M"
-    # Boot memory is the nodes' backends; what hot-plug adds has its own.
-    assert "memory-backend-ram,id=ram-private,size=736M" in " ".join(argv)
+    # Boot memory is the machine's backend; what hot-plug adds has its own.
+    assert "memory-backend-memfd,id=ram-shared,size=768M,share=on" in " ".join(argv)
 
 
 def test_under_tcg_every_vcpu_is_present_and_the_guest_boots_only_its_share(
@@ -76,7 +86,7 @@ def test_under_tcg_every_vcpu_is_present_and_the_guest_boots_only_its_share(
 
 def test_a_vm_from_a_template_keeps_its_memory_layout_but_plugs_virtiofs_later(
         tmp_path: Path) -> None:
-    argv = build_cmdline(_spec(tmp_path, shared_fs_hotplug=True, incoming=True))
+    argv = build_cmdline(_spec(tmp_path, shared_fs_hotplug=True, incoming=True, split_ram=True))
     joined = " ".join(argv)
     assert "memory-backend-memfd,id=ram-shared,size=32M,share=on" in joined
     assert "cma=4M@224M-256M" in argv[argv.index("-append") + 1]

@@ -164,6 +164,8 @@ def test_the_shared_filesystem_is_hot_plugged_on_virtiofsd_and_taken_back_if_ref
     assert chardev_args["backend"]["data"]["addr"]["data"]["path"] == "/run/husk/sb/p/fs.sock"
     assert device == "device_add" and device_args["driver"] == "vhost-user-fs-pci"
     assert (device_args["tag"], device_args["bus"]) == ("husk-shared", slot.bus)
+    # Rings of more than a page: the guest takes them from its CMA area (split guest RAM).
+    assert device_args["queue-size"] == 1024
 
     refused = RecordingQemu(fail={"device_add": VmError("vhost-user backend refused")})
     devices = Devices(refused, SlotMap(hotplug_ports=1))
@@ -171,3 +173,13 @@ def test_the_shared_filesystem_is_hot_plugged_on_virtiofsd_and_taken_back_if_ref
         asyncio.run(devices.add_shared_fs("fs", "/x/fs.sock", "husk-shared"))
     assert refused.commands[-1] == ("chardev-remove", {"id": "fs"})
     assert devices.slots.hotplug("next").bus == "hp0"  # the port is free again
+
+
+def test_hot_added_memory_is_private_only_when_guest_ram_is_split() -> None:
+    for split, backend in ((True, {"qom-type": "memory-backend-ram", "id": "dimm0-mem",
+                                   "size": 256 << 20}),
+                           (False, {"qom-type": "memory-backend-memfd", "id": "dimm0-mem",
+                                    "size": 256 << 20, "share": True})):
+        qemu = RecordingQemu()
+        asyncio.run(Devices(qemu, SlotMap(hotplug_ports=1), split_ram=split).add_memory(256))
+        assert qemu.commands[0] == ("object-add", backend)

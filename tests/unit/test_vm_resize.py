@@ -78,9 +78,9 @@ def test_growing_hot_plugs_vcpus_and_a_dimm_in_whole_blocks_and_onlines_them() -
     adds = [args for command, args in qemu.commands if command == "device_add"]
     assert [a["driver"] for a in adds] == ["max-x86_64-cpu", "max-x86_64-cpu", "pc-dimm"]
     assert adds[0]["socket-id"] == 1, "the lowest free socket first"
-    # Private memory: virtiofsd maps only the guest's shared node.
-    assert ("object-add", {"qom-type": "memory-backend-ram", "id": "dimm0-mem",
-                           "size": 384 << 20}) in qemu.commands
+    # Shared memory, as virtiofsd maps all of guest RAM (unsplit, the default).
+    assert ("object-add", {"qom-type": "memory-backend-memfd", "id": "dimm0-mem",
+                           "size": 384 << 20, "share": True}) in qemu.commands
     assert (resizer.vcpus, resizer.memory_mib) == (3, 896)
     assert guest.calls == [(3, (384 + 384) << 20)]
 
