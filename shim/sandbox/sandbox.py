@@ -41,14 +41,14 @@ from shim.sandbox.sizing import size_vm
 from shim.sandbox.template import (RAM_FILE, Template, TemplateError, TemplateId, TemplateStore,
                                    template_spec)
 from shim.util.mount import mounts_under
-from shim.util.procstats import vm_memory_bytes
+from shim.util.procstats import mergeable_rss_bytes
 from shim.storage.share import GUEST_SHARED_DIR, SharedDir, check_id
 from shim.vm.accel import Accel, AccelChoice, choose_accel
 from shim.vm.cmdline import (AGENT_CHARDEV, PMEM_ALIGN_BYTES, SHARED_FS_TAG, AgentTransport,
                              NicSpec, RamLayout, SharedFsType, VmPaths, VmSpec)
 from shim.vm.devices import DeviceError
 from shim.vm.qemu import Vm, VmError
-from shim.vm.ram import allocated_bytes_of, copy_sparse, new_guest_ram
+from shim.vm.ram import allocated_bytes, allocated_bytes_of, copy_sparse, new_guest_ram
 from shim.vm.vsock import VsockError, allocate_cid, vhost_vsock_available
 
 log = logging.getLogger(__name__)
@@ -452,18 +452,25 @@ class Sandbox:
                  "shared guest RAM hold data", state.stat().st_size >> 20, written >> 20,
                  size >> 20)
 
-    async def _wait_for_free_page_reporting(self) -> None:
-        """Until the VM's memory stops shrinking (the guest reports what it freed after
-        boot every couple of seconds), for at most TEMPLATE_SETTLE_MAX_S."""
+    def _guest_ram_held(self) -> int:
+        """A template VM's guest RAM in use: its memfd's pages, and QEMU's private RAM
+        when split (not the rest of QEMU: TCG's buffer grows meanwhile)."""
         assert self.vm is not None
+        held = allocated_bytes(self._ram_fd)
+        if self.vm.spec.split_ram:
+            held += mergeable_rss_bytes(self.vm.pid)
+        return held
+
+    async def _wait_for_free_page_reporting(self) -> None:
+        """Until the guest RAM held stops shrinking (the guest reports what it freed after
+        boot every couple of seconds), for at most TEMPLATE_SETTLE_MAX_S."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + TEMPLATE_SETTLE_MAX_S
-        qemu = (self.vm.pid,)
-        last = vm_memory_bytes(qemu)
+        last = self._guest_ram_held()
         stable_since = loop.time()
         while loop.time() < deadline and loop.time() - stable_since < TEMPLATE_SETTLE_S:
             await asyncio.sleep(TEMPLATE_SETTLE_POLL_S)
-            now = vm_memory_bytes(qemu)
+            now = self._guest_ram_held()
             if now < last:
                 last, stable_since = now, loop.time()
 

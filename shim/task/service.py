@@ -260,10 +260,12 @@ class TaskService:
         except asyncio.CancelledError:
             log.warning("sandbox %s: containerd stopped waiting for its delete; the teardown "
                         "goes on and the shim exits after it", sandbox_id)
-            teardown.add_done_callback(lambda _: self._exit_after_abandoned_delete(pod))
+            teardown.add_done_callback(lambda done: self._exit_after_abandoned_delete(pod, done))
             raise
 
-    def _exit_after_abandoned_delete(self, pod: Pod) -> None:
+    def _exit_after_abandoned_delete(self, pod: Pod, teardown: asyncio.Future[None]) -> None:
+        if not teardown.cancelled() and teardown.exception() is not None:
+            log.error("the teardown nobody waited for failed: %r", teardown.exception())
         if self.pod is pod and not pod.containers:
             self.pod = None
             self._on_shutdown()

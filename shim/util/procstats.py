@@ -86,3 +86,19 @@ def vm_memory_bytes(pids: Iterable[int]) -> int:
     guest RAM in their memfds, shared pages counted once."""
     seen: set[int] = set()
     return sum(private_rss_bytes(pid) + memfd_bytes(pid, seen) for pid in pids)
+
+
+def mergeable_rss_bytes(pid: int) -> int:
+    """Resident bytes of ``pid``'s mappings marked for KSM (VmFlags "mg": QEMU's private
+    guest RAM), from /proc/<pid>/smaps; 0 when gone."""
+    total = rss = 0
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                if line.startswith("Rss:"):
+                    rss = int(line.split()[1]) * 1024
+                elif line.startswith("VmFlags:") and "mg" in line.split()[1:]:
+                    total += rss
+    except (OSError, ValueError, IndexError):
+        return 0
+    return total

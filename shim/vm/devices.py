@@ -31,12 +31,13 @@ PORT_FUNCTIONS = 8
 MAX_HOTPLUG_PORTS = 8 * PORT_FUNCTIONS  # slots 0x10-0x17, functions 0-7
 
 
+# With split guest RAM, virtio-fs rings of more than a page come from the guest's
+# CMA area in the RAM virtiofsd maps (shim.vm.cmdline.RamLayout; the DMA API takes a
+# single page from anywhere); 1024 entries make both of its rings ~26 KiB. Unsplit,
+# the size does not matter, and one command line for both keeps one code path.
+VIRTIO_FS_QUEUE_SIZE = 1024
 # QEMU answers device_add at once; the guest acknowledging an unplug (the
 # DEVICE_DELETED event) takes its PCIe hot-plug handshake, seconds under TCG.
-# virtio-fs rings of more than a page come from the guest's CMA area in the RAM
-# virtiofsd maps (shim.vm.cmdline.RamLayout; the DMA API takes a single page from
-# anywhere); 1024 entries make both of its rings ~26 KiB.
-VIRTIO_FS_QUEUE_SIZE = 1024
 DEVICE_ADD_TIMEOUT_S = 10.0
 DEVICE_DEL_TIMEOUT_S = 20.0
 # Opening a backend can wait on the network (Ceph's monitors); librbd's own

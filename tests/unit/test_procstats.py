@@ -2,12 +2,16 @@
 counted even where no process has touched it (a restored guest's copied RAM)."""
 from __future__ import annotations
 
+import mmap
 import os
 import subprocess
 import sys
 import textwrap
 
-from shim.util.procstats import memfd_bytes, private_rss_bytes, vm_memory_bytes
+import pytest
+
+from shim.util.procstats import (memfd_bytes, mergeable_rss_bytes, private_rss_bytes,
+                                 vm_memory_bytes)
 
 MIB = 1 << 20
 
@@ -54,3 +58,20 @@ def test_a_process_gone_counts_nothing() -> None:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait(timeout=30)
     assert vm_memory_bytes([proc.pid]) == 0
+
+
+def test_mergeable_rss_counts_only_touched_pages_marked_for_ksm() -> None:
+    """QEMU's private guest RAM is what it madvises MADV_MERGEABLE."""
+    before = mergeable_rss_bytes(os.getpid())
+    area = mmap.mmap(-1, 8 * MIB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        try:
+            area.madvise(mmap.MADV_MERGEABLE)
+        except OSError:
+            pytest.skip("the host kernel has no KSM")
+        area[:4 * MIB] = b"x" * (4 * MIB)  # half of it touched
+        held = mergeable_rss_bytes(os.getpid()) - before
+        assert 4 * MIB <= held < 8 * MIB
+    finally:
+        area.close()
+    assert mergeable_rss_bytes(-1) == 0
