@@ -137,21 +137,28 @@ class SerialBridge:
         return events[0][1] if events else 0
 
     async def _wait_for_host(self) -> bytes:
-        """Wait for a host session to start; returns its first bytes."""
+        """Wait for a host session to start; returns its first bytes.
+
+        Only once the port no longer reports POLLHUP: a new host's first bytes can
+        reach the guest before its kernel has handled that host's "port open"
+        message (another queue, seen with restored guests under load); read then
+        returns them and next 0, as if the host had left, and the session would
+        end under the host's HTTP/2 handshake (gRPC gives up on it after 20 s).
+        """
         assert self._fd is not None
         delay = HOST_POLL_MIN_S
         while True:
             events = self._poll()
-            if events & select.POLLIN or not events & select.POLLHUP:
-                if not events:
+            if not events & select.POLLHUP:
+                if not events & select.POLLIN:
                     await wait_fd(self._fd)  # connected and quiet: sleep in epoll
                     continue
                 data = self._read()
                 if data:
                     return data
-                if data is None:
-                    continue
-            # The host is away: POLLHUP is level-triggered, so poll with a sleep.
+                continue  # nothing after all, or the host left meanwhile
+            # The host is away (or not yet known to be there): POLLHUP is
+            # level-triggered, so poll with a sleep.
             await asyncio.sleep(delay)
             delay = min(delay * 2, HOST_POLL_MAX_S)
 

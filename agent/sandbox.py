@@ -13,13 +13,14 @@ import os
 import re
 import socket
 from pathlib import Path
+from typing import Any
 
 from agent.config import ETC_RESOLV_CONF
 from agent.container import Container, Runtime
 from agent.errors import (AlreadyExistsError, FailedPreconditionError, GuestError,
                           InvalidArgumentError, NotFoundError)
-from agent.spec import check_id, rewrite_spec
-from agent.storage import MountedStorage, Storage, mount_storage
+from agent.spec import check_id, is_within, rewrite_spec
+from agent.storage import MountedStorage, Storage, SubmountHolds, mount_storage
 from agent.volumes import VolumeTools
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ class Sandbox:
         self._runtime = runtime
         self._creating: set[str] = set()
         self._forgetting: dict[str, asyncio.Task[None]] = {}
+        self._submounts = SubmountHolds()
         self._destroyed = False
 
     @classmethod
@@ -154,9 +156,11 @@ class Sandbox:
                 spec = rewrite_spec(spec_json, container_id=container_id,
                                     shared_root=self.shared_root, volume_roots=roots,
                                     cgroup_parent=self._runtime.config.cgroup_parent)
+                self._submounts.hold(container_id, self._shared_paths(spec))
                 container = await Container.create(self._runtime, container_id, spec, volumes)
             except BaseException:
                 unmount_all(volumes)
+                self._submounts.release(container_id)
                 raise
             if self._destroyed:  # DestroySandbox ran while crun was creating it
                 await container.remove()
@@ -175,11 +179,23 @@ class Sandbox:
             await container.release(timeout)
         finally:
             self.containers.pop(container_id, None)
-            forgetting = asyncio.create_task(container.forget(), name=f"forget {container_id}")
+            forgetting = asyncio.create_task(self._forget(container), name=f"forget {container_id}")
             self._forgetting[container_id] = forgetting
             forgetting.add_done_callback(
                 lambda done: self._forgetting.pop(container_id, None)
                 if self._forgetting.get(container_id) is done else None)
+
+    async def _forget(self, container: Container) -> None:
+        await container.forget()
+        self._submounts.release(container.id)
+
+    def _shared_paths(self, spec: dict[str, Any]) -> list[str]:
+        """The rootfs and the bind sources in the shared directory (rewrite_spec
+        resolved them)."""
+        shared = os.path.realpath(self.shared_root)
+        binds = [m["source"] for m in spec.get("mounts", [])
+                 if isinstance(m.get("source"), str) and is_within(m["source"], shared)]
+        return [spec["root"]["path"], *binds]
 
     async def _forgotten(self, container_ids: list[str] | None = None) -> None:
         """Wait for the background ``crun delete`` of these containers (all: None)."""
@@ -202,6 +218,7 @@ class Sandbox:
             if isinstance(result, BaseException):
                 log.error("sandbox %s: removing container %s failed: %s", self.id, cid, result)
         await self._forgotten()
+        self._submounts.release_all()
         unmount_all(self.storages)
         self.storages = []
         log.info("destroyed sandbox %s", self.id)

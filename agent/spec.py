@@ -88,7 +88,7 @@ def check_absolute_path(path: Any, what: str) -> str:
     return path
 
 
-def _is_within(path: str, root: str) -> bool:
+def is_within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
@@ -99,7 +99,7 @@ def resolve_within(path: str, roots: Iterable[str]) -> str | None:
     except OSError:  # e.g. EACCES on a /proc magic link: not a path we can vouch for
         return None
     for root in roots:
-        if _is_within(real, os.path.realpath(root)):
+        if is_within(real, os.path.realpath(root)):
             return real
     return None
 
@@ -163,7 +163,7 @@ def _is_bind(mount: dict[str, Any]) -> bool:
 
 
 def _well_known(source: str) -> bool:
-    return source in WELL_KNOWN_EXACT or any(_is_within(source, t) for t in WELL_KNOWN_TREES)
+    return source in WELL_KNOWN_EXACT or any(is_within(source, t) for t in WELL_KNOWN_TREES)
 
 
 def _rewrite_mount(mount: Any, index: int, allowed_roots: Sequence[str]) -> dict[str, Any]:

@@ -106,6 +106,70 @@ def umount(target: str) -> None:
     raise OSError(err, f"umount {target}: {os.strerror(err)}")
 
 
+class SubmountHolds:
+    """The agent's own mounts of the virtio-fs submounts its containers use.
+
+    virtiofsd announces each host mount inside the shared directory (a
+    container's rootfs, a volume) as a submount, which the guest kernel mounts
+    in the namespace of whoever first crosses it: crun, in the container's. The
+    container's last exit then tears that superblock down, and when a read was
+    still in flight (a page fault cut short by SIGKILL) Linux 6.1 frees inodes
+    under it ("VFS: Busy inodes after unmount of virtiofs"), then its completion
+    worker faults on freed memory and the guest's virtio-fs is dead. Crossing
+    them first here keeps each superblock until the agent lets it go, once the
+    last container using it is gone.
+    """
+
+    def __init__(self) -> None:
+        self._users: dict[str, set[str]] = {}
+
+    def hold(self, container_id: str, paths: list[str]) -> None:
+        """Mount here the submounts at ``paths`` (directories; anything else is skipped)."""
+        for path in paths:
+            if path in self._users:
+                self._users[path].add(container_id)
+            elif is_submount_root(path):
+                self._users[path] = {container_id}
+                log.debug("holding the submount at %s", path)
+
+    def release(self, container_id: str) -> None:
+        """Unmount the submounts no container but ``container_id`` used."""
+        for path, users in list(self._users.items()):
+            users.discard(container_id)
+            if not users:
+                self._let_go(path)
+
+    def release_all(self) -> None:
+        for path in list(self._users):
+            self._let_go(path)
+
+    def _let_go(self, path: str) -> None:
+        del self._users[path]
+        try:
+            umount(path)
+        except OSError as e:
+            log.warning("releasing the submount: %s", e)
+
+    @property
+    def paths(self) -> list[str]:
+        return sorted(self._users)
+
+
+def is_submount_root(path: str) -> bool:
+    """Open ``path`` as a directory (which mounts an automount there in our
+    namespace) and tell whether it is the root of another mount than its parent."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return os.fstat(fd).st_dev != os.stat(os.path.dirname(path)).st_dev
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 @dataclass(frozen=True)
 class Storage:
     """A filesystem the host asks the agent to mount (agent.proto Storage)."""

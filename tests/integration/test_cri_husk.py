@@ -207,3 +207,39 @@ def test_containerd2_introspects_husk(containerd2: Containerd, request: pytest.F
         cri.remove_pod(pod.id)
     log = containerd2.log_path.read_text(errors="replace")
     assert "failed to load runtime info" not in log
+
+
+def test_rootfs_submounts_outlive_their_container(containerd: Containerd,
+                                                  request: pytest.FixtureRequest) -> None:
+    """Each container's rootfs (a host mount in the shared directory) is a virtio-fs
+    submount in the guest, and the agent mounts it in its own namespace before crun
+    crosses it in the container's: a container killed while its first reads are in
+    flight then never tears down a superblock under them (Linux 6.1 frees inodes those
+    reads still use, and the guest's virtio-fs dies). Released with the container."""
+    with leak_checked(containerd, request) as cri:
+        pod = cri.run_pod("husk-submounts", handler="husk", privileged=True, host_pid=True)
+        inspector = cri.run_container(pod, BUSYBOX_REF, ["sleep", "600"], privileged=True,
+                                      host_pid=True)
+
+        def agent_mounts() -> str:
+            return cri.exec_sync(inspector, ["nsenter", "-t", "1", "-m", "--",
+                                             "cat", "/proc/self/mountinfo"]).out
+
+        # Killed the moment it starts, five times over: the guest stays whole.
+        for _ in range(5):
+            victim = cri.create_container(pod, BUSYBOX_REF, ["sleep", "600"])
+            cri.start_container(victim)
+            cri.stop_container(victim, timeout=0)
+            cri.remove_container(victim)
+        held = cri.run_container(pod, BUSYBOX_REF, ["sleep", "600"])
+        assert f"/{held}/rootfs " in agent_mounts()
+        cri.stop_container(held, timeout=0)
+        cri.remove_container(held)
+        wait_for("the agent to let the rootfs go", lambda: True if f"/{held}/rootfs "
+                 not in agent_mounts() else None, timeout=10)
+        assert "/rootfs " in agent_mounts()  # the inspector's, still held
+        kernel_log = cri.exec_sync(inspector, ["dmesg"]).out
+        assert "Busy inodes" not in kernel_log and "general protection" not in kernel_log
+        assert cri.exec_sync(inspector, ["cat", "/etc/hostname"]).out == "husk-submounts\n"
+        cri.stop_pod(pod.id)
+        cri.remove_pod(pod.id)

@@ -270,3 +270,24 @@ def test_log_port_handler_drops_lines_when_full(tmp_path: Path) -> None:
     finally:
         handler.close()
         os.close(reader)
+
+
+async def test_serial_bridge_starts_a_session_only_once_the_host_is_there(
+        served: Served) -> None:
+    """Bytes can reach the guest before the "port open" that goes with them: while
+    the port still reports POLLHUP they are not a session (which would end at once,
+    as if the host had left, and strand the host's handshake)."""
+    bridge = served.bridge
+    fd = os.open(served.slave, os.O_RDWR | os.O_NOCTTY)
+    tty.setraw(fd)
+    os.write(fd, b"early bytes")
+    os.close(fd)  # the bytes wait in the port, which reports POLLHUP again
+    await asyncio.sleep(0.3)
+    assert bridge.sessions == 0
+    fd = os.open(served.slave, os.O_RDWR | os.O_NOCTTY)
+    try:
+        await _until(lambda: bridge.sessions == 1 and bridge.in_session)
+    finally:
+        os.close(fd)
+    await _until(lambda: not bridge.in_session)
+    assert await _check(served.host) == pb.CheckResponse.SERVING

@@ -207,3 +207,37 @@ async def test_ephemeral_storage_is_a_real_tmpfs(tmp_path: Path) -> None:
     finally:
         mounted.unmount()
     assert not (target / "x").exists()
+
+
+HOLDS_SCRIPT = textwrap.dedent("""
+    import json, os, subprocess, sys
+    from agent.storage import SubmountHolds
+    root = sys.argv[1]
+    rootfs, volume, plain = (os.path.join(root, n) for n in ("rootfs", "volume", "plain"))
+    for path in (rootfs, volume, plain):
+        os.mkdir(path)
+    for path in (rootfs, volume):
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", path], check=True)
+    holds = SubmountHolds()
+    holds.hold("a", [rootfs, volume, plain, os.path.join(root, "missing")])
+    holds.hold("b", [volume])
+    held = holds.paths
+    holds.release("a")
+    after_a = [os.path.ismount(rootfs), os.path.ismount(volume)]
+    holds.release("b")
+    print(json.dumps({"held": held, "after_a": after_a, "after_b": os.path.ismount(volume),
+                      "left": holds.paths}))
+""")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts in a private namespace)")
+def test_submounts_are_held_until_their_last_container_goes(tmp_path: Path) -> None:
+    """tmpfs mounts stand in for virtio-fs submounts (another st_dev than the parent)."""
+    out = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable,
+                          "-c", HOLDS_SCRIPT, str(tmp_path)],
+                         cwd=REPO, check=True, capture_output=True, text=True, timeout=30)
+    result = json.loads(out.stdout)
+    assert result["held"] == [str(tmp_path / "rootfs"), str(tmp_path / "volume")]
+    assert result["after_a"] == [False, True]  # b still uses the volume
+    assert result["after_b"] is False
+    assert result["left"] == []
