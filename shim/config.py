@@ -91,11 +91,11 @@ class HypervisorConfig:
     # is the host's, once for every pod) or "virtio-blk" (a read-only disk, each
     # guest caching what it reads in its own RAM).
     root_device: str = "pmem"
-    # Guest RAM with virtio-fs: "shared" is all of it memory virtiofsd maps; "split"
-    # keeps virtiofsd to a 32 MiB NUMA node (the guest bounces virtio-fs through it)
-    # and the rest private to QEMU, which KSM can merge across pods
-    # (shim.vm.cmdline.RamLayout; README, "KSM").
-    guest_ram: str = "shared"
+    # Guest RAM with virtio-fs: "split" keeps virtiofsd to a 32 MiB NUMA node (the
+    # guest bounces virtio-fs through it) and the rest private to QEMU, which KSM
+    # can merge across pods (shim.vm.cmdline.RamLayout; README, "KSM"); "shared"
+    # is all of it memory virtiofsd maps.
+    guest_ram: str = "split"
 
     def __post_init__(self) -> None:
         if self.max_vcpus == 0:

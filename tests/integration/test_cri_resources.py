@@ -12,7 +12,7 @@ import pytest
 from cri_api.v1 import api_pb2 as api
 
 from shim.cgroups import host
-from shim.util.procstats import memfd_bytes, private_rss_bytes
+from shim.util.procstats import memfd_bytes, mergeable_rss_bytes, private_rss_bytes
 from tests.cri.cri import CriClient, CriError
 from tests.cri.harness import CRI_NAMESPACE, Containerd
 from tests.cri.images import BUSYBOX_REF
@@ -29,8 +29,10 @@ KERNEL_MIB = 96
 
 
 def _guest_ram_bytes(pod_id: str) -> int:
-    """What the memfds holding the pod's guest RAM have allocated (QEMU holds them open)."""
-    return memfd_bytes(_qemu(pod_id).pid, set())
+    """What the memfds holding the pod's shared guest RAM have allocated (QEMU holds them
+    open), and QEMU's private guest RAM (split guest RAM: the mappings marked for KSM)."""
+    pid = _qemu(pod_id).pid
+    return memfd_bytes(pid, set()) + mergeable_rss_bytes(pid)
 
 
 def _qemu(pod_id: str) -> psutil.Process:
@@ -143,7 +145,8 @@ def test_pod_stats_are_the_vms_and_rise_under_load(containerd: Containerd, cri: 
     # The sandbox task's own figure (QEMU's and virtiofsd's) has the guest RAM once,
     # also the pages of it that no process has touched since the shim wrote them.
     task_memory = _sandbox_task_memory(containerd, pod.id)
-    qemu_own = private_rss_bytes(_qemu(pod.id).pid)  # its heap, TCG's buffers, libraries
+    qemu = _qemu(pod.id).pid  # its heap, TCG's buffers, libraries:
+    qemu_own = private_rss_bytes(qemu) - mergeable_rss_bytes(qemu)
     assert guest_ram + 0.9 * qemu_own < task_memory < guest_ram + qemu_own + 64 * MIB, \
         (task_memory >> 20, guest_ram >> 20, qemu_own >> 20)
     cpu_before = before.cpu.usage_core_nano_seconds.value

@@ -7,6 +7,7 @@ that changing the image touches nobody else's templates.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -41,10 +42,9 @@ def setup(guest_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         shutil.copy2(GUEST_DIR / name, guest / name)
     templates = work / "templates"
     state = Path("/run") / f"husk-test-{secrets.token_hex(4)}"
-    # Split guest RAM (not the default): the templates carry it in two parts.
     config = load_config(str(write_test_config(work / "husk.toml", state, templates_dir=templates,
-                                               templates=True, guest_dir=str(guest),
-                                               guest_ram="split")))
+                                               templates=True, guest_dir=str(guest))))
+    assert config.hypervisor.guest_ram == "split"  # the default: templates carry it in two parts
     assert config.template.dir == str(templates) and config.template.enabled
     yield config, guest
     assert our_processes(str(state)) == [], "QEMU/virtiofsd left running"
@@ -119,16 +119,26 @@ def _guest_ram_mapped_by(pid: int) -> int:
     return total
 
 
+@pytest.mark.parametrize("layout", ["split", "shared"])
 async def test_virtiofsd_maps_only_the_shared_node_and_virtio_fs_bounces_through_it(
-        setup: tuple[Config, Path], tmp_path: Path) -> None:
+        setup: tuple[Config, Path], tmp_path: Path, layout: str) -> None:
+    """Split (the default), virtiofsd maps the 32 MiB node; "shared", all of guest RAM."""
     config, _ = setup
+    if layout != config.hypervisor.guest_ram:  # its templates apart from the module's
+        config = dataclasses.replace(
+            config, hypervisor=dataclasses.replace(config.hypervisor, guest_ram=layout),
+            template=dataclasses.replace(config.template, dir=str(tmp_path / "templates")))
     rootfs = make_busybox_rootfs(tmp_path / "rootfs")
     async with Pod(config, "bounce", rootfs) as pod:
         assert pod.times.template in ("built", "restored")
         total_kib = int((await _sh(pod, "grep MemTotal /proc/meminfo")).split()[1])
         assert total_kib > 4 * SHARED_RAM_MIB << 10
         mapped = _guest_ram_mapped_by(pod.pids()["virtiofsd"])
-        assert 0 < mapped <= SHARED_RAM_MIB << 20, f"virtiofsd maps {mapped >> 20} MiB of guest RAM"
+        if layout == "split":
+            assert 0 < mapped <= SHARED_RAM_MIB << 20, \
+                f"virtiofsd maps {mapped >> 20} MiB of guest RAM"
+        else:
+            assert mapped > total_kib << 10, f"virtiofsd maps {mapped >> 20} MiB of guest RAM"
         # 24 MiB each way through virtio-fs: twelve times the guest's 2 MiB bounce pool,
         # and virtiofsd could not reach a buffer outside the shared node.
         data = secrets.token_bytes(24 << 20)

@@ -21,7 +21,7 @@ def _spec(tmp_path: Path, **kw: object) -> VmSpec:
     return VmSpec(**base)  # type: ignore[arg-type]
 
 
-def test_by_default_virtiofsd_maps_all_of_guest_ram(tmp_path: Path) -> None:
+def test_shared_guest_ram_is_all_mapped_by_virtiofsd(tmp_path: Path) -> None:
     argv = build_cmdline(_spec(tmp_path))
     joined = " ".join(argv)
     assert "memory-backend-memfd,id=ram-shared,size=256M,share=on" in joined
