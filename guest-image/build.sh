@@ -335,6 +335,8 @@ cp "$KERNEL_DIR/vmlinuz" "$KERNEL_DIR/vmlinux" "$STAGE/"
 	echo "# husk guest image manifest"
 	printf '%s\n' "${IMAGE_ID[@]}"
 	echo "kernel: $KERNEL_PKG $KERNEL_VERSION (release $KVER)"
+	# shim.ops.imageid reads this (guest_ram = "split" needs virtio-fs-dma-api).
+	echo "kernel-patches: $(for p in "$HERE"/kernel-patches/*.patch; do b=${p##*/}; printf '%s ' "${b%.patch}"; done)"
 	echo "initramfs: busybox-static $(dpkg-query -W -f='${Version}' busybox-static 2>/dev/null || echo unknown), $(wc -l <"$INITRD/etc/husk/modules.load") modules:"
 	sed 's/^/  /' "$INITRD/etc/husk/modules.load"
 	echo "rootfs: $ROOTFS_FORMAT, Debian $RELEASE ($(wc -l <"$BASE_DIR/packages.txt") packages):"

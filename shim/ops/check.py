@@ -478,6 +478,12 @@ def check_guest_image(target: Target) -> CheckResult:
                            f"its agent (sources {ident.agent_sources}) is not this husk's "
                            f"({guest.installed_sources}): the guest may not speak its protocol",
                            MAKE_GUEST_IMAGE)
+    if target.config.hypervisor.guest_ram == "split":
+        problem = imageid.split_ram_problem(guest.manifest)
+        if problem:
+            return CheckResult("guest-image", Status.FAIL, problem,
+                               f'{MAKE_GUEST_IMAGE}, or set guest_ram = "shared" in '
+                               f"{target.config_file}")
     summary = (f"{guest.image.parent}: husk {ident.husk_version}, agent sources "
                f"{ident.agent_sources}, {ident.kernel}")
     if (target.config.hypervisor.root_device == "pmem"

@@ -22,6 +22,9 @@ MANIFEST_NAME = "manifest.txt"
 HUSK_KEY = "husk"
 SOURCES_KEY = "agent-sources"
 KERNEL_KEY = "kernel"
+KERNEL_PATCHES_KEY = "kernel-patches"
+# What guest_ram = "split" needs of the guest kernel (guest-image/kernel-patches/).
+VIRTIO_FS_DMA_PATCH = "virtio-fs-dma-api"
 INPUTS_KEY = "inputs"
 # Hex digits kept of the sha256: plenty to tell two source trees apart.
 HASH_CHARS = 16
@@ -68,6 +71,7 @@ class ImageIdentity:
     agent_sources: str = ""
     kernel: str = ""
     inputs: str = ""
+    kernel_patches: tuple[str, ...] = ()
 
 
 def parse_manifest(text: str) -> ImageIdentity:
@@ -78,7 +82,22 @@ def parse_manifest(text: str) -> ImageIdentity:
         key, _, value = line.partition(": ")
         values.setdefault(key, value.strip())
     return ImageIdentity(values.get(HUSK_KEY, ""), values.get(SOURCES_KEY, ""),
-                         values.get(KERNEL_KEY, ""), values.get(INPUTS_KEY, ""))
+                         values.get(KERNEL_KEY, ""), values.get(INPUTS_KEY, ""),
+                         tuple(values.get(KERNEL_PATCHES_KEY, "").split()))
+
+
+def split_ram_problem(manifest: Path) -> str:
+    """Why the guest image beside ``manifest`` cannot run split guest RAM ("" if it can,
+    or if its manifest cannot be read: nothing to say then)."""
+    try:
+        ident = parse_manifest(manifest.read_text())
+    except (OSError, UnicodeDecodeError):
+        return ""
+    if VIRTIO_FS_DMA_PATCH in ident.kernel_patches:
+        return ""
+    return (f"the guest kernel in {manifest.parent} lacks husk's {VIRTIO_FS_DMA_PATCH} patch, "
+            'which [hypervisor] guest_ram = "split" needs: rebuild the guest image '
+            '(make guest-image) or set guest_ram = "shared"')
 
 
 def main(argv: list[str]) -> int:

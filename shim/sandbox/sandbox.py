@@ -36,6 +36,7 @@ from shim.network.portforward import PortForwarder, PortForwardError
 from shim.network.setup import PodNetworking
 from shim.network.tcfilter import TapEndpoint, queue_count, vhost_net_available
 from shim.network.watch import NetnsWatcher
+from shim.ops import imageid
 from shim.sandbox.description import PodDescription
 from shim.sandbox.sizing import size_vm
 from shim.sandbox.template import (RAM_FILE, Template, TemplateError, TemplateId, TemplateStore,
@@ -508,12 +509,21 @@ class Sandbox:
         """The guest side: shared filesystem, /dev/shm, hostname, sysctls, network."""
         assert self.agent is not None and self.vm is not None
         network = self.networking.network if self.networking is not None else None
-        await self.agent.create_sandbox(self.sandbox_id, self.pod.hostname, list(self.pod.dns),
-                                        [self._shared_storage(), POD_SHM_STORAGE],
-                                        self.pod.sysctl_map, network,
-                                        random_seed=secrets.token_bytes(RANDOM_SEED_BYTES),
-                                        clock_ns=time.time_ns(),
-                                        debug_console=self.config.debug.console)
+        try:
+            await self.agent.create_sandbox(
+                self.sandbox_id, self.pod.hostname, list(self.pod.dns),
+                [self._shared_storage(), POD_SHM_STORAGE], self.pod.sysctl_map, network,
+                random_seed=secrets.token_bytes(RANDOM_SEED_BYTES), clock_ns=time.time_ns(),
+                debug_console=self.config.debug.console)
+        except errors.HuskError as exc:
+            # Its shared filesystem is the first thing to fail on a split guest's
+            # kernel without the patch, not in a way the guest could name.
+            problem = (imageid.split_ram_problem(self.config.hypervisor.image_path.parent
+                                                 / imageid.MANIFEST_NAME)
+                       if self.vm.spec.split_ram else "")
+            if problem:
+                raise type(exc)(f"{exc} ({problem})") from exc
+            raise
         self.times.sandbox_ready_s = time.monotonic() - self.vm.times.spawned_at
 
     async def _start_port_forward(self, undo: AsyncExitStack) -> None:

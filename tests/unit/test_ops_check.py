@@ -264,7 +264,8 @@ def _installed_sources() -> str:
 
 def test_guest_image_of_this_husk_passes(tmp_path: Path) -> None:
     manifest = (f"# husk guest image manifest\nhusk: {__version__}\n"
-                f"agent-sources: {_installed_sources()}\nkernel: linux-image-x 6.1\n")
+                f"agent-sources: {_installed_sources()}\nkernel: linux-image-x 6.1\n"
+                "kernel-patches: virtio-fs-dma-api \n")
     result = check.check_guest_image(_guest(tmp_path, manifest))
     assert result.status is Status.PASS, result
     assert "linux-image-x 6.1" in result.detail
@@ -273,13 +274,26 @@ def test_guest_image_of_this_husk_passes(tmp_path: Path) -> None:
 @pytest.mark.parametrize("root_device", ["pmem", "virtio-blk"])
 def test_an_unpadded_image_is_a_warning_for_a_pmem_root(tmp_path: Path, root_device: str) -> None:
     manifest = (f"husk: {__version__}\nagent-sources: {_installed_sources()}\n"
-                "kernel: linux-image-x 6.1\n")
+                "kernel: linux-image-x 6.1\nkernel-patches: virtio-fs-dma-api\n")
     target = _guest(tmp_path, manifest, root_device=root_device)
     os.truncate(Path(target.config.hypervisor.guest_dir) / "rootfs.img", PMEM_ALIGN_BYTES + 4096)
     result = check.check_guest_image(target)
     if root_device == "pmem":
         assert result.status is Status.WARN and "virtio-blk" in result.detail, result
         assert "make guest-image" in result.fix
+    else:
+        assert result.status is Status.PASS, result
+
+
+@pytest.mark.parametrize("guest_ram", ["split", "shared"])
+def test_split_guest_ram_needs_the_guest_kernels_virtio_fs_patch(tmp_path: Path,
+                                                                 guest_ram: str) -> None:
+    manifest = (f"husk: {__version__}\nagent-sources: {_installed_sources()}\n"
+                "kernel: linux-image-x 6.1\n")  # an image built before the patch
+    result = check.check_guest_image(_guest(tmp_path, manifest, guest_ram=guest_ram))
+    if guest_ram == "split":
+        assert result.status is Status.FAIL, result
+        assert "virtio-fs-dma-api" in result.detail and 'guest_ram = "shared"' in result.fix
     else:
         assert result.status is Status.PASS, result
 
@@ -471,3 +485,12 @@ def test_parse_manifest_reads_top_level_lines_only() -> None:
                                    "agent-sources: abc\nkernel: linux 6.1\n"
                                    "rootfs: ext4:\n  husk: not-this\ninputs: 99\n")
     assert ident == imageid.ImageIdentity("1.2.3", "abc", "linux 6.1", "99")
+
+
+def test_split_ram_problem_names_the_patch_or_says_nothing(tmp_path: Path) -> None:
+    manifest = tmp_path / "manifest.txt"
+    assert imageid.split_ram_problem(manifest) == ""  # unreadable: nothing to add
+    manifest.write_text("kernel: linux-source-6.1 6.1.192-3\nkernel-patches: other \n")
+    assert "virtio-fs-dma-api" in imageid.split_ram_problem(manifest)
+    manifest.write_text("kernel-patches: other virtio-fs-dma-api \n")
+    assert imageid.split_ram_problem(manifest) == ""
