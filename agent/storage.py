@@ -47,6 +47,8 @@ MS_NODIRATIME = 2048
 MS_RELATIME = 1 << 21
 MS_STRICTATIME = 1 << 24
 MNT_DETACH = 2
+# A symlink put where a mount point was is not followed out of it.
+UMOUNT_NOFOLLOW = 8
 
 # Option → (flags to set, flags to clear); everything else goes to the fs as data.
 FLAG_OPTIONS: dict[str, tuple[int, int]] = {
@@ -94,12 +96,12 @@ def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "")
 
 def umount(target: str) -> None:
     """Unmount ``target``; lazily when busy. A target that is not mounted is fine."""
-    if _libc.umount2(target.encode(), 0) == 0:
+    if _libc.umount2(target.encode(), UMOUNT_NOFOLLOW) == 0:
         return
     err = ctypes.get_errno()
     if err in (errno.EINVAL, errno.ENOENT):
         return
-    if err == errno.EBUSY and _libc.umount2(target.encode(), MNT_DETACH) == 0:
+    if err == errno.EBUSY and _libc.umount2(target.encode(), MNT_DETACH | UMOUNT_NOFOLLOW) == 0:
         log.warning("%s was busy: detached it", target)
         return
     err = ctypes.get_errno()

@@ -241,3 +241,24 @@ def test_submounts_are_held_until_their_last_container_goes(tmp_path: Path) -> N
     assert result["after_a"] == [False, True]  # b still uses the volume
     assert result["after_b"] is False
     assert result["left"] == []
+
+
+NOFOLLOW_SCRIPT = textwrap.dedent("""
+    import os, subprocess, sys
+    from agent.storage import umount
+    root = sys.argv[1]
+    target, link = os.path.join(root, "target"), os.path.join(root, "link")
+    os.mkdir(target)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", target], check=True)
+    os.symlink(target, link)
+    umount(link)  # a symlink where a mount point was: not followed
+    print(os.path.ismount(target))
+""")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts in a private namespace)")
+def test_umount_does_not_follow_a_symlink(tmp_path: Path) -> None:
+    out = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable,
+                          "-c", NOFOLLOW_SCRIPT, str(tmp_path)],
+                         cwd=REPO, check=True, capture_output=True, text=True, timeout=30)
+    assert out.stdout.strip() == "True"
